@@ -1,0 +1,113 @@
+"""Dilated ResNet with the deep stem (output stride 8), as in the CCNet authors' code.
+
+Stem: 3x3 s2 3->64, 3x3 64->64, 3x3 64->128 (each BN + ReLU), max-pool 3x3 s2 ceil-mode. Layer3 runs at
+stride 1 with dilation 2 and layer4 at stride 1 with dilation 4, every block included, so a 769 input gives
+97x97 features. Parameter names match MIT CSAIL's `resnet101-imagenet.pth`.
+"""
+
+from __future__ import annotations
+
+from jittor import nn
+
+from .registry import register_backbone
+
+
+def conv3x3(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 3, stride=stride, padding=dilation, dilation=dilation, bias=False)
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, inplanes, planes, stride=1, dilation=1, downsample=None):
+        super().__init__()
+        self.conv1 = conv3x3(inplanes, planes, stride, dilation)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = conv3x3(planes, planes, 1, dilation)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU()
+        self.downsample = downsample
+
+    def execute(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return self.relu(out + shortcut)
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, inplanes, planes, stride=1, dilation=1, downsample=None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = conv3x3(planes, planes, stride, dilation)  # stride on the 3x3, as the authors do
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * 4)
+        self.relu = nn.ReLU()
+        self.downsample = downsample
+
+    def execute(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return self.relu(out + shortcut)
+
+
+class ResNet(nn.Module):
+    def __init__(self, block, layers, stem=(64, 64, 128), widths=(64, 128, 256, 512)):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, stem[0], 3, stride=2, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(stem[0])
+        self.conv2 = nn.Conv2d(stem[0], stem[1], 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(stem[1])
+        self.conv3 = nn.Conv2d(stem[1], stem[2], 3, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(stem[2])
+        self.relu = nn.ReLU()
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True)
+        self.inplanes = stem[2]
+        self.layer1 = self._make_layer(block, widths[0], layers[0])
+        self.layer2 = self._make_layer(block, widths[1], layers[1], stride=2)
+        self.layer3 = self._make_layer(block, widths[2], layers[2], dilation=2)
+        self.layer4 = self._make_layer(block, widths[3], layers[3], dilation=4)
+        self.aux_channels = widths[2] * block.expansion
+        self.out_channels = widths[3] * block.expansion
+
+    def _make_layer(self, block, planes, blocks, stride=1, dilation=1):
+        downsample = None
+        if stride != 1 or self.inplanes != planes * block.expansion:
+            downsample = nn.Sequential(
+                nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride=stride, bias=False),
+                nn.BatchNorm2d(planes * block.expansion),
+            )
+        layers = [block(self.inplanes, planes, stride, dilation, downsample)]
+        self.inplanes = planes * block.expansion
+        layers += [block(self.inplanes, planes, 1, dilation) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def execute(self, x):
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.relu(self.bn2(self.conv2(x)))
+        x = self.relu(self.bn3(self.conv3(x)))
+        x = self.layer2(self.layer1(self.maxpool(x)))
+        c3 = self.layer3(x)
+        return c3, self.layer4(c3)
+
+
+@register_backbone("resnet50")
+def resnet50(**_):
+    return ResNet(Bottleneck, [3, 4, 6, 3])
+
+
+@register_backbone("resnet101")
+def resnet101(**_):
+    return ResNet(Bottleneck, [3, 4, 23, 3])
+
+
+@register_backbone("resnet_tiny")
+def resnet_tiny(**_):
+    """A small ResNet-style backbone (basic blocks, same stem and dilations) that trains in minutes on a CPU."""
+    return ResNet(BasicBlock, [1, 1, 1, 1], stem=(16, 16, 32), widths=(32, 64, 96, 128))

@@ -1,0 +1,121 @@
+"""Jittor set-up that must happen before `import jittor`: device, oneDNN, log level.
+
+Import this module (and call `setup`) before anything imports Jittor. Two facts of Jittor drive it:
+- a machine with `nvcc` but no CUDA driver crashes at import unless `nvcc_path` is empty;
+- Jittor downloads oneDNN 2.2 into `~/.cache/jittor/mkl/dnnl_lnx_2.2.0_cpu_gomp/` at first import, and
+  without it convolutions run ~100x slower. We point that folder at a oneDNN 2.x that pip (the
+  `onednn-devel-cpu-gomp` wheel, inside the venv) or Debian (`libdnnl-dev`) installed, so no download happens.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import os
+import sys
+import warnings
+from pathlib import Path
+
+_state: dict = {}
+
+# Where Jittor looks for oneDNN (compile_extern.setup_mkl); the folder name is fixed in Jittor.
+JITTOR_DNNL_DIR = Path.home() / ".cache" / "jittor" / "mkl" / "dnnl_lnx_2.2.0_cpu_gomp"
+
+
+def _find_onednn() -> tuple[Path, Path] | None:
+    """(include dir, libdnnl.so.2 path) of an installed oneDNN 2.x, or None."""
+    prefixes = [Path(sys.prefix), Path(sys.base_prefix), Path("/usr"), Path("/usr/local")]
+    for prefix in prefixes:
+        inc = prefix / "include"
+        version_h = inc / "oneapi" / "dnnl" / "dnnl_version.h"
+        if not (inc / "dnnl.hpp").is_file() or not version_h.is_file():
+            continue
+        if _dnnl_major(version_h) != 2:
+            continue
+        libs = glob.glob(str(prefix / "lib" / "libdnnl.so.2")) + glob.glob(
+            str(prefix / "lib" / "*-linux-gnu" / "libdnnl.so.2")
+        )
+        if libs:
+            return inc, Path(libs[0]).resolve()
+    return None
+
+
+def _dnnl_major(version_header: Path) -> int:
+    for line in version_header.read_text().splitlines():
+        if line.startswith("#define DNNL_VERSION_MAJOR"):
+            return int(line.split()[-1])
+    return -1
+
+
+def _link(src: Path, dst: Path) -> None:
+    if dst.is_symlink() and Path(os.readlink(dst)) == src:
+        return
+    if dst.is_symlink() or dst.exists():
+        dst.unlink()
+    dst.symlink_to(src)
+
+
+def setup_onednn() -> str:
+    """Make Jittor's oneDNN folder point at an installed oneDNN 2.x. Returns a short status."""
+    lib_file = JITTOR_DNNL_DIR / "lib" / "libmkldnn.so"
+    if lib_file.is_file() and not lib_file.is_symlink():
+        return f"oneDNN: Jittor's own copy in {JITTOR_DNNL_DIR}"  # a real download from elsewhere: keep it
+    found = _find_onednn()
+    if found is None:
+        os.environ["use_mkl"] = "0"  # otherwise Jittor tries to download it and fails offline
+        warnings.warn(
+            "oneDNN 2.x not found (pip: onednn-devel-cpu-gomp==2022.2.1, Debian: libdnnl-dev); "
+            "Jittor runs convolutions without it, about 100x slower on the CPU.",
+            stacklevel=2,
+        )
+        return "oneDNN: missing (slow CPU path)"
+    inc, lib = found
+    (JITTOR_DNNL_DIR / "include").mkdir(parents=True, exist_ok=True)
+    (JITTOR_DNNL_DIR / "lib").mkdir(parents=True, exist_ok=True)
+    for header in list(inc.glob("dnnl*.h*")) + [inc / "oneapi"]:
+        if header.exists():
+            _link(header, JITTOR_DNNL_DIR / "include" / header.name)
+    _link(lib, lib_file)
+    # The op library Jittor builds records the SONAME libdnnl.so.2; loading it globally first
+    # lets the dynamic linker resolve it without LD_LIBRARY_PATH.
+    ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
+    return f"oneDNN: {lib}"
+
+
+def cuda_driver_available() -> bool:
+    """True when a CUDA driver with at least one device can be loaded."""
+    try:
+        libcuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    count = ctypes.c_int(0)
+    if libcuda.cuInit(0) != 0 or libcuda.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        return False
+    return count.value > 0
+
+
+def setup(device: str = "auto", verbose: bool = False):
+    """Prepare the environment, import Jittor and return it. Safe to call more than once."""
+    if "jt" in _state:
+        return _state["jt"]
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
+    if "jittor" in sys.modules:
+        raise RuntimeError("ccnet.runtime.setup() must run before jittor is imported")
+    if not verbose:
+        os.environ.setdefault("log_silent", "1")
+    use_cuda = device == "cuda" or (device == "auto" and cuda_driver_available())
+    if device == "cuda" and not cuda_driver_available():
+        raise RuntimeError("device=cuda was asked for, but no CUDA driver or GPU was found")
+    if not use_cuda:
+        os.environ["nvcc_path"] = ""  # Jittor crashes at import when nvcc exists without a driver
+    status = setup_onednn() if os.environ.get("use_mkl", "1") == "1" else "oneDNN: disabled"
+    import jittor as jt
+
+    jt.flags.use_cuda = int(use_cuda and jt.has_cuda)
+    _state.update(jt=jt, onednn=status, device="cuda" if jt.flags.use_cuda else "cpu")
+    return jt
+
+
+def describe() -> str:
+    return f"device={_state.get('device', '?')} {_state.get('onednn', '')}"
