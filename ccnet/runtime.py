@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import ctypes
 import glob
+import io
 import os
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -94,6 +96,50 @@ def cuda_driver_available() -> bool:
     return count.value > 0
 
 
+# Runs in a child process: copies stdin to stdout, dropping Jittor's "Compiling Operators(i/n) ..." progress,
+# which Jittor's C++ writes straight to file descriptor 2 whatever its log level.
+_PROGRESS_FILTER = r"""
+import os, re, sys
+progress = re.compile(rb"\n?Compiling Operators\(\d+/\d+\)[^\r\n]*\r?\n?")
+pending = b""
+while True:
+    chunk = os.read(0, 65536)
+    if not chunk:
+        break
+    pending += chunk
+    cut = max(pending.rfind(b"\n"), pending.rfind(b"\r")) + 1
+    out, pending = progress.sub(b"", pending[:cut]), pending[cut:]
+    if out.strip(b"\r\n"):
+        os.write(1, out)
+if pending:
+    os.write(1, progress.sub(b"", pending))
+"""
+
+
+def hide_compile_progress() -> None:
+    """Route fd 2 through a filter process; Python's own sys.stderr keeps writing to the terminal directly.
+
+    A child process (not a thread) does the filtering because Jittor compiles while holding the GIL: a
+    thread could not drain the pipe then, and a full pipe would block Jittor.
+    """
+    if _state.get("filtered"):
+        return
+    sys.stderr.flush()
+    original = os.dup(2)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _PROGRESS_FILTER], stdin=subprocess.PIPE, stdout=original, close_fds=True
+    )
+    os.dup2(proc.stdin.fileno(), 2)
+    proc.stdin.close()
+    sys.stderr = io.TextIOWrapper(
+        os.fdopen(original, "wb", buffering=0),
+        write_through=True,
+        encoding=sys.stderr.encoding or "utf-8",
+        errors="backslashreplace",
+    )
+    _state["filtered"] = proc
+
+
 def setup(device: str = "auto", verbose: bool = False):
     """Prepare the environment, import Jittor and return it. Safe to call more than once."""
     if "jt" in _state:
@@ -104,6 +150,7 @@ def setup(device: str = "auto", verbose: bool = False):
         raise RuntimeError("ccnet.runtime.setup() must run before jittor is imported")
     if not verbose:
         os.environ.setdefault("log_silent", "1")
+        hide_compile_progress()
     use_cuda = device == "cuda" or (device == "auto" and cuda_driver_available())
     if device == "cuda" and not cuda_driver_available():
         raise RuntimeError("device=cuda was asked for, but no CUDA driver or GPU was found")

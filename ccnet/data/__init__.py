@@ -1,0 +1,1 @@
+"""Data sets, augmentation and batching. Nothing here knows Hydra or Jittor."""

@@ -1,0 +1,69 @@
+"""Decode heads: the RCCA head (criss-cross attention applied R times) and the auxiliary DSN head.
+
+Deviation from the authors' code: they use InPlaceABNSync, i.e. BN + LeakyReLU(0.01); we default to BN + ReLU
+(as mmsegmentation does, with numbers on par) and keep LeakyReLU one setting away: `model.act=leaky_relu`.
+"""
+
+from __future__ import annotations
+
+import jittor as jt
+from jittor import nn
+
+from .cca import CrissCrossAttention
+
+
+def activation(name: str) -> nn.Module:
+    if name == "relu":
+        return nn.ReLU()
+    if name == "leaky_relu":
+        return nn.LeakyReLU(0.01)
+    raise ValueError(f"model.act={name!r}: expected relu or leaky_relu")
+
+
+def conv_bn_act(cin: int, cout: int, kernel: int, act: str, bias: bool = False) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=bias), nn.BatchNorm2d(cout), activation(act)
+    )
+
+
+class RCCAHead(nn.Module):
+    """conva 3x3 -> CCA x R (shared weights) -> convb 3x3 -> concat with input -> 3x3 -> dropout -> 1x1."""
+
+    def __init__(self, in_channels, channels, num_classes, recurrence=2, cca_impl="auto", act="relu", dropout=0.1):
+        super().__init__()
+        self.recurrence = recurrence
+        self.conva = conv_bn_act(in_channels, channels, 3, act)
+        self.cca = CrissCrossAttention(channels, impl=cca_impl)
+        self.convb = conv_bn_act(channels, channels, 3, act)
+        self.bottleneck = conv_bn_act(in_channels + channels, channels, 3, act)
+        self.dropout = nn.Dropout2d(dropout)
+        self.classifier = nn.Conv2d(channels, num_classes, 1)
+
+    def execute(self, x):
+        out = self.conva(x)
+        for _ in range(self.recurrence):  # R = 0: the no-attention baseline
+            out = self.cca(out)
+        out = self.convb(out)
+        out = self.bottleneck(jt.concat([x, out], dim=1))
+        return self.classifier(self.dropout(out))
+
+    def attention_maps(self, x):
+        """Per loop r, the (B, H, W, H + W) attention weights the CCA applied (for pictures)."""
+        maps, out = [], self.conva(x)
+        for _ in range(self.recurrence):
+            maps.append(self.cca.attention(out))
+            out = self.cca(out)
+        return maps
+
+
+class DSNHead(nn.Module):
+    """Auxiliary (deep supervision) head on ResNet layer3: 3x3 conv (bias) + BN + act, dropout, 1x1."""
+
+    def __init__(self, in_channels, channels, num_classes, act="relu", dropout=0.1):
+        super().__init__()
+        self.conv = conv_bn_act(in_channels, channels, 3, act, bias=True)
+        self.dropout = nn.Dropout2d(dropout)
+        self.classifier = nn.Conv2d(channels, num_classes, 1)
+
+    def execute(self, x):
+        return self.classifier(self.dropout(self.conv(x)))

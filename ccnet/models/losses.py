@@ -1,0 +1,43 @@
+"""Pixel-wise losses: cross-entropy with an ignore label, and online hard example mining (OHEM)."""
+
+from __future__ import annotations
+
+import jittor as jt
+import numpy as np
+from jittor import nn
+
+
+def true_class_log_prob(logits: jt.Var, target: jt.Var, ignore_index: int):
+    """log p(true class) per pixel (B, H, W) and the mask of pixels that count."""
+    valid = target != ignore_index
+    safe_target = jt.where(valid, target, jt.zeros_like(target))
+    log_prob = nn.log_softmax(logits, dim=1)
+    picked = log_prob.gather(1, safe_target.unsqueeze(1)).squeeze(1)
+    return picked, valid
+
+
+def cross_entropy(logits: jt.Var, target: jt.Var, ignore_index: int = 255) -> jt.Var:
+    """Mean CE over the pixels whose label is not ignore_index; logits (B, C, H, W), target (B, H, W)."""
+    picked, valid = true_class_log_prob(logits, target, ignore_index)
+    valid = valid.float32()
+    return -(picked * valid).sum() / valid.sum().maximum(1.0)
+
+
+def ohem_cross_entropy(logits, target, ignore_index=255, thresh=0.7, min_kept=100000) -> jt.Var:
+    """CE over the hard pixels: true-class prob <= max(thresh, k-th smallest prob), k = min_kept (authors')."""
+    picked, valid = true_class_log_prob(logits, target, ignore_index)
+    prob = np.exp(picked.numpy())[valid.numpy()]
+    threshold = thresh
+    if 0 < min_kept < prob.size:
+        kth = np.partition(prob, min_kept - 1)[min_kept - 1]
+        threshold = max(thresh, float(kth))
+    keep = (valid & (picked.exp() <= threshold)).float32()
+    return -(picked * keep).sum() / keep.sum().maximum(1.0)
+
+
+def segmentation_loss(name: str, logits, target, ignore_index, ohem_thresh=0.7, ohem_min_kept=100000):
+    if name == "ce":
+        return cross_entropy(logits, target, ignore_index)
+    if name == "ohem":
+        return ohem_cross_entropy(logits, target, ignore_index, ohem_thresh, ohem_min_kept)
+    raise ValueError(f"model.loss={name!r}: expected ce or ohem")

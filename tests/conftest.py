@@ -1,0 +1,39 @@
+"""Jittor is set up once (CPU, oneDNN) before any test module imports it; data go to a temporary folder."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from ccnet import runtime  # noqa: E402
+
+runtime.setup("cpu")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def data_home(tmp_path_factory):
+    """The embedded data set is generated once per test session into a temporary folder."""
+    path = tmp_path_factory.mktemp("ccnet-data")
+    os.environ["CCNET_DATA"] = str(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def compose():
+    """compose(overrides) -> the config run.py would see (Hydra's compose API, real conf/ folder)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from ccnet.config import register_configs
+
+    register_configs()
+
+    def _compose(overrides=()):
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            return hydra_compose(config_name="config", overrides=list(overrides))
+
+    return _compose

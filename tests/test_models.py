@@ -1,0 +1,79 @@
+"""Model shapes, the RCCA head's recurrence, the losses against NumPy."""
+
+import jittor as jt
+import numpy as np
+import pytest
+
+from ccnet.models import CCNet
+from ccnet.models.heads import RCCAHead
+from ccnet.models.losses import cross_entropy, ohem_cross_entropy
+from ccnet.models.registry import build_backbone
+
+
+@pytest.mark.parametrize("size", [(97, 129), (64, 64), (33, 50)])
+def test_logits_have_the_input_size_for_odd_inputs(size):
+    model = CCNet(build_backbone("resnet_tiny"), num_classes=5, head_channels=16, recurrence=2)
+    model.eval()
+    x = jt.array(np.random.default_rng(0).standard_normal((2, 3) + size).astype(np.float32))
+    logits, aux = model(x, with_aux=True)
+    assert logits.shape == (2, 5) + size and aux.shape == (2, 5) + size
+
+
+def test_resnet_output_stride_is_8_with_dilated_layers():
+    backbone = build_backbone("resnet_tiny")
+    backbone.eval()
+    c3, c4 = backbone(jt.zeros((1, 3, 769, 769)))
+    assert c3.shape[2:] == (97, 97) and c4.shape[2:] == (97, 97)  # the authors' 769 -> 97
+    assert c3.shape[1] == backbone.aux_channels and c4.shape[1] == backbone.out_channels
+    dilations = [blk.conv1.dilation for blk in backbone.layer4]
+    assert all(tuple(d) == (4, 4) for d in dilations)
+
+
+def test_recurrence_applies_the_shared_module_r_times():
+    calls = []
+    head = RCCAHead(8, 8, 3, recurrence=3)
+    original = head.cca.execute
+    head.cca.execute = lambda x: calls.append(1) or original(x)
+    head.eval()
+    head(jt.zeros((1, 8, 5, 5)))
+    assert len(calls) == 3
+    assert len(head.attention_maps(jt.zeros((1, 8, 5, 5)))) == 3
+    calls.clear()
+    RCCAHead(8, 8, 3, recurrence=0).eval()(jt.zeros((1, 8, 5, 5)))
+    assert calls == []
+
+
+def numpy_ce(logits, target, ignore):
+    z = logits - logits.max(1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(1, keepdims=True))
+    valid = target != ignore
+    picked = np.take_along_axis(logp, np.where(valid, target, 0)[:, None], 1)[:, 0]
+    return -(picked[valid]).mean(), np.exp(picked), valid
+
+
+def test_cross_entropy_ignores_the_ignore_label():
+    rng = np.random.default_rng(2)
+    logits = rng.standard_normal((2, 4, 6, 5)).astype(np.float32)
+    target = rng.integers(0, 4, (2, 6, 5))
+    target[0, :2] = 255
+    expected, _, _ = numpy_ce(logits.astype(np.float64), target, 255)
+    got = cross_entropy(jt.array(logits), jt.array(target), 255).item()
+    assert abs(got - expected) < 1e-5
+
+
+def test_ohem_keeps_pixels_below_the_threshold():
+    rng = np.random.default_rng(3)
+    logits = (3 * rng.standard_normal((1, 3, 10, 10))).astype(np.float32)
+    target = rng.integers(0, 3, (1, 10, 10))
+    target[0, 0] = 255
+    _, prob, valid = numpy_ce(logits.astype(np.float64), target, 255)
+    min_kept = 30
+    kth = np.sort(prob[valid])[min_kept - 1]
+    threshold = max(0.7, kth)
+    keep = valid & (prob <= threshold)
+    z = logits.astype(np.float64) - logits.max(1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(1, keepdims=True))
+    picked = np.take_along_axis(logp, np.where(valid, target, 0)[:, None], 1)[:, 0]
+    expected = -(picked[keep]).mean()
+    got = ohem_cross_entropy(jt.array(logits), jt.array(target), 255, 0.7, min_kept).item()
+    assert keep.sum() >= min_kept and abs(got - expected) < 1e-5

@@ -1,0 +1,125 @@
+"""A tiny train + eval end to end: the run directory's contents, and eval of the checkpoint."""
+
+import json
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "schedule.iters=6",
+    "schedule.checkpoint_every=3",
+    "schedule.log_every=2",
+    "schedule.crop_size=[64,64]",
+    "schedule.batch_size=4",
+    "eval.max_images=6",
+    "eval.num_vis=2",
+    "backbone.head_channels=16",
+]
+
+
+@pytest.fixture(scope="module")
+def trained(compose, tmp_path_factory):
+    from ccnet.jobs import get_job
+
+    run_dir = tmp_path_factory.mktemp("run")
+    cfg = compose(TINY)
+    miou = get_job("train")(cfg, run_dir)
+    return run_dir, miou
+
+
+def test_run_directory_holds_everything(trained):
+    run_dir, miou = trained
+    for name in [
+        "config.yaml",
+        "run.log",
+        "metrics.json",
+        "checkpoints/last.pkl",
+        "checkpoints/iter_000003.pkl",
+        "checkpoints/iter_000006.pkl",
+        "predictions/iter_000006/000.png",
+    ]:
+        assert (run_dir / name).is_file(), name
+    assert list((run_dir / "tb").glob("events.out.tfevents.*"))
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["mIoU"] == pytest.approx(miou) and 0 <= miou <= 1
+    assert set(metrics["per_class_iou"]) == {
+        "background",
+        "disc",
+        "square",
+        "triangle",
+        "ring",
+        "cross",
+        "bar",
+    }
+    assert 0 <= metrics["pixel_accuracy"] <= 1 and metrics["images"] == 6
+    state = pickle.loads((run_dir / "checkpoints" / "last.pkl").read_bytes())
+    assert state["iteration"] == 6 and state["config"]["schedule"]["iters"] == 6
+    assert "iter 6/6" in (run_dir / "run.log").read_text()
+
+
+def test_tensorboard_has_the_curves(trained):
+    from tensorboardX.proto import event_pb2
+
+    run_dir, _ = trained
+    tags = set()
+    for path in (run_dir / "tb").glob("events.out.tfevents.*"):
+        data = path.read_bytes()
+        pos = 0
+        while pos < len(data):  # TFRecord: length (8), crc (4), payload, crc (4)
+            length = int.from_bytes(data[pos : pos + 8], "little")
+            event = event_pb2.Event.FromString(data[pos + 12 : pos + 12 + length])
+            tags |= {v.tag for v in event.summary.value}
+            pos += 16 + length
+    assert {
+        "train/loss",
+        "train/aux_loss",
+        "train/lr",
+        "train/images_per_s",
+        "val/mIoU",
+        "val_iou/disc",
+    } <= tags
+
+
+def test_eval_of_the_checkpoint_gives_the_same_miou(trained, compose, tmp_path):
+    from ccnet.jobs import get_job
+
+    run_dir, miou = trained
+    cfg = compose(["job=eval", f"checkpoint={run_dir}", "eval.max_images=6", "eval.num_vis=1"])
+    assert get_job("eval")(cfg, tmp_path) == pytest.approx(miou, abs=1e-12)
+    assert json.loads((tmp_path / "metrics.json").read_text())["iteration"] == 6
+
+
+def test_eval_rejects_a_bad_checkpoint(compose, tmp_path):
+    from ccnet.engine.checkpoint import CheckpointError
+    from ccnet.jobs import get_job
+
+    bad = tmp_path / "bad.pkl"
+    bad.write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="bad.pkl"):
+        get_job("eval")(compose(["job=eval", f"checkpoint={bad}"]), tmp_path / "out")
+
+
+def test_run_py_end_to_end(tmp_path, data_home):
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "run.py",
+            *TINY,
+            "schedule.iters=2",
+            "schedule.checkpoint_every=2",
+            f"hydra.run.dir={out}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / ".hydra" / "config.yaml").is_file() and (out / "run.log").is_file()
+    assert json.loads((out / "metrics.json").read_text())["iteration"] == 2
+    assert "Compiling Operators" not in proc.stderr  # silent unless verbose=true
