@@ -111,3 +111,15 @@ def resnet101(**_):
 def resnet_tiny(**_):
     """A small ResNet-style backbone (basic blocks, same stem and dilations) that trains in minutes on a CPU."""
     return ResNet(BasicBlock, [1, 1, 1, 1], stem=(16, 16, 32), widths=(32, 64, 96, 128))
+
+
+def convert_mit_resnet_state_dict(state_dict: dict) -> tuple[dict, list]:
+    """MIT CSAIL `resnet{50,101}-imagenet.pth` state dict -> our names (already equal): drops the classifier
+    `fc.*` and `num_batches_tracked`. Returns (converted, dropped keys)."""
+    converted, dropped = {}, []
+    for key, value in state_dict.items():
+        if key.startswith("fc.") or key.endswith("num_batches_tracked"):
+            dropped.append(key)
+        else:
+            converted[key] = value
+    return converted, dropped

@@ -1,0 +1,237 @@
+"""ccnet.weights: torch files read without torch, the three source formats, reports, bad files, convert."""
+
+from __future__ import annotations
+
+import logging
+import pickle
+
+import numpy as np
+import pytest
+
+from ccnet import runtime
+
+jt = runtime.setup()
+
+from ccnet.models.registry import build_backbone  # noqa: E402
+from ccnet.models.van import VANBackbone  # noqa: E402
+from ccnet.weights import WeightsError, load_backbone_weights, main, read_file  # noqa: E402
+
+TINY_VAN = dict(embed_dims=(8, 16, 24, 32), depths=(1, 1, 1, 1))
+
+
+def numpy_state(module, seed=0) -> dict:
+    """Random values in the module's own names and shapes (what a pretrained file would hold)."""
+    rng = np.random.default_rng(seed)
+    return {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in module.state_dict().items()}
+
+
+def assert_holds(module, state: dict):
+    own = module.state_dict()
+    for k, v in state.items():
+        np.testing.assert_array_equal(own[k].numpy(), v, err_msg=k)
+
+
+def torch_save(obj, path, legacy=False):
+    torch = pytest.importorskip("torch")
+    torch.save(obj, path, _use_new_zipfile_serialization=not legacy)
+    return str(path)
+
+
+def as_torch(state: dict) -> dict:
+    import torch
+
+    return {k: torch.from_numpy(v) for k, v in state.items()}
+
+
+# -------------------------------------------------------------------------------------- reading
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_reads_torch_tensors_exactly(tmp_path, legacy):
+    torch = pytest.importorskip("torch")
+    base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
+    obj = {
+        "transposed": base.t(),  # non-contiguous
+        "slice": base[1:3, 2:],  # offset into a shared storage
+        "scalar": torch.tensor(5),
+        "int64": torch.tensor([2**40, -1]),
+        "half": torch.tensor([0.5, -2.0], dtype=torch.float16),
+        "bf16": torch.tensor([1.5, -3.0], dtype=torch.bfloat16),
+        "bool": torch.tensor([True, False]),
+        "param": torch.nn.Parameter(torch.ones(2, 2)),
+        "nested": {"list": [torch.zeros(3), 7, "text"]},
+    }
+    got = read_file(torch_save(obj, tmp_path / "t.pth", legacy))
+    ref = base.numpy()
+    np.testing.assert_array_equal(got["transposed"], ref.T)
+    np.testing.assert_array_equal(got["slice"], ref[1:3, 2:])
+    assert got["scalar"].shape == () and got["scalar"] == 5
+    assert got["int64"].dtype == np.int64 and got["int64"].tolist() == [2**40, -1]
+    assert got["half"].dtype == np.float16 and got["half"].tolist() == [0.5, -2.0]
+    assert got["bf16"].dtype == np.float32 and got["bf16"].tolist() == [1.5, -3.0]
+    assert got["bool"].tolist() == [True, False]
+    np.testing.assert_array_equal(got["param"], np.ones((2, 2), np.float32))
+    assert got["nested"]["list"][1:] == [7, "text"] and got["nested"]["list"][0].shape == (3,)
+
+
+def test_unknown_classes_are_not_imported(tmp_path):
+    torch = pytest.importorskip("torch")
+    import argparse
+
+    path = torch_save({"state_dict": {"w": torch.ones(1)}, "args": argparse.Namespace(lr=0.1)}, tmp_path / "a.pth")
+    got = read_file(path)
+    assert type(got["args"]).__module__ == "ccnet.weights.opaque"  # a placeholder, not argparse
+    assert got["state_dict"]["w"].tolist() == [1.0]
+
+
+# -------------------------------------------------------------------------------------- loading
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_mit_resnet_file(tmp_path, caplog, legacy):
+    pytest.importorskip("torch")
+    import torch
+
+    model = build_backbone("resnet_tiny")
+    state = numpy_state(model)
+    extra = {"fc.weight": np.zeros((1000, 128), np.float32), "fc.bias": np.zeros(1000, np.float32)}
+    nbt = {"bn1.num_batches_tracked": np.array(3)}
+    path = torch_save({**as_torch({**state, **extra}), **as_torch(nbt)}, tmp_path / "r.pth", legacy)
+    assert isinstance(torch.load(path)["bn1.num_batches_tracked"], torch.Tensor)
+    with caplog.at_level(logging.INFO, logger="ccnet.weights"):
+        report = load_backbone_weights(model, path)
+    assert report.loaded == len(state) and not (report.missing or report.unexpected or report.mismatched)
+    assert sorted(report.dropped) == ["bn1.num_batches_tracked", "fc.bias", "fc.weight"]
+    assert f"loaded {len(state)} tensors" in caplog.text
+    assert "dropped as expected: fc.* (2), num_batches_tracked (1)" in caplog.text
+    assert_holds(model, state)
+
+
+def test_van_file_goes_into_the_inner_van(tmp_path):
+    pytest.importorskip("torch")
+    model = VANBackbone(TINY_VAN)
+    state = numpy_state(model.van)
+    neck_before = {k: v.numpy().copy() for k, v in model.state_dict().items() if not k.startswith("van.")}
+    head = {"head.weight": np.zeros((1000, 32), np.float32), "head.bias": np.zeros(1000, np.float32)}
+    path = torch_save({"state_dict": as_torch({**state, **head}), "epoch": 1}, tmp_path / "van_b0.pth.tar")
+    report = load_backbone_weights(model, path)
+    assert report.loaded == len(state) and report.target == "VAN" and report.family == "van"
+    assert_holds(model.van, state)
+    assert_holds(model, neck_before)  # the neck keeps its initialisation
+
+
+def test_own_checkpoint_loads_the_whole_backbone(tmp_path):
+    model = VANBackbone(TINY_VAN)
+    state = numpy_state(model)  # van.* and the neck
+    weights = {**{f"backbone.{k}": v for k, v in state.items()}, "head.conv.weight": np.zeros(3)}
+    ckpt = {"format": "ccnet-checkpoint-v1", "iteration": 10, "config": {"backbone": {}}, "model": weights}
+    path = tmp_path / "last.pkl"
+    path.write_bytes(pickle.dumps(ckpt, protocol=pickle.HIGHEST_PROTOCOL))
+    fresh = VANBackbone(TINY_VAN)
+    report = load_backbone_weights(fresh, str(path))
+    assert report.loaded == len(state) and report.target == "VANBackbone"
+    assert_holds(fresh, state)
+
+    with pytest.raises(WeightsError, match="holds van weights, but the backbone is resnet"):
+        load_backbone_weights(build_backbone("resnet_tiny"), str(path))
+
+
+def test_convert_once_then_load(tmp_path, capsys):
+    pytest.importorskip("torch")
+    model = build_backbone("resnet_tiny")
+    state = numpy_state(model, seed=3)
+    src = torch_save(as_torch({**state, "fc.bias": np.zeros(10, np.float32)}), tmp_path / "r.pth", legacy=True)
+    dst = tmp_path / "out" / "r.pkl"
+    assert main(["convert", src, str(dst), "--family", "resnet"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    assert [p.name for p in dst.parent.iterdir()] == ["r.pkl"]  # no temp file left behind
+    with open(dst, "rb") as f:
+        payload = pickle.load(f)  # plain NumPy pickle: jt.load / pickle read it without torch
+    assert payload["format"] == "ccnet-backbone-v1" and payload["family"] == "resnet"
+    assert "fc.bias" not in payload["state_dict"]
+    fresh = build_backbone("resnet_tiny")
+    assert load_backbone_weights(fresh, str(dst)).loaded == len(state)
+    assert_holds(fresh, state)
+
+    assert main(["convert", src, str(tmp_path / "x.pkl"), "--family", "van"]) == 1
+    assert "holds resnet weights" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- mismatches and bad files
+
+
+def test_missing_and_misshaped_tensors(tmp_path, caplog):
+    pytest.importorskip("torch")
+    model = build_backbone("resnet_tiny")
+    state = numpy_state(model)
+    state.pop("layer2.0.conv1.weight")
+    state["layer3.0.bn1.weight"] = np.ones(7, np.float32)
+    state["extra.weight"] = np.ones(1, np.float32)
+    path = torch_save(as_torch(state), tmp_path / "r.pth")
+
+    with pytest.raises(WeightsError) as err:
+        load_backbone_weights(model, path)
+    msg = str(err.value)
+    assert path in msg and "layer2.0.conv1.weight" in msg and "layer3.0.bn1.weight: file (7,) vs model (96,)" in msg
+
+    before = model.state_dict()["layer2.0.conv1.weight"].numpy().copy()
+    with caplog.at_level(logging.INFO, logger="ccnet.weights"):
+        report = load_backbone_weights(model, path, strict=False)
+    assert report.missing == ["layer2.0.conv1.weight"] and report.unexpected == ["extra.weight"]
+    assert report.mismatched == ["layer3.0.bn1.weight: file (7,) vs model (96,)"]
+    assert report.loaded == len(state) - 2
+    assert "missing (1): layer2.0.conv1.weight" in caplog.text
+    np.testing.assert_array_equal(model.state_dict()["layer2.0.conv1.weight"].numpy(), before)
+
+
+def test_wrong_family(tmp_path):
+    pytest.importorskip("torch")
+    van_file = torch_save({"state_dict": as_torch(numpy_state(VANBackbone(TINY_VAN).van))}, tmp_path / "v.pth.tar")
+    with pytest.raises(WeightsError, match="holds van weights, but the backbone is resnet") as err:
+        load_backbone_weights(build_backbone("resnet_tiny"), van_file)
+    assert err.value.path == van_file
+    resnet_file = torch_save(as_torch(numpy_state(build_backbone("resnet_tiny"))), tmp_path / "r.pth")
+    with pytest.raises(WeightsError, match="holds resnet weights, but the backbone is van"):
+        load_backbone_weights(VANBackbone(TINY_VAN), resnet_file)
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_truncated_torch_file(tmp_path, legacy):
+    pytest.importorskip("torch")
+    path = torch_save(as_torch(numpy_state(build_backbone("resnet_tiny"))), tmp_path / "r.pth", legacy)
+    data = open(path, "rb").read()
+    cut = tmp_path / "cut.pth"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(WeightsError, match="truncated or corrupt") as err:
+        load_backbone_weights(build_backbone("resnet_tiny"), str(cut))
+    assert err.value.path == str(cut)
+
+
+@pytest.mark.parametrize(
+    "content, problem",
+    [
+        (b"", "truncated"),
+        (pickle.dumps({"format": "ccnet-checkpoint-v1", "model": {"w": np.ones(99)}})[:-200], "truncated"),
+        (b"hello, I am a text file\n", "not a checkpoint"),
+        (pickle.dumps([1, 2, 3]), "holds a list"),
+        (pickle.dumps({"epoch": 3, "lr": 0.1}), "no tensors among the keys"),
+        (pickle.dumps({"w": np.ones(3)}), "no tensor fits ResNet"),
+        (
+            pickle.dumps({"format": "ccnet-checkpoint-v1", "model": {"head.w": np.ones(1)}}),
+            "without backbone",
+        ),
+    ],
+)
+def test_bad_files(tmp_path, content, problem):
+    path = tmp_path / "bad.pth"
+    path.write_bytes(content)
+    with pytest.raises(WeightsError, match=problem) as err:
+        load_backbone_weights(build_backbone("resnet_tiny"), str(path))
+    assert str(path) in str(err.value)
+
+
+def test_missing_file_and_unknown_module(tmp_path):
+    with pytest.raises(WeightsError, match="no such file"):
+        load_backbone_weights(build_backbone("resnet_tiny"), str(tmp_path / "nope.pth"))
+    with pytest.raises(TypeError, match="does not take"):
+        load_backbone_weights(jt.nn.Linear(2, 2), str(tmp_path / "nope.pth"))
