@@ -1,0 +1,759 @@
+"""Fused criss-cross attention: custom Jittor ops (C++/OpenMP on the CPU, CUDA on the GPU).
+
+Same maths as `ccnet.models.cca.criss_cross_attention`, in three kernels instead of ~20 Jittor ops:
+`attention` (energies of the H + W - 1 criss-cross positions and the masked softmax), `aggregate` (the
+weighted sum of values) and `aggregate_transposed` (its transpose, for the backward pass). The largest
+buffer is the (B, H + W, H, W) attention map, saved for the backward pass; nothing of size (HW)^2 exists.
+
+Backward: with A = softmax(E) and out = agg(A, v),
+  dA = energies(grad_out, v), dE = A * (dA - sum_k A dA)   (the same kernel as the forward energies)
+  dq = agg(dE, k), dk = agg_t(dE, q), dv = agg_t(A, grad_out).
+
+The kernels compile on first use (cached by Jittor afterwards). If they fail to compile or disagree with the
+plain ops on a small self-test, `criss_cross_attention_fused` warns once and runs the plain ops instead.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import jittor as jt
+import numpy as np
+
+from .cca import CCA_IMPLS, criss_cross_attention
+
+# CPU kernels. The (B, H + W, H, W) maps are stored in 16-lane x chunks there (see the comment below), so
+# only these kernels can read them; `attention_map` converts one to the usual layout.
+_CPU_SOURCE = r"""
+#include <algorithm>
+#include <type_traits>
+#include <vector>
+
+namespace cca_cpu {
+
+// Every kernel vectorises over x, the contiguous axis of NCHW tensors, in chunks of L lanes: 16, then 8, 4
+// and 1 for the tail. The (B, H + W, H, W) maps (energies, attention and their grads) are stored chunk by
+// chunk so that each vector is contiguous and aligned: the chunk [x0, x0 + L) of batch item b is a block of
+// (H + W) x H x L floats at b * (H + W) * H * W + (H + W) * H * x0, element (k, y, x) at (k * H + y) * L + x
+// - x0. k < H is the column position i, k = H + j the row position j.
+template <int L>
+struct Vec {
+    typedef float type __attribute__((vector_size(4 * L)));
+    typedef float unaligned __attribute__((vector_size(4 * L), aligned(4)));
+    typedef int itype __attribute__((vector_size(4 * L)));
+};
+
+template <int L>
+inline typename Vec<L>::type vload(const float* p) {
+    return *reinterpret_cast<const typename Vec<L>::unaligned*>(p);
+}
+template <int L>
+inline void vstore(float* p, typename Vec<L>::type v) {
+    *reinterpret_cast<typename Vec<L>::unaligned*>(p) = v;
+}
+
+template <int L>
+inline typename Vec<L>::type vsplat(float s) {
+    return typename Vec<L>::type{} + s;
+}
+
+// exp(x) for x <= 0 (softmax after the max is subtracted): 2^n * p(r), Cephes' expf polynomial.
+template <int L>
+inline typename Vec<L>::type vexp_nonpositive(typename Vec<L>::type x) {
+    typedef typename Vec<L>::type vf;
+    typedef typename Vec<L>::itype vi;
+    x = x > -87.f ? x : vsplat<L>(-87.f);
+    vi n = __builtin_convertvector(x * 1.44269504f - 0.5f, vi);  // round(x / ln 2) for x <= 0
+    vf nf = __builtin_convertvector(n, vf);
+    vf r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
+    vf p = 1.9875691500e-4f * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.f;
+    return p * reinterpret_cast<vf>((n + 127) << 23);
+}
+
+// x chunks: [x0, x0 + lanes) with 16 lanes, then 8, 4 and 1 for the tail.
+struct Chunks {
+    std::vector<int> x0, lanes;
+    explicit Chunks(int w) {
+        for (int x = 0; x < w;) {
+            int left = w - x, l = left >= 16 ? 16 : left >= 8 ? 8 : left >= 4 ? 4 : 1;
+            x0.push_back(x);
+            lanes.push_back(l);
+            x += l;
+        }
+    }
+    int size() const { return (int)x0.size(); }
+};
+
+// Run f(std::integral_constant<int, L>) with the compile-time lane count L == lanes.
+template <class F>
+inline void with_lanes(int lanes, F&& f) {
+    switch (lanes) {
+        case 16: f(std::integral_constant<int, 16>()); break;
+        case 8: f(std::integral_constant<int, 8>()); break;
+        case 4: f(std::integral_constant<int, 4>()); break;
+        default: f(std::integral_constant<int, 1>()); break;
+    }
+}
+
+// Copy rows x cols vectors of L lanes into a packed buffer laid out [row][col][lane]; rs and cs are the
+// row and column strides (in floats) of the source.
+template <int L>
+inline void pack(const float* t, long rs, long cs, int rows, int cols, float* out) {
+    for (int r = 0; r < rows; r++)
+        for (int c = 0; c < cols; c++)
+            vstore<L>(out + ((long)r * cols + c) * L, vload<L>(t + r * rs + c * cs));
+}
+
+// One register tile of a per-lane GEMM: for every lane, Z[m, n] (+)= sum_r Lhs[m, r] * Rhs[r, n]. Operands
+// are given by strides in floats. Rows past mr / columns past nr repeat the last valid one (cheap edge
+// handling) and are not stored.
+template <int L, int MR, int NR>
+inline void lane_tile(const float* lhs, long lsm, long lsr, const float* rhs, long rsr, long rsn, float* z,
+                      long zsm, long zsn, int kr, int mr, int nr, bool accumulate) {
+    typedef typename Vec<L>::type vf;
+    long loff[MR], roff[NR];
+    for (int m = 0; m < MR; m++)
+        loff[m] = std::min(m, mr - 1) * lsm;
+    for (int n = 0; n < NR; n++)
+        roff[n] = std::min(n, nr - 1) * rsn;
+    vf acc[MR][NR];
+    for (int m = 0; m < MR; m++)
+        for (int n = 0; n < NR; n++)
+            acc[m][n] = accumulate ? vload<L>(z + std::min(m, mr - 1) * zsm + std::min(n, nr - 1) * zsn)
+                                   : vsplat<L>(0.f);
+    for (int k = 0; k < kr; k++) {
+        vf a[MR];
+        for (int m = 0; m < MR; m++)
+            a[m] = vload<L>(lhs + loff[m] + k * lsr);
+        for (int n = 0; n < NR; n++) {
+            vf b = vload<L>(rhs + k * rsr + roff[n]);
+            for (int m = 0; m < MR; m++)
+                acc[m][n] += a[m] * b;
+        }
+    }
+    for (int m = 0; m < mr; m++)
+        for (int n = 0; n < nr; n++)
+            vstore<L>(z + m * zsm + n * zsn, acc[m][n]);
+}
+
+constexpr int LANE_MR = 6, LANE_NR = 4;  // lane GEMM tile: 24 accumulators; Lhs packed, Rhs streamed
+
+// One register tile of a broadcast GEMM: Z[m, x] (+)= sum_r S[m, r] * R[r, x] for MR rows and NV vectors of
+// L lanes; vector v starts at roff[v] in R's rows and at zoff[v] in Z's rows.
+template <int L, int MR, int NV>
+inline void bcast_tile(const float* s, long ssm, long ssr, const float* r, long rsr, const long* roff,
+                       float* z, long zsm, const long* zoff, int kr, int mr, bool accumulate) {
+    typedef typename Vec<L>::type vf;
+    long soff[MR], ro[NV];
+    for (int m = 0; m < MR; m++)
+        soff[m] = std::min(m, mr - 1) * ssm;
+    for (int v = 0; v < NV; v++)
+        ro[v] = roff[v];
+    vf acc[MR][NV];
+    for (int m = 0; m < MR; m++)
+        for (int v = 0; v < NV; v++)
+            acc[m][v] = accumulate ? vload<L>(z + std::min(m, mr - 1) * zsm + zoff[v]) : vsplat<L>(0.f);
+    for (int k = 0; k < kr; k++) {
+        vf b[NV];
+        for (int v = 0; v < NV; v++)
+            b[v] = vload<L>(r + k * rsr + ro[v]);
+        for (int m = 0; m < MR; m++) {
+            float a = s[soff[m] + k * ssr];
+            for (int v = 0; v < NV; v++)
+                acc[m][v] += a * b[v];
+        }
+    }
+    for (int m = 0; m < mr; m++)
+        for (int v = 0; v < NV; v++)
+            vstore<L>(z + m * zsm + zoff[v], acc[m][v]);
+}
+
+// All row tiles of a broadcast GEMM for one group of x chunks.
+template <int L, int MR, int NV>
+inline void bcast_rows(const float* s, long ssm, long ssr, const float* r, long rsr, const long* roff,
+                       float* z, long zsm, const long* zoff, int m_size, int k_size, bool accumulate) {
+    for (int m = 0; m < m_size; m += MR) {
+        if (ssr == 1 && m + 2 * MR <= m_size)  // rows of the tile after next: hide their cache misses
+            for (int p = m + MR; p < m + 2 * MR; p++) {
+                for (int o = 0; o < k_size; o += 16)
+                    __builtin_prefetch(s + p * ssm + o);
+                for (int v = 0; v < NV; v++)
+                    __builtin_prefetch(z + p * zsm + zoff[v], 1);
+            }
+        bcast_tile<L, MR, NV>(s + m * ssm, ssm, ssr, r, rsr, roff, z + m * zsm, zsm, zoff, k_size,
+                              std::min(MR, m_size - m), accumulate);
+    }
+}
+
+// Where each x chunk of an output row starts and how far apart its rows are (in floats).
+struct Rows {
+    std::vector<float*> start;
+    std::vector<long> stride;
+};
+
+// An NCHW tensor: chunk c of row r at t + r * row_stride + x0[c].
+inline Rows plain_rows(float* t, long row_stride, const Chunks& ch) {
+    Rows rows;
+    for (int c = 0; c < ch.size(); c++)
+        rows.start.push_back(t + ch.x0[c]), rows.stride.push_back(row_stride);
+    return rows;
+}
+
+// A chunked map (of one batch item) from position k0 on, for the image row y.
+inline Rows map_rows(float* map, int h, int w, int k0, int y, const Chunks& ch) {
+    Rows rows;
+    for (int c = 0; c < ch.size(); c++) {
+        long l = ch.lanes[c];
+        rows.start.push_back(map + (long)(h + w) * h * ch.x0[c] + ((long)k0 * h + y) * l);
+        rows.stride.push_back(h * l);
+    }
+    return rows;
+}
+
+constexpr int NV_MAX = 6;
+
+// Z[m, x] (+)= sum_r S[m, r] * R[r, x] for m < m_size, r < k_size, over all x chunks. R is packed (row r at
+// r * rs, aligned when rs is a multiple of 16); Z is given by its chunk starts.
+inline void bcast_gemm(const float* s, long ssm, long ssr, const float* r, long rs, const Rows& z,
+                       const Chunks& ch, int m_size, int k_size, bool accumulate) {
+    for (int c = 0; c < ch.size();) {
+        int nv = 1;  // a group of up to NV_MAX full chunks: their row strides agree
+        if (ch.lanes[c] == 16)
+            while (nv < NV_MAX && c + nv < ch.size() && ch.lanes[c + nv] == 16)
+                nv++;
+        long roff[NV_MAX], zoff[NV_MAX];
+        for (int v = 0; v < nv; v++)
+            roff[v] = ch.x0[c + v] - ch.x0[c], zoff[v] = z.start[c + v] - z.start[c];
+        auto rows = [&](auto lanes, auto mr, auto vectors) {
+            bcast_rows<decltype(lanes)::value, decltype(mr)::value, decltype(vectors)::value>(
+                s, ssm, ssr, r + ch.x0[c], rs, roff, z.start[c], z.stride[c], zoff, m_size, k_size,
+                accumulate);
+        };
+        typedef std::integral_constant<int, 16> L16;
+        typedef std::integral_constant<int, 1> V1;
+        typedef std::integral_constant<int, 8> M8;
+        switch (ch.lanes[c] == 16 ? nv : -ch.lanes[c]) {  // about 24 accumulators per tile
+            case 6: rows(L16(), std::integral_constant<int, 4>(), std::integral_constant<int, 6>()); break;
+            case 5: rows(L16(), std::integral_constant<int, 4>(), std::integral_constant<int, 5>()); break;
+            case 4: rows(L16(), std::integral_constant<int, 6>(), std::integral_constant<int, 4>()); break;
+            case 3: rows(L16(), M8(), std::integral_constant<int, 3>()); break;
+            case 2: rows(L16(), M8(), std::integral_constant<int, 2>()); break;
+            case 1: rows(L16(), M8(), V1()); break;
+            case -8: rows(std::integral_constant<int, 8>(), M8(), V1()); break;
+            case -4: rows(std::integral_constant<int, 4>(), M8(), V1()); break;
+            default: rows(std::integral_constant<int, 1>(), M8(), V1()); break;
+        }
+        c += nv;
+    }
+}
+
+// buf[r][x] = t[r * row_stride + x] for r < rows, x < w; buf rows are wp apart.
+inline void pack_rows(const float* t, long row_stride, int rows, int w, long wp, float* buf) {
+    for (int r = 0; r < rows; r++)
+        std::copy(t + r * row_stride, t + r * row_stride + w, buf + r * wp);
+}
+
+// The row part of a chunked map for image row y: A[H + j, y, x] to buf[j][x] or, transposed, to buf[x][j].
+inline void pack_map_row_part(const float* map, int h, int w, int y, const Chunks& ch, long wp,
+                              bool transpose, float* buf) {
+    for (int c = 0; c < ch.size(); c++) {
+        const int l = ch.lanes[c], x0 = ch.x0[c];
+        const float* src = map + (long)(h + w) * h * x0 + ((long)h * h + y) * l;
+        for (int j = 0; j < w; j++)
+            for (int i = 0; i < l; i++) {
+                float value = src[(long)j * h * l + i];
+                if (transpose)
+                    buf[(x0 + i) * wp + j] = value;
+                else
+                    buf[j * wp + x0 + i] = value;
+            }
+    }
+}
+
+// Softmax over the H + W positions of pixel (y, x) for L lanes; the centre (column i == y) gets 0.
+// e points at the pixel's first position, positions are `stride` apart.
+template <int L>
+inline void softmax_lanes(float* e, long stride, int positions, int centre) {
+    typedef typename Vec<L>::type vf;
+    vf mx = vsplat<L>(-3.0e38f);
+    for (int k = 0; k < positions; k++)
+        if (k != centre) {
+            vf v = vload<L>(e + k * stride);
+            mx = v > mx ? v : mx;
+        }
+    vf sum = vsplat<L>(0.f);
+    for (int k = 0; k < positions; k++) {
+        vf p = k == centre ? vsplat<L>(0.f) : vexp_nonpositive<L>(vload<L>(e + k * stride) - mx);
+        vstore<L>(e + k * stride, p);
+        sum += p;
+    }
+    vf inv = 1.f / sum;
+    for (int k = 0; k < positions; k++)
+        vstore<L>(e + k * stride, vload<L>(e + k * stride) * inv);
+}
+
+// Softmax backward in place: g holds dL/dA on entry and dL/dE = A * (dA - sum_k A dA) on exit.
+template <int L>
+inline void softmax_grad_lanes(const float* a, float* g, long stride, int positions) {
+    typedef typename Vec<L>::type vf;
+    vf dot = vsplat<L>(0.f);
+    for (int k = 0; k < positions; k++)
+        dot += vload<L>(a + k * stride) * vload<L>(g + k * stride);
+    for (int k = 0; k < positions; k++)
+        vstore<L>(g + k * stride, vload<L>(a + k * stride) * (vload<L>(g + k * stride) - dot));
+}
+
+constexpr int K_BLOCK = 32;  // channels per step of the column energies: packed keys stay in L2
+constexpr int C_BLOCK = 64;  // channels per task of the aggregations
+
+// Energies of the criss-cross positions, P and Q of shape (B, D, H, W), E a chunked map:
+// E[i, y, x] = P(:, y, x) . Q(:, i, x) and E[H + j, y, x] = P(:, y, x) . Q(:, y, j).
+// Then, with attn null, the masked softmax in place (forward: P = query, Q = key -> attention); otherwise
+// the softmax backward with those probabilities (backward: P = grad of out, Q = value -> grad of energies).
+inline void affinity(const float* p, const float* q, float* e, const float* attn, int batch, int d, int h,
+                     int w) {
+    const long hw = (long)h * w, bpq = d * hw, be = (long)(h + w) * hw;
+    const Chunks ch(w);
+    const long wp = (w + 15) / 16 * 16;
+    const int y_blocks = 2;
+#pragma omp parallel
+    {
+        std::vector<float> q_pack((size_t)K_BLOCK * h * 16), p_pack((size_t)K_BLOCK * LANE_MR * 16);
+        std::vector<float> p_rows((size_t)d * wp), q_rows((size_t)d * wp);
+        // column: per lane, E[i, y] = sum_c P[c, y] Q[c, i]
+#pragma omp for collapse(3) schedule(dynamic)
+        for (int b = 0; b < batch; b++)
+            for (int c = 0; c < ch.size(); c++)
+                for (int yb = 0; yb < y_blocks; yb++)
+                    with_lanes(ch.lanes[c], [&](auto lanes) {
+                        constexpr int L = decltype(lanes)::value;
+                        const int y0 = h * yb / y_blocks, y1 = h * (yb + 1) / y_blocks;
+                        const float* pb = p + b * bpq + ch.x0[c];
+                        const float* qb = q + b * bpq + ch.x0[c];
+                        float* eb = e + b * be + (h + w) * (long)h * ch.x0[c];
+                        for (int c0 = 0; c0 < d; c0 += K_BLOCK) {
+                            int kr = std::min(K_BLOCK, d - c0);
+                            pack<L>(qb + c0 * hw, hw, w, kr, h, q_pack.data());  // [c][i][lane]
+                            for (int y = y0; y < y1; y += LANE_MR) {
+                                int mr = std::min(LANE_MR, y1 - y);
+                                pack<L>(pb + c0 * hw + y * w, hw, w, kr, mr, p_pack.data());  // [c][y][lane]
+                                for (int i = 0; i < h; i += LANE_NR)
+                                    lane_tile<L, LANE_MR, LANE_NR>(p_pack.data(), L, mr * L,
+                                                                   q_pack.data() + i * L, h * L, L,
+                                                                   eb + ((long)i * h + y) * L, L, h * L, kr,
+                                                                   mr, std::min(LANE_NR, h - i), c0 > 0);
+                            }
+                        }
+                    });
+        // row: E[H + j, y, x] = sum_c Q[c, y, j] P[c, y, x], then the softmax (or its backward) per pixel
+#pragma omp for collapse(2) schedule(static)
+        for (int b = 0; b < batch; b++)
+            for (int y = 0; y < h; y++) {
+                pack_rows(p + b * bpq + y * w, hw, d, w, wp, p_rows.data());  // [c][x]
+                pack_rows(q + b * bpq + y * w, hw, d, w, wp, q_rows.data());  // [c][j]
+                float* eb = e + b * be;
+                bcast_gemm(q_rows.data(), 1, wp, p_rows.data(), wp, map_rows(eb, h, w, h, y, ch), ch, w, d,
+                           false);
+                Rows pixel = map_rows(eb, h, w, 0, y, ch);
+                for (int c = 0; c < ch.size(); c++)
+                    with_lanes(ch.lanes[c], [&](auto lanes) {
+                        constexpr int L = decltype(lanes)::value;
+                        float* ep = pixel.start[c];
+                        if (attn)
+                            softmax_grad_lanes<L>(attn + (ep - e), ep, pixel.stride[c], h + w);
+                        else
+                            softmax_lanes<L>(ep, pixel.stride[c], h + w, y);
+                    });
+            }
+    }
+}
+
+// out[b, c, y, x] = sum_i A[i, y, x] V[c, i, x] + sum_j A[H + j, y, x] V[c, y, j], A a chunked map
+// (forward: A = attention, V = value; backward: A = grad of energies, V = key -> grad of query).
+inline void aggregate(const float* a, const float* v, float* out, int batch, int d, int h, int w) {
+    const long hw = (long)h * w, bv = d * hw, ba = (long)(h + w) * hw;
+    const Chunks ch(w);
+    const int c_blocks = (d + C_BLOCK - 1) / C_BLOCK;
+    const long wp = (w + 15) / 16 * 16;
+#pragma omp parallel
+    {
+        std::vector<float> v_pack((size_t)h * LANE_MR * 16), a_rows((size_t)w * wp);
+        // column: per lane, out[c, y] = sum_i V[c, i] A[i, y]
+#pragma omp for collapse(3) schedule(dynamic)
+        for (int b = 0; b < batch; b++)
+            for (int c = 0; c < ch.size(); c++)
+                for (int cb = 0; cb < c_blocks; cb++)
+                    with_lanes(ch.lanes[c], [&](auto lanes) {
+                        constexpr int L = decltype(lanes)::value;
+                        const float* ab = a + b * ba + (h + w) * (long)h * ch.x0[c];
+                        for (int c0 = cb * C_BLOCK; c0 < std::min(d, (cb + 1) * C_BLOCK); c0 += LANE_MR) {
+                            int mr = std::min(LANE_MR, d - c0);
+                            pack<L>(v + b * bv + c0 * hw + ch.x0[c], w, hw, h, mr,
+                                    v_pack.data());  // [i][c][lane]
+                            for (int y = 0; y < h; y += LANE_NR)
+                                lane_tile<L, LANE_MR, LANE_NR>(v_pack.data(), L, mr * L, ab + y * L, h * L, L,
+                                                               out + b * bv + c0 * hw + y * w + ch.x0[c], hw,
+                                                               w, h, mr, std::min(LANE_NR, h - y), false);
+                        }
+                    });
+        // row: out[c, y, x] += sum_j V[c, y, j] A[H + j, y, x]
+#pragma omp for collapse(2) schedule(static)
+        for (int b = 0; b < batch; b++)
+            for (int y = 0; y < h; y++) {
+                pack_map_row_part(a + b * ba, h, w, y, ch, wp, false, a_rows.data());  // [j][x]
+                bcast_gemm(v + b * bv + y * w, hw, 1, a_rows.data(), wp,
+                           plain_rows(out + b * bv + y * w, hw, ch), ch, d, w, true);
+            }
+    }
+}
+
+// The transpose of aggregate: grad_v[b, c, i, x] = sum_y A[i, y, x] G[c, y, x] and
+// grad_v[b, c, y, j] += sum_x A[H + j, y, x] G[c, y, x]
+// (backward: A = attention, G = grad of out -> grad of value; A = grad of energies, G = query -> grad of
+// key).
+inline void aggregate_transposed(const float* a, const float* g, float* grad_v, int batch, int d, int h,
+                                 int w) {
+    const long hw = (long)h * w, bg = d * hw, ba = (long)(h + w) * hw;
+    const Chunks ch(w);
+    const int c_blocks = (d + C_BLOCK - 1) / C_BLOCK;
+    const long wp = (w + 15) / 16 * 16;
+#pragma omp parallel
+    {
+        std::vector<float> g_pack((size_t)h * LANE_MR * 16), a_t((size_t)w * wp);
+        // column: per lane, grad_v[c, i] = sum_y G[c, y] A[i, y]
+#pragma omp for collapse(3) schedule(dynamic)
+        for (int b = 0; b < batch; b++)
+            for (int c = 0; c < ch.size(); c++)
+                for (int cb = 0; cb < c_blocks; cb++)
+                    with_lanes(ch.lanes[c], [&](auto lanes) {
+                        constexpr int L = decltype(lanes)::value;
+                        const float* ab = a + b * ba + (h + w) * (long)h * ch.x0[c];
+                        for (int c0 = cb * C_BLOCK; c0 < std::min(d, (cb + 1) * C_BLOCK); c0 += LANE_MR) {
+                            int mr = std::min(LANE_MR, d - c0);
+                            pack<L>(g + b * bg + c0 * hw + ch.x0[c], w, hw, h, mr,
+                                    g_pack.data());  // [y][c][lane]
+                            for (int i = 0; i < h; i += LANE_NR)
+                                lane_tile<L, LANE_MR, LANE_NR>(g_pack.data(), L, mr * L, ab + (long)i * h * L,
+                                                               L, h * L,
+                                                               grad_v + b * bg + c0 * hw + i * w + ch.x0[c],
+                                                               hw, w, h, mr, std::min(LANE_NR, h - i), false);
+                        }
+                    });
+        // row: grad_v[c, y, j] += sum_x G[c, y, x] A_t[x, j] with A_t[x, j] = A[H + j, y, x]
+#pragma omp for collapse(2) schedule(static)
+        for (int b = 0; b < batch; b++)
+            for (int y = 0; y < h; y++) {
+                pack_map_row_part(a + b * ba, h, w, y, ch, wp, true, a_t.data());  // [x][j]
+                bcast_gemm(g + b * bg + y * w, hw, 1, a_t.data(), wp,
+                           plain_rows(grad_v + b * bg + y * w, hw, ch), ch, d, w, true);
+            }
+    }
+}
+
+}  // namespace cca_cpu
+"""
+
+# CUDA kernels: plain map layout, one thread per output element (see the comment below).
+_CUDA_SOURCE = r"""
+#include <cfloat>
+
+// Launch helper: kernels below use grid-stride loops, so any grid size covers all n items.
+#ifndef CCA_LAUNCH
+#define CCA_LAUNCH(kernel, n, ...) \
+    kernel<<<(unsigned)((n) / 256 + 1 < 65536 ? (n) / 256 + 1 : 65536), 256>>>(__VA_ARGS__)
+#endif
+
+namespace cca_cuda {
+
+// Maps (B, H + W, H, W) are plain on the GPU: element (b, k, y, x) at ((b * (H + W) + k) * H + y) * W + x,
+// k < H the column position i, k = H + j the row position j. One thread per output element; neighbouring
+// threads take neighbouring x, so loads along x coalesce and loads of a row position j are broadcasts.
+#define CCA_FOR_EACH(t, n) \
+    for (long t = blockIdx.x * (long)blockDim.x + threadIdx.x; t < (n); t += (long)gridDim.x * blockDim.x)
+
+// E[b, i, y, x] = P(:, y, x) . Q(:, i, x), E[b, H + j, y, x] = P(:, y, x) . Q(:, y, j)
+__global__ void energy(const float* __restrict__ p, const float* __restrict__ q, float* __restrict__ e,
+                       int batch, int d, int h, int w) {
+    const long hw = (long)h * w, positions = h + w;
+    CCA_FOR_EACH(t, batch * positions * hw) {
+        const int x = t % w, y = t / w % h, k = t / hw % positions;
+        const long b = t / (hw * positions);
+        const float* pp = p + b * d * hw + (long)y * w + x;
+        const float* qq = q + b * d * hw + (k < h ? (long)k * w + x : (long)y * w + (k - h));
+        float sum = 0.f;
+        for (int c = 0; c < d; c++)
+            sum += pp[c * hw] * qq[c * hw];
+        e[t] = sum;
+    }
+}
+
+// Softmax over the positions of each pixel, in place; the centre (column i == y) gets 0.
+__global__ void softmax(float* __restrict__ e, int batch, int h, int w) {
+    const long hw = (long)h * w, positions = h + w;
+    CCA_FOR_EACH(t, batch * hw) {
+        const int y = t % hw / w;
+        float* ep = e + t / hw * positions * hw + t % hw;
+        float mx = -FLT_MAX;
+        for (int k = 0; k < positions; k++)
+            if (k != y)
+                mx = fmaxf(mx, ep[k * hw]);
+        float sum = 0.f;
+        for (int k = 0; k < positions; k++) {
+            const float v = k == y ? 0.f : expf(ep[k * hw] - mx);
+            ep[k * hw] = v;
+            sum += v;
+        }
+        const float inv = 1.f / sum;
+        for (int k = 0; k < positions; k++)
+            ep[k * hw] *= inv;
+    }
+}
+
+// Softmax backward in place: g holds dL/dA on entry and dL/dE = A * (dA - sum_k A dA) on exit.
+__global__ void softmax_grad(const float* __restrict__ a, float* __restrict__ g, int batch, int h, int w) {
+    const long hw = (long)h * w, positions = h + w;
+    CCA_FOR_EACH(t, batch * hw) {
+        const long base = t / hw * positions * hw + t % hw;
+        float dot = 0.f;
+        for (int k = 0; k < positions; k++)
+            dot += a[base + k * hw] * g[base + k * hw];
+        for (int k = 0; k < positions; k++)
+            g[base + k * hw] = a[base + k * hw] * (g[base + k * hw] - dot);
+    }
+}
+
+// out[b, c, y, x] = sum_i A[b, i, y, x] V[b, c, i, x] + sum_j A[b, H + j, y, x] V[b, c, y, j]
+__global__ void aggregate(const float* __restrict__ a, const float* __restrict__ v, float* __restrict__ out,
+                          int batch, int d, int h, int w) {
+    const long hw = (long)h * w;
+    CCA_FOR_EACH(t, batch * d * hw) {
+        const int x = t % w, y = t / w % h;
+        const long b = t / (d * hw);
+        const float* ap = a + b * (h + w) * hw + (long)y * w + x;
+        const float* vc = v + t / hw * hw;
+        float sum = 0.f;
+        for (int i = 0; i < h; i++)
+            sum += ap[i * hw] * vc[(long)i * w + x];
+        for (int j = 0; j < w; j++)
+            sum += ap[(h + j) * hw] * vc[(long)y * w + j];
+        out[t] = sum;
+    }
+}
+
+// a_t[b, y, x, j] = A[b, H + j, y, x]: the row part with j innermost, for coalesced loads in aggregate_t.
+__global__ void transpose_rows(const float* __restrict__ a, float* __restrict__ a_t, int batch, int h,
+                               int w) {
+    const long hw = (long)h * w;
+    CCA_FOR_EACH(t, batch * hw * w) {
+        const int j = t % w, x = t / w % w, y = t / ((long)w * w) % h;
+        const long b = t / (hw * w);
+        a_t[t] = a[((b * (h + w) + h + j) * h + y) * w + x];
+    }
+}
+
+// The transpose of aggregate: grad_v[b, c, p, q] = sum_y A[b, p, y, q] G[b, c, y, q]
+//                                                + sum_x A[b, H + q, p, x] G[b, c, p, x]
+__global__ void aggregate_t(const float* __restrict__ a, const float* __restrict__ a_t,
+                            const float* __restrict__ g, float* __restrict__ grad_v, int batch, int d, int h,
+                            int w) {
+    const long hw = (long)h * w;
+    CCA_FOR_EACH(t, batch * d * hw) {
+        const int q = t % w, p = t / w % h;
+        const long b = t / (d * hw);
+        const float* gc = g + t / hw * hw;
+        const float* col = a + (b * (h + w) + p) * hw + q;       // A[b, p, y, q] at col[y * w]
+        const float* row = a_t + (b * h + p) * (long)w * w + q;  // A[b, H + q, p, x] at row[x * w]
+        float sum = 0.f;
+        for (int y = 0; y < h; y++)
+            sum += col[(long)y * w] * gc[(long)y * w + q];
+        for (int x = 0; x < w; x++)
+            sum += row[(long)x * w] * gc[(long)p * w + x];
+        grad_v[t] = sum;
+    }
+}
+
+// Host side, one call per op (inputs and outputs are device pointers).
+inline void attention(const float* query, const float* key, float* attn, int batch, int d, int h, int w) {
+    long n = (long)batch * (h + w) * h * w;
+    CCA_LAUNCH(energy, n, query, key, attn, batch, d, h, w);
+    CCA_LAUNCH(softmax, (long)batch * h * w, attn, batch, h, w);
+}
+
+inline void energy_grad(const float* grad_out, const float* value, const float* attn, float* grad_e,
+                        int batch, int d, int h, int w) {
+    long n = (long)batch * (h + w) * h * w;
+    CCA_LAUNCH(energy, n, grad_out, value, grad_e, batch, d, h, w);
+    CCA_LAUNCH(softmax_grad, (long)batch * h * w, attn, grad_e, batch, h, w);
+}
+
+inline void aggregate_op(const float* a, const float* v, float* out, int batch, int d, int h, int w) {
+    CCA_LAUNCH(aggregate, (long)batch * d * h * w, a, v, out, batch, d, h, w);
+}
+
+inline void aggregate_t_op(const float* a, const float* g, float* grad_v, float* a_t, int batch, int d, int h,
+                           int w) {
+    CCA_LAUNCH(transpose_rows, (long)batch * h * w * w, a, a_t, batch, h, w);
+    CCA_LAUNCH(aggregate_t, (long)batch * d * h * w, a, a_t, g, grad_v, batch, d, h, w);
+}
+
+#undef CCA_FOR_EACH
+}  // namespace cca_cuda
+"""
+
+
+def _on_gpu() -> bool:
+    return bool(jt.flags.use_cuda)
+
+
+def _check_shapes(query: jt.Var, key: jt.Var, value: jt.Var) -> None:
+    if query.ndim != 4 or query.shape != key.shape:
+        raise ValueError(f"query and key must be equal (B, Cq, H, W), got {query.shape} and {key.shape}")
+    if value.ndim != 4 or value.shape[0] != query.shape[0] or value.shape[2:] != query.shape[2:]:
+        raise ValueError(f"value must be (B, C, H, W) like query {query.shape}, got {value.shape}")
+
+
+def _map_shape(x: jt.Var) -> list[int]:
+    b, _, h, w = x.shape
+    return [b, h + w, h, w]
+
+
+def _code(shapes, inputs, cpu_call: str, cuda_call: str):
+    """One custom op; the sizes come from the first input: B, D (its channels), H, W."""
+    sizes = "in0_shape0, in0_shape1, in0_shape2, in0_shape3"
+    return jt.code(
+        shapes,
+        ["float32"] * len(shapes),
+        inputs,
+        cpu_header=_CPU_SOURCE,
+        cpu_src=f"cca_cpu::{cpu_call}, {sizes});",
+        cuda_header=_CUDA_SOURCE,
+        cuda_src=f"cca_cuda::{cuda_call}, {sizes});",
+    )
+
+
+def attention(query: jt.Var, key: jt.Var) -> jt.Var:
+    """The attention map (B, H + W, H, W) in the kernels' layout (chunked on the CPU, plain on the GPU)."""
+    return _code(
+        [_map_shape(query)], [query, key], "affinity(in0_p, in1_p, out0_p, nullptr", "attention(in0_p, in1_p, out0_p"
+    )[0]
+
+
+def energy_grad(grad_out: jt.Var, value: jt.Var, attn: jt.Var) -> jt.Var:
+    """dL/dE from dL/dout through the aggregation and the softmax, in the map layout of `attn`."""
+    return _code(
+        [_map_shape(grad_out)],
+        [grad_out, value, attn],
+        "affinity(in0_p, in1_p, out0_p, in2_p",
+        "energy_grad(in0_p, in1_p, in2_p, out0_p",
+    )[0]
+
+
+def aggregate(value: jt.Var, attn: jt.Var) -> jt.Var:
+    """out[b, c, y, x] = sum over the criss-cross positions of attn * value."""
+    return _code([value.shape], [value, attn], "aggregate(in1_p, in0_p, out0_p", "aggregate_op(in1_p, in0_p, out0_p")[0]
+
+
+def aggregate_transposed(grad: jt.Var, attn: jt.Var) -> jt.Var:
+    """The transpose of `aggregate` with respect to its value input."""
+    b, _, h, w = grad.shape
+    shapes = [grad.shape] + ([[b, h, w, w]] if _on_gpu() else [])  # GPU: scratch for the transposed row part
+    return _code(
+        shapes,
+        [grad, attn],
+        "aggregate_transposed(in1_p, in0_p, out0_p",
+        "aggregate_t_op(in1_p, in0_p, out0_p, out1_p",
+    )[0]
+
+
+def attention_map(query: jt.Var, key: jt.Var) -> jt.Var:
+    """Attention weights (B, H, W, H + W) like `cca.criss_cross_affinity`, from the fused kernel."""
+    attn = attention(query, key)
+    if not _on_gpu():  # undo the CPU layout: x chunks of (H + W, H, lanes) blocks, one after the other
+        b, positions, h, w = attn.shape
+        flat, blocks, x0 = attn.reshape(b, -1), [], 0
+        for lanes in _chunk_lanes(w):
+            size = positions * h * lanes
+            blocks.append(flat[:, positions * h * x0 : positions * h * x0 + size].reshape(b, positions, h, lanes))
+            x0 += lanes
+        attn = jt.concat(blocks, dim=3)
+    return attn.permute(0, 2, 3, 1)
+
+
+def _chunk_lanes(w: int) -> list[int]:
+    """The CPU kernels' x chunks (cca_cpu::Chunks): 16 lanes while they fit, then 8, 4 and 1."""
+    lanes = []
+    while w > 0:
+        lanes.append(next(n for n in (16, 8, 4, 1) if n <= w))
+        w -= lanes[-1]
+    return lanes
+
+
+class CrissCrossAttentionFunction(jt.Function):
+    """The fused op with its hand-written backward; float32 in and out."""
+
+    def execute(self, query: jt.Var, key: jt.Var, value: jt.Var) -> jt.Var:
+        attn = attention(query, key)
+        self.saved = (query, key, value, attn)
+        return aggregate(value, attn)
+
+    def grad(self, grad_out: jt.Var):
+        if grad_out is None:
+            return None, None, None
+        query, key, value, attn = self.saved
+        grad_energy = energy_grad(grad_out, value, attn)
+        return (
+            aggregate(key, grad_energy),
+            aggregate_transposed(query, grad_energy),
+            aggregate_transposed(grad_out, attn),
+        )
+
+
+_working: dict[str, bool] = {}  # device -> the kernels compiled and passed the self-test
+
+
+def _self_test() -> None:
+    """Compile every kernel and compare with the plain ops on a small problem (H != W, a tail chunk)."""
+    rng = np.random.default_rng(0)
+    q, k, v = (jt.array(rng.standard_normal(s).astype(np.float32)) for s in [(2, 3, 5, 19)] * 2 + [(2, 4, 5, 19)])
+    weight = jt.array(rng.standard_normal((2, 4, 5, 19)).astype(np.float32))
+    with jt.enable_grad():
+        results = []
+        for out in (CrissCrossAttentionFunction.apply(q, k, v), criss_cross_attention(q, k, v)):
+            results.append([out] + jt.grad((out * weight).sum(), [q, k, v]))
+    for name, fused, plain in zip(("out", "dq", "dk", "dv"), *results):
+        fused, plain = fused.numpy(), plain.numpy()
+        if not np.allclose(fused, plain, rtol=1e-4, atol=1e-5):
+            raise RuntimeError(f"{name} differs from the plain ops by {np.abs(fused - plain).max():.3g}")
+
+
+def fused_available() -> bool:
+    """True when the fused kernels work on the current device (checked once per device)."""
+    device = "cuda" if _on_gpu() else "cpu"
+    if device not in _working:
+        try:
+            _self_test()
+            _working[device] = True
+        except Exception as error:  # a compiler or driver failure must not stop training: use the plain ops
+            _working[device] = False
+            warnings.warn(
+                f"fused criss-cross attention does not work on {device} ({error}); using the plain ops",
+                stacklevel=3,
+            )
+    return _working[device]
+
+
+def criss_cross_attention_fused(query: jt.Var, key: jt.Var, value: jt.Var) -> jt.Var:
+    """(B, Cq, H, W), (B, Cq, H, W), (B, C, H, W) -> (B, C, H, W): `criss_cross_attention` in fused kernels."""
+    _check_shapes(query, key, value)
+    if not fused_available():
+        return criss_cross_attention(query, key, value)
+    out = CrissCrossAttentionFunction.apply(query.float32(), key.float32(), value.float32())
+    return out if value.dtype == out.dtype else out.cast(value.dtype)
+
+
+CCA_IMPLS["fused"] = criss_cross_attention_fused

@@ -1,0 +1,198 @@
+"""Fused criss-cross attention kernels against a NumPy float64 loop, the plain ops and finite differences."""
+
+import shutil
+import subprocess
+
+import jittor as jt
+import numpy as np
+import pytest
+
+from ccnet.models.cca import (
+    CCA_IMPLS,
+    CrissCrossAttention,
+    criss_cross_affinity,
+    criss_cross_attention,
+    get_cca_impl,
+)
+from ccnet.models.cca_fused import (
+    _CUDA_SOURCE,
+    attention_map,
+    criss_cross_attention_fused,
+    fused_available,
+)
+
+
+def reference(q, k, v, mask_centre=True):
+    """Per pixel: scores over its column and row, the column centre masked, one softmax, weighted sum."""
+    out = np.zeros(v.shape, np.float64)
+    _, _, h, w = q.shape
+    for b, y, x in np.ndindex(q.shape[0], h, w):
+        scores = np.concatenate([q[b, :, y, x] @ k[b, :, :, x], q[b, :, y, x] @ k[b, :, y, :]])
+        if mask_centre:
+            scores[y] = -np.inf
+        weights = np.exp(scores - scores.max())
+        weights /= weights.sum()
+        out[b, :, y, x] = v[b, :, :, x] @ weights[:h] + v[b, :, y, :] @ weights[h:]
+    return out
+
+
+def random_inputs(seed, b, cq, c, h, w):
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(shape) for shape in [(b, cq, h, w), (b, cq, h, w), (b, c, h, w)]]
+
+
+def as_jt(*arrays):
+    return [jt.array(a.astype(np.float32)) for a in arrays]
+
+
+def grads(impl, q, k, v, weight):
+    """Output and d(sum(out * weight))/d(q, k, v) of one implementation, as NumPy arrays."""
+    jq, jk, jv = as_jt(q, k, v)
+    out = impl(jq, jk, jv)
+    return [t.numpy() for t in [out] + jt.grad((out * jt.array(weight.astype(np.float32))).sum(), [jq, jk, jv])]
+
+
+def relative_error(a, b):
+    return np.abs(a - b).max() / np.abs(b).max()
+
+
+def test_registered_and_working():
+    assert fused_available()
+    assert CCA_IMPLS["fused"] is criss_cross_attention_fused
+    assert get_cca_impl("auto") is criss_cross_attention_fused
+
+
+# (B, Cq, C, H, W); widths 33 and 29 exercise the CPU kernels' tail chunks (16+16+1, 16+8+4+1 lanes)
+SHAPES = [(1, 4, 6, 5, 7), (2, 3, 8, 9, 4), (2, 5, 7, 6, 33), (1, 2, 3, 17, 29), (3, 8, 16, 20, 16)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_forward_matches_float64_loop(shape):
+    q, k, v = random_inputs(sum(shape), *shape)
+    out = criss_cross_attention_fused(*as_jt(q, k, v)).numpy()
+    assert out.shape == v.shape and out.dtype == np.float32
+    assert relative_error(out, reference(q, k, v)) < 1e-5
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 8, 7, 19), (1, 8, 64, 12, 12)])
+def test_gradients_match_plain_ops(shape):
+    q, k, v = random_inputs(7, *shape)
+    weight = np.random.default_rng(8).standard_normal(v.shape)
+    fused = grads(criss_cross_attention_fused, q, k, v, weight)
+    plain = grads(criss_cross_attention, q, k, v, weight)
+    for name, a, b in zip(["out", "dq", "dk", "dv"], fused, plain):
+        assert relative_error(a, b) < 1e-5, name
+
+
+def test_gradients_match_finite_differences():
+    q, k, v = random_inputs(3, 1, 2, 3, 3, 5)
+    weight = np.random.default_rng(9).standard_normal(v.shape)  # a random linear read-out of the output
+    analytic = grads(criss_cross_attention_fused, q, k, v, weight)[1:]
+    eps = 1e-6
+    for which, grad in enumerate(analytic):
+        numeric = np.zeros_like(grad, dtype=np.float64)
+        for idx in np.ndindex(*grad.shape):
+            args_plus, args_minus = [q.copy(), k.copy(), v.copy()], [q.copy(), k.copy(), v.copy()]
+            args_plus[which][idx] += eps
+            args_minus[which][idx] -= eps
+            loss_plus = (reference(*args_plus) * weight).sum()
+            loss_minus = (reference(*args_minus) * weight).sum()
+            numeric[idx] = (loss_plus - loss_minus) / (2 * eps)
+        np.testing.assert_allclose(grad, numeric, rtol=1e-3, atol=1e-4)
+
+
+def test_centre_is_masked_and_counted_once():
+    q, k, v = random_inputs(4, 2, 3, 4, 6, 21)
+    weights = attention_map(*as_jt(q, k)).numpy()
+    assert weights.shape == (2, 6, 21, 6 + 21)
+    for y in range(6):  # the column weight at i == y is exactly 0: the centre counts in the row branch only
+        assert np.all(weights[:, y, :, y] == 0)
+    np.testing.assert_allclose(weights.sum(-1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(weights, criss_cross_affinity(*as_jt(q, k)).numpy(), rtol=1e-5, atol=1e-7)
+    out = criss_cross_attention_fused(*as_jt(q, k, v)).numpy()
+    assert relative_error(out, reference(q, k, v)) < 1e-5
+    assert relative_error(out, reference(q, k, v, mask_centre=False)) > 1e-3  # counting it twice differs
+
+
+def test_module_with_fused_impl_matches_ops():
+    x = jt.array(np.random.default_rng(5).standard_normal((2, 16, 7, 9)).astype(np.float32))
+    fused, ops = CrissCrossAttention(16, impl="fused"), CrissCrossAttention(16, impl="ops")
+    ops.load_state_dict(fused.state_dict())
+    for module in (fused, ops):
+        module.gamma.assign(jt.array([0.5]))
+    np.testing.assert_allclose(fused(x).numpy(), ops(x).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_float64_inputs_keep_their_dtype():
+    q, k, v = random_inputs(6, 1, 2, 3, 4, 5)
+    out = criss_cross_attention_fused(*(a.float64() for a in as_jt(q, k, v)))
+    assert out.dtype == "float64"
+    assert relative_error(out.numpy(), reference(q, k, v)) < 1e-5
+
+
+def test_shape_errors():
+    q, k, v = as_jt(*random_inputs(0, 1, 2, 3, 4, 5))
+    with pytest.raises(ValueError):
+        criss_cross_attention_fused(q, k[:, :1], v)
+    with pytest.raises(ValueError):
+        criss_cross_attention_fused(q, k, v[:, :, :3])
+
+
+# The CUDA kernels use grid-stride loops and no shared memory, so one host "thread" running each kernel over
+# the whole grid computes what the GPU computes: this checks their indexing without a GPU.
+CUDA_EMULATION_DRIVER = r"""
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+struct Dim3 { unsigned x; };
+static Dim3 threadIdx{0}, blockIdx{0}, blockDim{1}, gridDim{1};
+#define __global__
+#define CCA_LAUNCH(kernel, n, ...) ((void)(n), kernel(__VA_ARGS__))
+#include "cca_cuda.cuh"
+
+static std::vector<float> read(const char* path, size_t n) {
+    std::vector<float> data(n);
+    FILE* f = fopen(path, "rb");
+    if (!f || fread(data.data(), sizeof(float), n, f) != n) exit(1);
+    fclose(f);
+    return data;
+}
+static void write(const char* path, const std::vector<float>& data) {
+    FILE* f = fopen(path, "wb");
+    fwrite(data.data(), sizeof(float), data.size(), f);
+    fclose(f);
+}
+int main(int argc, char** argv) {
+    int b = atoi(argv[1]), cq = atoi(argv[2]), c = atoi(argv[3]), h = atoi(argv[4]), w = atoi(argv[5]);
+    size_t hw = (size_t)h * w, map = (size_t)b * (h + w) * hw;
+    auto q = read("q.bin", b * cq * hw), k = read("k.bin", b * cq * hw);
+    auto v = read("v.bin", b * c * hw), g = read("g.bin", b * c * hw);
+    std::vector<float> attn(map), grad_e(map), scratch(b * hw * w), out(v.size()), dq(q.size()), dk(k.size()),
+        dv(v.size());
+    cca_cuda::attention(q.data(), k.data(), attn.data(), b, cq, h, w);
+    cca_cuda::aggregate_op(attn.data(), v.data(), out.data(), b, c, h, w);
+    cca_cuda::energy_grad(g.data(), v.data(), attn.data(), grad_e.data(), b, c, h, w);
+    cca_cuda::aggregate_op(grad_e.data(), k.data(), dq.data(), b, cq, h, w);
+    cca_cuda::aggregate_t_op(grad_e.data(), q.data(), dk.data(), scratch.data(), b, cq, h, w);
+    cca_cuda::aggregate_t_op(attn.data(), g.data(), dv.data(), scratch.data(), b, c, h, w);
+    write("out.bin", out), write("dq.bin", dq), write("dk.bin", dk), write("dv.bin", dv);
+}
+"""
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
+def test_cuda_kernels_emulated_on_cpu(tmp_path):
+    shape = (2, 3, 5, 6, 11)
+    q, k, v = random_inputs(11, *shape)
+    weight = np.random.default_rng(12).standard_normal(v.shape)
+    (tmp_path / "cca_cuda.cuh").write_text(_CUDA_SOURCE)
+    (tmp_path / "driver.cc").write_text(CUDA_EMULATION_DRIVER)
+    subprocess.run(["g++", "-std=c++14", "-O1", "driver.cc", "-o", "driver"], cwd=tmp_path, check=True)
+    for name, array in zip(["q", "k", "v", "g"], [q, k, v, weight]):
+        array.astype(np.float32).tofile(tmp_path / f"{name}.bin")
+    subprocess.run(["./driver", *map(str, shape)], cwd=tmp_path, check=True)
+    emulated = [np.fromfile(tmp_path / f"{name}.bin", np.float32) for name in ["out", "dq", "dk", "dv"]]
+    expected = grads(criss_cross_attention, q, k, v, weight)
+    for name, a, b in zip(["out", "dq", "dk", "dv"], emulated, expected):
+        assert relative_error(a.reshape(b.shape), b) < 1e-5, name
