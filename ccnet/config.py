@@ -75,6 +75,7 @@ class EvalConfig:
     flip: bool = False
     num_vis: int = 4  # colourised predictions saved per evaluation
     max_images: int = 0  # 0: the whole split
+    save_submission: bool = False  # job=eval on Cityscapes: label-id PNGs under run_dir/submission/
 
 
 @dataclass

@@ -27,7 +27,7 @@ class SegmentationDataset:
     pairs: list[tuple[str, str]]  # (image path, label path)
     class_names: tuple[str, ...]
     ignore_index: int = 255
-    label_lut: np.ndarray | None = None  # 256-entry map from stored label values to train ids
+    label_lut: np.ndarray | None = None  # 256-entry map stored label value -> train id (-1: not a valid value)
     palette: np.ndarray | None = None  # (classes, 3) RGB colours for pictures
     meta: dict = field(default_factory=dict)
 
@@ -63,8 +63,11 @@ class SegmentationDataset:
 def read_image(path: str) -> np.ndarray:
     if not os.path.isfile(path):
         raise DataError(f"{path}: image file not found")
-    image = cv2.imread(path, cv2.IMREAD_COLOR)
-    if image is None:
+    data = np.fromfile(path, np.uint8)
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR)
+    # OpenCV decodes a truncated JPEG without an error (grey bottom rows): a JPEG must end with its EOI marker
+    truncated_jpeg = data[:2].tobytes() == b"\xff\xd8" and b"\xff\xd9" not in data[-32:].tobytes()
+    if image is None or truncated_jpeg:
         raise DataError(f"{path}: cannot decode the image (unreadable, truncated or not an image)")
     return image[:, :, ::-1]
 
@@ -72,13 +75,38 @@ def read_image(path: str) -> np.ndarray:
 def read_label(path: str, lut: np.ndarray | None = None) -> np.ndarray:
     if not os.path.isfile(path):
         raise DataError(f"{path}: label file not found")
-    label = cv2.imread(path, cv2.IMREAD_UNCHANGED)  # palette PNGs decode to their indices, not colours
+    # OpenCV turns a palette PNG (Pascal VOC) into colours; Pillow gives its indices, the class ids
+    label = read_palette_indices(path) if is_palette_png(path) else cv2.imread(path, cv2.IMREAD_UNCHANGED)
     if label is None:
         raise DataError(f"{path}: cannot decode the label image (unreadable, truncated or not an image)")
     if label.ndim != 2:
         raise DataError(f"{path}: label must be a single-channel PNG of class ids, got shape {label.shape}")
     label = label.astype(np.int64)
-    return lut[label] if lut is not None else label
+    if lut is None:
+        return label
+    stored = label
+    label = lut[np.minimum(stored, len(lut) - 1)]
+    bad = (label < 0) | (stored >= len(lut))
+    if bad.any():
+        values = np.unique(stored[bad])[:10].tolist()
+        raise DataError(f"{path}: stored label values {values} are not label values of this data set")
+    return label
+
+
+def is_palette_png(path: str) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(26)
+    return head[:8] == b"\x89PNG\r\n\x1a\n" and len(head) == 26 and head[25] == 3  # IHDR colour type 3
+
+
+def read_palette_indices(path: str) -> np.ndarray | None:
+    from PIL import Image  # installed with Jittor
+
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image)
+    except (OSError, SyntaxError, ValueError):
+        return None
 
 
 def check_label_values(label: np.ndarray, num_classes: int, ignore_index: int, path: str) -> None:
@@ -161,3 +189,10 @@ def verify_dataset(dataset: SegmentationDataset) -> list[str]:
         except DataError as err:
             problems.append(str(err))
     return problems
+
+
+def _register_real_datasets() -> None:
+    from . import ade20k, cityscapes, voc  # noqa: F401  (each adds its builder to DATASETS)
+
+
+_register_real_datasets()

@@ -10,6 +10,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from ccnet.data.datasets import DataError
 from ccnet.data.loader import eval_samples
 from ccnet.data.transforms import eval_transform
 
@@ -24,8 +25,17 @@ def side_by_side(dataset, image_chw_rgb: np.ndarray, label: np.ndarray, pred: np
     return np.concatenate([image_chw_rgb, dataset.color(label), dataset.color(pred)], axis=1)
 
 
-def evaluate(model, dataset, cfg_dataset, cfg_eval, vis_dir: Path | None = None, desc="eval"):
-    """Returns (metrics dict, list of side-by-side RGB pictures of the first cfg_eval.num_vis images)."""
+def evaluate(
+    model, dataset, cfg_dataset, cfg_eval, vis_dir: Path | None = None, desc="eval", submission_dir: Path | None = None
+):
+    """Returns (metrics dict, list of side-by-side RGB pictures of the first cfg_eval.num_vis images).
+
+    With submission_dir, every prediction is also saved there in the benchmark's format (Cityscapes: label-id
+    PNGs named after the image); a data set without one is an error.
+    """
+    write_submission = dataset.meta.get("write_submission") if submission_dir is not None else None
+    if submission_dir is not None and write_submission is None:
+        raise DataError(f"eval.save_submission: the {dataset.name} data set has no submission format (Cityscapes has)")
     was_training = model.is_training()
     model.eval()
     n = len(dataset) if cfg_eval.max_images <= 0 else min(cfg_eval.max_images, len(dataset))
@@ -45,6 +55,8 @@ def evaluate(model, dataset, cfg_dataset, cfg_eval, vis_dir: Path | None = None,
         )
         pred = logits.argmax(0)
         conf += confusion_matrix(pred, label, dataset.num_classes, dataset.ignore_index)
+        if write_submission is not None:
+            write_submission(pred, dataset.pairs[index][0], submission_dir)
         if len(pictures) < cfg_eval.num_vis:
             pictures.append(side_by_side(dataset, dataset.read(index)[0], label, pred))
         bar.set_postfix(img_s=f"{(bar.n + 1) / (time.time() - start):.1f}")

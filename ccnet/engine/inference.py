@@ -46,8 +46,13 @@ def predict_sliding(model, image: np.ndarray, tile, stride) -> np.ndarray:
 
 
 def resize_chw(array: np.ndarray, size_hw) -> np.ndarray:
-    out = cv2.resize(array.transpose(1, 2, 0), (size_hw[1], size_hw[0]), interpolation=cv2.INTER_LINEAR)
-    return out.reshape(size_hw[0], size_hw[1], -1).transpose(2, 0, 1)
+    """Bilinear resize of C x H x W (half-pixel centres, as align_corners=False); OpenCV takes <= 512 channels."""
+    parts = []
+    for start in range(0, array.shape[0], 512):
+        hwc = np.ascontiguousarray(array[start : start + 512].transpose(1, 2, 0))
+        out = cv2.resize(hwc, (size_hw[1], size_hw[0]), interpolation=cv2.INTER_LINEAR)
+        parts.append(out.reshape(size_hw[0], size_hw[1], -1).transpose(2, 0, 1))
+    return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
 
 def predict(

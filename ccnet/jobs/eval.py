@@ -46,7 +46,10 @@ def run(cfg, run_dir: Path) -> float:
         len(val_set),
         cfg.dataset.val_split,
     )
-    metrics, pictures = evaluate(model, val_set, cfg.dataset, cfg.eval, run_dir / "predictions")
+    submission_dir = run_dir / "submission" if cfg.eval.save_submission else None
+    metrics, pictures = evaluate(
+        model, val_set, cfg.dataset, cfg.eval, run_dir / "predictions", submission_dir=submission_dir
+    )
     with SummaryWriter(str(run_dir / "tb")) as writer:
         log_eval_to_tensorboard(writer, metrics, pictures, state["iteration"])
     metrics.update(iteration=state["iteration"], checkpoint=str(path))
