@@ -10,6 +10,9 @@ from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+
+from ccnet.runtime import launch_time, mpi_rank
 
 
 @dataclass
@@ -62,6 +65,8 @@ class ScheduleConfig:
     scale_step: float = 0.0  # 0: continuous scales; 0.1: the authors' grid
     mirror: bool = True
     checkpoint_every: int = 500
+    keep_checkpoints: int = 3  # newest iter_*.pkl kept (plus last.pkl and best.pkl); 0 keeps all
+    max_bad_steps: int = 3  # consecutive non-finite losses (steps skipped) before the run stops
     eval_every: int = 0  # 0: evaluate once, at the end
     log_every: int = 20
 
@@ -80,11 +85,16 @@ class EvalConfig:
 
 @dataclass
 class Config:
-    job: str = "train"  # train | eval
+    job: str = "train"  # train | eval | sweep | visualize | predict
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     verbose: bool = False  # show Jittor's compile logs
-    checkpoint: Optional[str] = None  # job=eval: a checkpoint file or a run directory
+    checkpoint: Optional[str] = None  # job=eval|visualize|predict: a checkpoint file or a run directory
+    sweep_dir: Optional[str] = None  # job=sweep: the multirun folder to summarise
+    image: Optional[str] = None  # job=visualize: the picture (default: the first val image)
+    point: Optional[List[int]] = None  # job=visualize: [y, x] in image pixels (default: on an object)
+    input: Optional[str] = None  # job=predict: an image file or a folder of images
+    resume: Any = None  # true: this run directory's last checkpoint (hydra.run.dir=RUN); or a file / run dir
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
@@ -93,7 +103,21 @@ class Config:
     expected: Any = None  # experiment presets: the result they should reproduce (mIoU %, source)
 
 
+def run_stamp() -> str:
+    """`<date>/<time>` of the launch; the same for every MPI rank on one machine (one run folder)."""
+    import time
+
+    return time.strftime("%Y-%m-%d/%H-%M-%S", time.localtime(launch_time()))
+
+
+def hydra_output_subdir():
+    """Hydra's `.hydra/` folder for rank 0 only, so MPI ranks do not write the same files at once."""
+    return ".hydra" if mpi_rank() == 0 else None
+
+
 def register_configs() -> None:
+    OmegaConf.register_new_resolver("run_stamp", run_stamp, use_cache=True, replace=True)
+    OmegaConf.register_new_resolver("hydra_output_subdir", hydra_output_subdir, replace=True)
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
     cs.store(group="backbone", name="backbone_schema", node=BackboneConfig)

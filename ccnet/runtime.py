@@ -13,6 +13,7 @@ import ctypes
 import glob
 import io
 import os
+import signal
 import subprocess
 import sys
 import warnings
@@ -84,6 +85,21 @@ def setup_onednn() -> str:
     return f"oneDNN: {lib}"
 
 
+def shield_compile_pool() -> None:
+    """Move Jittor's compile worker processes out of our process group.
+
+    Ctrl-C in a terminal signals the whole foreground group; a compile worker killed by it makes Jittor's
+    SIGCHLD handler end the main process at once, before the trainer can save its checkpoint.
+    """
+    import jittor_utils
+
+    for worker in getattr(getattr(jittor_utils, "p", None), "_pool", None) or []:
+        try:
+            os.setpgid(worker.pid, worker.pid)
+        except OSError:
+            pass
+
+
 def cuda_driver_available() -> bool:
     """True when a CUDA driver with at least one device can be loaded."""
     try:
@@ -99,7 +115,10 @@ def cuda_driver_available() -> bool:
 # Runs in a child process: copies stdin to stdout, dropping Jittor's "Compiling Operators(i/n) ..." progress,
 # which Jittor's C++ writes straight to file descriptor 2 whatever its log level.
 _PROGRESS_FILTER = r"""
-import os, re, sys
+import os, re, signal
+# Ctrl-C and SIGTERM reach the whole process group; the filter lives until its writer closes the pipe
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
 progress = re.compile(rb"\n?Compiling Operators\(\d+/\d+\)[^\r\n]*\r?\n?")
 pending = b""
 while True:
@@ -159,9 +178,45 @@ def setup(device: str = "auto", verbose: bool = False):
     status = setup_onednn() if os.environ.get("use_mkl", "1") == "1" else "oneDNN: disabled"
     import jittor as jt
 
+    shield_compile_pool()
+    # Jittor ends the process at once when any child dies by a signal (meant for its own data workers); we
+    # have none of those, and it would kill a training run when, say, a subprocess it started is killed.
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     jt.flags.use_cuda = int(use_cuda and jt.has_cuda)
     _state.update(jt=jt, onednn=status, device="cuda" if jt.flags.use_cuda else "cpu")
     return jt
+
+
+def mpi_rank() -> int:
+    """This process's rank under mpirun (OpenMPI, or PMI-style launchers), read before Jittor is imported."""
+    for name in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"):
+        if name in os.environ:
+            return int(os.environ[name])
+    return 0
+
+
+def launch_time() -> float:
+    """When this job was launched: mpirun's start time for every MPI rank on a machine (so that all ranks
+    agree on one run folder), else now."""
+    import time
+
+    if mpi_rank() == 0 and "OMPI_COMM_WORLD_SIZE" not in os.environ:
+        return time.time()
+    try:
+        ticks = os.sysconf("SC_CLK_TCK")
+        boot = next(float(line.split()[1]) for line in open("/proc/stat") if line.startswith("btime"))
+        pid = os.getppid()
+        while pid > 1:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{pid}/comm") as f:
+                name = f.read().strip()
+            if name in ("mpirun", "mpiexec", "orterun", "prterun", "prte", "orted", "prted"):
+                return boot + int(fields[19]) / ticks
+            pid = int(fields[1])
+    except (OSError, StopIteration, ValueError, IndexError):
+        pass
+    return time.time()
 
 
 def describe() -> str:

@@ -50,7 +50,35 @@ def save_checkpoint(path, model, iteration: int, config: dict, optimizer=None, e
     if optimizer is not None:
         state["optimizer"] = optimizer_state(optimizer)
     state.update(extra or {})
-    atomic_write_bytes(path, pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL))
+    try:
+        atomic_write_bytes(path, pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL))
+    except OSError as err:  # full disk, unwritable folder: the earlier checkpoints are untouched
+        raise CheckpointError(
+            f"{path}: could not write the checkpoint ({err.strerror or err}); earlier checkpoints in "
+            f"{Path(path).parent} are intact"
+        ) from err
+
+
+def link_as(src: Path, dst: Path) -> None:
+    """Make dst name the same file as src, atomically (a hard link renamed into place: no copy)."""
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    os.link(src, tmp)
+    os.replace(tmp, dst)
+
+
+def prune_checkpoints(folder: Path, keep: int) -> None:
+    """Delete all but the newest `keep` iter_*.pkl files (last.pkl and best.pkl are links of their own)."""
+    if keep <= 0:
+        return
+    for old in sorted(folder.glob("iter_*.pkl"))[:-keep]:
+        old.unlink()
+
+
+def remove_stale_temporaries(folder: Path) -> None:
+    """Temporary files a killed process left behind (the checkpoints themselves are always whole)."""
+    for tmp in folder.glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
 
 
 def optimizer_state(optimizer) -> dict:

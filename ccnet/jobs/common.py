@@ -13,11 +13,24 @@ from ccnet.engine.checkpoint import atomic_write_bytes
 log = logging.getLogger("ccnet")
 
 
-def prepare_run_dir(cfg, run_dir: Path) -> dict:
-    """Create the folder, write config.yaml (resolved) and make sure run.log receives our logs."""
-    run_dir.mkdir(parents=True, exist_ok=True)
+class RunDirError(OSError):
+    """The run directory cannot be created or written (full disk, read-only or not a folder)."""
+
+
+def prepare_run_dir(cfg, run_dir: Path, write: bool = True) -> dict:
+    """Create the folder, write config.yaml (resolved) and make sure run.log receives our logs.
+
+    Checks up front that the folder is writable, so a full disk fails now rather than hours in.
+    Returns the resolved config as a plain dict. With write=False (MPI ranks > 0) nothing is written.
+    """
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    atomic_write_bytes(run_dir / "config.yaml", OmegaConf.to_yaml(resolved).encode())
+    if not write:
+        return resolved
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(run_dir / "config.yaml", OmegaConf.to_yaml(resolved).encode())
+    except OSError as err:
+        raise RunDirError(f"cannot write the run directory {run_dir}: {err.strerror or err}") from err
     root = logging.getLogger()
     log_file = (run_dir / "run.log").resolve()
     if not any(getattr(h, "baseFilename", None) == str(log_file) for h in root.handlers):
@@ -26,6 +39,13 @@ def prepare_run_dir(cfg, run_dir: Path) -> dict:
         root.addHandler(handler)
     root.setLevel(min(root.level or logging.INFO, logging.INFO))
     return resolved
+
+
+class NullWriter:
+    """Stands in for the TensorBoard writer on MPI ranks that do not write."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
 
 
 def write_metrics(run_dir: Path, metrics: dict) -> None:
@@ -42,3 +62,37 @@ def log_eval_to_tensorboard(writer, metrics: dict, pictures, step: int) -> None:
     for i, picture in enumerate(pictures):
         writer.add_image(f"val_pred/{i}", picture, step, dataformats="HWC")
     writer.flush()
+
+
+def flatten_config(config: dict, prefix: str = "") -> dict:
+    """{"schedule": {"lr": 0.01}} -> {"schedule.lr": 0.01}; lists and None become text (HParams types)."""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(flatten_config(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value if isinstance(value, (bool, int, float, str)) else str(value)
+    return flat
+
+
+def log_hparams(run_dir: Path, config: dict, metrics: dict) -> None:
+    """The flattened config and the final metrics into run_dir/tb, for TensorBoard's HParams tab.
+
+    Written into the run's own tb/ (a second event file), so `tensorboard --logdir SWEEP_DIR` lists every job
+    of a sweep as one session with the same hyper-parameter keys and the metrics hparams/mIoU, hparams/best_mIoU,
+    hparams/pixel_accuracy.
+    """
+    from tensorboardX import SummaryWriter
+    from tensorboardX.summary import hparams
+
+    final = {
+        "hparams/mIoU": metrics["mIoU"],
+        "hparams/best_mIoU": metrics.get("best_mIoU", metrics["mIoU"]),
+        "hparams/pixel_accuracy": metrics["pixel_accuracy"],
+    }
+    # its own file name: a second writer opened in the same second as the run's would overwrite its file
+    with SummaryWriter(str(run_dir / "tb"), filename_suffix=".hparams") as writer:
+        for summary in hparams(flatten_config(config), final):
+            writer.file_writer.add_summary(summary)
+        for tag, value in final.items():
+            writer.add_scalar(tag, value, metrics.get("iteration", 0))

@@ -1,4 +1,9 @@
-"""job=train: train on the train split, evaluate the final weights on the val split; returns val mIoU."""
+"""job=train: train on the train split, evaluate on the val split; returns the final val mIoU.
+
+`resume=true` continues this run directory's last checkpoint (use `hydra.run.dir=RUN_DIR resume=true`);
+`resume=PATH` continues another checkpoint or run directory into this run's folder. Under `mpirun` every
+rank trains on its slice of each batch and only rank 0 writes.
+"""
 
 from __future__ import annotations
 
@@ -13,11 +18,19 @@ from ccnet import runtime
 from ccnet.data.datasets import DataError, build_dataset, verify_dataset
 from ccnet.data.loader import train_batches
 from ccnet.data.transforms import train_transform
+from ccnet.engine.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    load_model_state,
+    load_optimizer_state,
+    remove_stale_temporaries,
+    resolve_checkpoint,
+)
 from ccnet.engine.evaluate import evaluate
 from ccnet.engine.trainer import train
 from ccnet.models import build_model
 
-from .common import log_eval_to_tensorboard, prepare_run_dir, write_metrics
+from .common import NullWriter, log_eval_to_tensorboard, log_hparams, prepare_run_dir, write_metrics
 
 log = logging.getLogger(__name__)
 
@@ -33,30 +46,67 @@ def load_splits(cfg):
     return train_set, val_set
 
 
+def resume_checkpoint(resume, run_dir: Path) -> Path | None:
+    """The checkpoint to continue from: None, this run's last.pkl (resume=true), or a given file / run dir."""
+    if resume in (None, False, "false", ""):
+        return None
+    if resume is True or resume == "true":
+        last = run_dir / "checkpoints" / "last.pkl"
+        if not last.is_file():
+            raise CheckpointError(
+                f"resume=true: {last} does not exist; pass the run folder to continue with "
+                "hydra.run.dir=RUN_DIR resume=true, or resume=PATH"
+            )
+        return last
+    return resolve_checkpoint(resume)
+
+
 def run(cfg, run_dir: Path) -> float:
-    config_dict = prepare_run_dir(cfg, run_dir)
-    jt.set_global_seed(cfg.seed, different_seed_for_mpi=False)  # same init on every MPI rank
+    is_main = jt.rank == 0
+    config_dict = prepare_run_dir(cfg, run_dir, write=is_main)
+    jt.set_global_seed(cfg.seed, different_seed_for_mpi=False)  # same initial weights on every MPI rank
     train_set, val_set = load_splits(cfg)
     model = build_model(cfg)
+    s = cfg.schedule
+    optimizer = nn.SGD(model.parameters(), s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
+    start_iter, best = 0, None
+    resume_from = resume_checkpoint(cfg.resume, run_dir)
+    if resume_from is not None:
+        state = load_checkpoint(resume_from)
+        load_model_state(model, state["model"], resume_from)
+        load_optimizer_state(optimizer, state["optimizer"])
+        start_iter, best = state["iteration"], state.get("best")
+        log.info("resumed from %s at iteration %d", resume_from, start_iter)
+    if is_main:
+        remove_stale_temporaries(run_dir / "checkpoints")
     log.info(
-        "%s | model %s + RCCA(R=%d), %.2fM parameters | %d train / %d val images",
+        "%s | %s + RCCA(R=%d), %.2fM parameters | %d train / %d val images | %d process(es)",
         runtime.describe(),
         cfg.backbone.name,
         cfg.model.recurrence,
         sum(p.numel() for p in model.parameters()) / 1e6,
         len(train_set),
         len(val_set),
+        jt.world_size,
     )
-    s = cfg.schedule
-    optimizer = nn.SGD(model.parameters(), s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
+    if s.batch_size % jt.world_size:
+        raise ValueError(f"schedule.batch_size={s.batch_size} must be divisible by the {jt.world_size} MPI ranks")
     batches = train_batches(
         train_set,
         lambda im, lb, rng: train_transform(im, lb, rng, cfg.dataset, s),
         s.batch_size,
         cfg.seed,
+        start_iter=start_iter,
         num_workers=cfg.dataset.num_workers,
+        rank=jt.rank,
+        world_size=jt.world_size,
     )
-    writer = SummaryWriter(str(run_dir / "tb"))
+    # purge_step: a resumed run drops the events the interrupted one logged after its checkpoint
+    writer = (
+        SummaryWriter(str(run_dir / "tb"), purge_step=start_iter + 1 if start_iter else None)
+        if is_main
+        else NullWriter()
+    )
 
     def evaluate_at(step):
         metrics, pictures = evaluate(
@@ -66,12 +116,33 @@ def run(cfg, run_dir: Path) -> float:
         return metrics
 
     try:
-        train(model, optimizer, batches, cfg, run_dir, writer, config_dict, evaluate_at)
-        metrics = evaluate_at(s.iters)
-        metrics.update(iteration=s.iters, checkpoint=str(run_dir / "checkpoints" / "last.pkl"))
-        write_metrics(run_dir, metrics)
+        metrics, best = train(
+            model,
+            optimizer,
+            batches,
+            cfg,
+            run_dir,
+            writer,
+            config_dict,
+            evaluate_at if is_main else None,
+            start_iter,
+            best,
+            is_main,
+        )
     finally:
         batches.close()
         writer.close()
+    if not is_main:
+        return float("nan")
+    if metrics is None:  # resumed a finished run: evaluate its final weights again
+        metrics = evaluate_at(s.iters)
+    metrics.update(
+        iteration=s.iters,
+        checkpoint=str(run_dir / "checkpoints" / "last.pkl"),
+        best_mIoU=best["mIoU"],
+        best_iteration=best["iteration"],
+    )
+    write_metrics(run_dir, metrics)
+    log_hparams(run_dir, config_dict, metrics)
     log.info("val mIoU %.2f%% -> %s", 100 * metrics["mIoU"], run_dir / "metrics.json")
     return metrics["mIoU"]

@@ -7,6 +7,7 @@ Deviation from the authors' code: they use InPlaceABNSync, i.e. BN + LeakyReLU(0
 from __future__ import annotations
 
 import jittor as jt
+import numpy as np
 from jittor import nn
 
 from .cca import CrissCrossAttention
@@ -26,6 +27,22 @@ def conv_bn_act(cin: int, cout: int, kernel: int, act: str, bias: bool = False) 
     )
 
 
+class ChannelDropout(nn.Module):
+    """Dropout2d (whole channels) with masks from NumPy's global generator, which the trainer seeds every
+    iteration: a resumed run then draws exactly the masks of a straight run. (Jittor's generator is consumed
+    in graph-execution order, which differs between a fresh process and a warm one.)"""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def execute(self, x):
+        if not self.is_training() or self.p <= 0:
+            return x
+        keep = (np.random.random((x.shape[0], x.shape[1], 1, 1)) >= self.p).astype(np.float32) / (1 - self.p)
+        return x * jt.array(keep)
+
+
 class RCCAHead(nn.Module):
     """conva 3x3 -> CCA x R (shared weights) -> convb 3x3 -> concat with input -> 3x3 -> dropout -> 1x1."""
 
@@ -36,7 +53,7 @@ class RCCAHead(nn.Module):
         self.cca = CrissCrossAttention(channels, impl=cca_impl)
         self.convb = conv_bn_act(channels, channels, 3, act)
         self.bottleneck = conv_bn_act(in_channels + channels, channels, 3, act)
-        self.dropout = nn.Dropout2d(dropout)
+        self.dropout = ChannelDropout(dropout)
         self.classifier = nn.Conv2d(channels, num_classes, 1)
 
     def execute(self, x):
@@ -62,7 +79,7 @@ class DSNHead(nn.Module):
     def __init__(self, in_channels, channels, num_classes, act="relu", dropout=0.1):
         super().__init__()
         self.conv = conv_bn_act(in_channels, channels, 3, act, bias=True)
-        self.dropout = nn.Dropout2d(dropout)
+        self.dropout = ChannelDropout(dropout)
         self.classifier = nn.Conv2d(channels, num_classes, 1)
 
     def execute(self, x):
