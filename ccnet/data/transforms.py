@@ -30,20 +30,23 @@ def random_mirror(image, label, rng):
     return image, label
 
 
-def pad_and_random_crop(image, label, rng, crop_size, ignore_index=255):
-    """Pad to at least crop size (image with 0 after normalisation, label with ignore), then crop at random.
+def pad_and_random_crop(image, label, rng, crop_size, ignore_index=255, normalize_fn=None):
+    """Random crop_size window; where the image is smaller, pad the image with 0 and the label with ignore.
 
-    The image must already be normalised, so that 0 padding is the mean colour, as in the authors' code.
+    The padding (bottom and right) means the mean colour once normalised, as in the authors' code; passing
+    normalize_fn normalises only the cropped pixels (a 512 crop of a 2048-wide image: ~10x less work).
     """
     ch, cw = crop_size
     h, w = label.shape
-    ph, pw = max(ch - h, 0), max(cw - w, 0)
+    y, x = rng.integers(0, max(h - ch, 0) + 1), rng.integers(0, max(w - cw, 0) + 1)
+    image, label = image[y : y + ch, x : x + cw], label[y : y + ch, x : x + cw]
+    if normalize_fn is not None:
+        image = normalize_fn(image)
+    ph, pw = ch - label.shape[0], cw - label.shape[1]
     if ph or pw:
         image = np.pad(image, ((0, ph), (0, pw), (0, 0)))
         label = np.pad(label, ((0, ph), (0, pw)), constant_values=ignore_index)
-    h, w = label.shape
-    y, x = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
-    return image[y : y + ch, x : x + cw], label[y : y + ch, x : x + cw]
+    return image, label
 
 
 def normalize(image, mean, std, bgr=False):
@@ -55,12 +58,18 @@ def normalize(image, mean, std, bgr=False):
 
 
 def train_transform(image, label, rng, cfg_dataset, cfg_schedule):
-    """The training pipeline: scale, mirror, normalise, pad + crop; returns (C x H x W float32, H x W int64)."""
+    """The training pipeline: scale, mirror, crop (+ pad), normalise; returns (C x H x W float32, H x W int64)."""
     image, label = random_scale(image, label, rng, cfg_schedule.scale_range, cfg_schedule.scale_step)
     if cfg_schedule.mirror:
         image, label = random_mirror(image, label, rng)
-    image = normalize(image, cfg_dataset.mean, cfg_dataset.std, cfg_dataset.bgr)
-    image, label = pad_and_random_crop(image, label, rng, cfg_schedule.crop_size, cfg_dataset.ignore_index)
+    image, label = pad_and_random_crop(
+        image,
+        label,
+        rng,
+        cfg_schedule.crop_size,
+        cfg_dataset.ignore_index,
+        lambda crop: normalize(crop, cfg_dataset.mean, cfg_dataset.std, cfg_dataset.bgr),
+    )
     return np.ascontiguousarray(image.transpose(2, 0, 1)), np.ascontiguousarray(label)
 
 
