@@ -16,11 +16,20 @@ def true_class_log_prob(logits: jt.Var, target: jt.Var, ignore_index: int):
     return picked, valid
 
 
+def valid_count(mask: jt.Var) -> jt.Var:
+    """Pixels that count; under MPI the mean over ranks, so that the averaged gradients of N ranks equal
+    those of one process with the combined batch (each rank's own count would weight ranks unequally)."""
+    count = mask.sum()
+    if jt.in_mpi:
+        count = count.mpi_all_reduce("mean")
+    return count.maximum(1.0).stop_grad()
+
+
 def cross_entropy(logits: jt.Var, target: jt.Var, ignore_index: int = 255) -> jt.Var:
     """Mean CE over the pixels whose label is not ignore_index; logits (B, C, H, W), target (B, H, W)."""
     picked, valid = true_class_log_prob(logits, target, ignore_index)
     valid = valid.float32()
-    return -(picked * valid).sum() / valid.sum().maximum(1.0)
+    return -(picked * valid).sum() / valid_count(valid)
 
 
 def ohem_cross_entropy(logits, target, ignore_index=255, thresh=0.7, min_kept=100000) -> jt.Var:
@@ -32,7 +41,7 @@ def ohem_cross_entropy(logits, target, ignore_index=255, thresh=0.7, min_kept=10
         kth = np.partition(prob, min_kept - 1)[min_kept - 1]
         threshold = max(thresh, float(kth))
     keep = (valid & (picked.exp() <= threshold)).float32()
-    return -(picked * keep).sum() / keep.sum().maximum(1.0)
+    return -(picked * keep).sum() / valid_count(keep)
 
 
 def segmentation_loss(name: str, logits, target, ignore_index, ohem_thresh=0.7, ohem_min_kept=100000):
