@@ -39,7 +39,7 @@ def test_two_ranks_match_one_process_and_write_one_run_folder(tmp_path, data_hom
 
     a, b = last_weights(runs[0]), last_weights(single)
     assert a.keys() == b.keys()
-    # Tolerance: 1e-4 absolute after 2 SGD steps. The ranks sum in another order (float32) and sync BN reduces
-    # per-rank means, so the weights agree to ~1e-6 after one step and drift slowly from there.
+    # Tolerance: 1e-5 absolute after 2 SGD steps (measured: 4e-7). The ranks add in another order (float32) and
+    # sync BN averages per-rank means; training from scratch amplifies such rounding over many steps.
     worst = max(float(np.abs(a[k] - b[k]).max()) for k in a)
-    assert worst < 1e-4, worst
+    assert worst < 1e-5, worst
