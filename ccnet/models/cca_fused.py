@@ -351,7 +351,7 @@ inline void affinity(const float* p, const float* q, float* e, const float* attn
                         }
                     });
         // row: E[H + j, y, x] = sum_c Q[c, y, j] P[c, y, x], then the softmax (or its backward) per pixel
-#pragma omp for collapse(2) schedule(static)
+#pragma omp for collapse(2) schedule(dynamic, 2)
         for (int b = 0; b < batch; b++)
             for (int y = 0; y < h; y++) {
                 pack_rows(p + b * bpq + y * w, hw, d, w, wp, p_rows.data());  // [c][x]
@@ -402,7 +402,7 @@ inline void aggregate(const float* a, const float* v, float* out, int batch, int
                         }
                     });
         // row: out[c, y, x] += sum_j V[c, y, j] A[H + j, y, x]
-#pragma omp for collapse(2) schedule(static)
+#pragma omp for collapse(2) schedule(dynamic, 2)
         for (int b = 0; b < batch; b++)
             for (int y = 0; y < h; y++) {
                 pack_map_row_part(a + b * ba, h, w, y, ch, wp, false, a_rows.data());  // [j][x]
@@ -445,7 +445,7 @@ inline void aggregate_transposed(const float* a, const float* g, float* grad_v, 
                         }
                     });
         // row: grad_v[c, y, j] += sum_x G[c, y, x] A_t[x, j] with A_t[x, j] = A[H + j, y, x]
-#pragma omp for collapse(2) schedule(static)
+#pragma omp for collapse(2) schedule(dynamic, 2)
         for (int b = 0; b < batch; b++)
             for (int y = 0; y < h; y++) {
                 pack_map_row_part(a + b * ba, h, w, y, ch, wp, true, a_t.data());  // [x][j]
@@ -622,25 +622,28 @@ def _map_shape(x: jt.Var) -> list[int]:
     return [b, h + w, h, w]
 
 
-def _code(shapes, inputs, cpu_call: str, cuda_call: str):
-    """One custom op; the sizes come from the first input: B, D (its channels), H, W."""
+def _code(shapes, inputs, cpu_call: str, cuda_call: str) -> jt.Var:
+    """One custom op, first output; SIZES in a call stands for B, D (the first input's channels), H, W."""
     sizes = "in0_shape0, in0_shape1, in0_shape2, in0_shape3"
     return jt.code(
         shapes,
         ["float32"] * len(shapes),
         inputs,
         cpu_header=_CPU_SOURCE,
-        cpu_src=f"cca_cpu::{cpu_call}, {sizes});",
+        cpu_src=cpu_call.replace("SIZES", sizes) + ";",
         cuda_header=_CUDA_SOURCE,
-        cuda_src=f"cca_cuda::{cuda_call}, {sizes});",
-    )
+        cuda_src=cuda_call.replace("SIZES", sizes) + ";",
+    )[0]
 
 
 def attention(query: jt.Var, key: jt.Var) -> jt.Var:
     """The attention map (B, H + W, H, W) in the kernels' layout (chunked on the CPU, plain on the GPU)."""
     return _code(
-        [_map_shape(query)], [query, key], "affinity(in0_p, in1_p, out0_p, nullptr", "attention(in0_p, in1_p, out0_p"
-    )[0]
+        [_map_shape(query)],
+        [query, key],
+        "cca_cpu::affinity(in0_p, in1_p, out0_p, nullptr, SIZES)",
+        "cca_cuda::attention(in0_p, in1_p, out0_p, SIZES)",
+    )
 
 
 def energy_grad(grad_out: jt.Var, value: jt.Var, attn: jt.Var) -> jt.Var:
@@ -648,14 +651,19 @@ def energy_grad(grad_out: jt.Var, value: jt.Var, attn: jt.Var) -> jt.Var:
     return _code(
         [_map_shape(grad_out)],
         [grad_out, value, attn],
-        "affinity(in0_p, in1_p, out0_p, in2_p",
-        "energy_grad(in0_p, in1_p, in2_p, out0_p",
-    )[0]
+        "cca_cpu::affinity(in0_p, in1_p, out0_p, in2_p, SIZES)",
+        "cca_cuda::energy_grad(in0_p, in1_p, in2_p, out0_p, SIZES)",
+    )
 
 
 def aggregate(value: jt.Var, attn: jt.Var) -> jt.Var:
     """out[b, c, y, x] = sum over the criss-cross positions of attn * value."""
-    return _code([value.shape], [value, attn], "aggregate(in1_p, in0_p, out0_p", "aggregate_op(in1_p, in0_p, out0_p")[0]
+    return _code(
+        [value.shape],
+        [value, attn],
+        "cca_cpu::aggregate(in1_p, in0_p, out0_p, SIZES)",
+        "cca_cuda::aggregate_op(in1_p, in0_p, out0_p, SIZES)",
+    )
 
 
 def aggregate_transposed(grad: jt.Var, attn: jt.Var) -> jt.Var:
@@ -665,9 +673,9 @@ def aggregate_transposed(grad: jt.Var, attn: jt.Var) -> jt.Var:
     return _code(
         shapes,
         [grad, attn],
-        "aggregate_transposed(in1_p, in0_p, out0_p",
-        "aggregate_t_op(in1_p, in0_p, out0_p, out1_p",
-    )[0]
+        "cca_cpu::aggregate_transposed(in1_p, in0_p, out0_p, SIZES)",
+        "cca_cuda::aggregate_t_op(in1_p, in0_p, out0_p, out1_p, SIZES)",
+    )
 
 
 def attention_map(query: jt.Var, key: jt.Var) -> jt.Var:
@@ -752,8 +760,9 @@ def criss_cross_attention_fused(query: jt.Var, key: jt.Var, value: jt.Var) -> jt
     _check_shapes(query, key, value)
     if not fused_available():
         return criss_cross_attention(query, key, value)
-    out = CrissCrossAttentionFunction.apply(query.float32(), key.float32(), value.float32())
-    return out if value.dtype == out.dtype else out.cast(value.dtype)
+    as_float32 = [x if x.dtype == "float32" else x.float32() for x in (query, key, value)]
+    out = CrissCrossAttentionFunction.apply(*as_float32)
+    return out if value.dtype == "float32" else out.cast(value.dtype)
 
 
 CCA_IMPLS["fused"] = criss_cross_attention_fused
