@@ -217,6 +217,57 @@ inline Rows map_rows(float* map, int h, int w, int k0, int y, const Chunks& ch) 
 
 constexpr int NV_MAX = 6;
 
+// bcast_gemm for a one-lane chunk: Z[m] (+)= sum_r S[m, r] R[r]. Vectorising over the single lane would waste
+// 15 of 16, so this vectorises over r (S rows contiguous: dot products, 4 at a time) or over m (S columns
+// contiguous: the transposed broadcast form).
+inline void one_lane_gemm(const float* s, long ssm, long ssr, const float* r, long rs, float* z, long zsm,
+                          int m_size, int k_size, bool accumulate) {
+    typedef Vec<16>::type vf;
+    static thread_local std::vector<float> column, result;
+    column.resize(k_size);
+    for (int k = 0; k < k_size; k++)
+        column[k] = r[k * rs];
+    const int k16 = k_size / 16 * 16;
+    if (ssr == 1) {
+        for (int m0 = 0; m0 < m_size; m0 += 4) {
+            vf acc[4] = {};
+            float sum[4] = {};
+            const int mr = std::min(4, m_size - m0);
+            for (int m = 0; m < mr; m++) {
+                const float* sm = s + (m0 + m) * ssm;
+                for (int k = 0; k < k16; k += 16)
+                    acc[m] += vload<16>(sm + k) * vload<16>(column.data() + k);
+                for (int k = k16; k < k_size; k++)
+                    sum[m] += sm[k] * column[k];
+            }
+            for (int m = 0; m < mr; m++) {
+                for (int l = 0; l < 16; l++)
+                    sum[m] += acc[m][l];
+                float& out = z[(m0 + m) * zsm];
+                out = accumulate ? out + sum[m] : sum[m];
+            }
+        }
+        return;
+    }
+    // ssm == 1: Z[m..m+16) = sum_r S[m..m+16, r] R[r]
+    result.assign((m_size + 15) / 16 * 16, 0.f);
+    const int m16 = m_size / 16 * 16;
+    for (int m0 = 0; m0 < m16; m0 += 16 * 4) {
+        vf acc[4] = {};
+        const int vectors = std::min(4, (m16 - m0) / 16);
+        for (int k = 0; k < k_size; k++)
+            for (int v = 0; v < vectors; v++)
+                acc[v] += vload<16>(s + m0 + 16 * v + k * ssr) * column[k];
+        for (int v = 0; v < vectors; v++)
+            vstore<16>(result.data() + m0 + 16 * v, acc[v]);
+    }
+    for (int m = m16; m < m_size; m++)
+        for (int k = 0; k < k_size; k++)
+            result[m] += s[m + k * ssr] * column[k];
+    for (int m = 0; m < m_size; m++)
+        z[m * zsm] = accumulate ? z[m * zsm] + result[m] : result[m];
+}
+
 // Z[m, x] (+)= sum_r S[m, r] * R[r, x] for m < m_size, r < k_size, over all x chunks. R is packed (row r at
 // r * rs, aligned when rs is a multiple of 16); Z is given by its chunk starts.
 inline void bcast_gemm(const float* s, long ssm, long ssr, const float* r, long rs, const Rows& z,
@@ -237,6 +288,11 @@ inline void bcast_gemm(const float* s, long ssm, long ssr, const float* r, long 
         typedef std::integral_constant<int, 16> L16;
         typedef std::integral_constant<int, 1> V1;
         typedef std::integral_constant<int, 8> M8;
+        if (ch.lanes[c] == 1 && (ssr == 1 || ssm == 1)) {
+            one_lane_gemm(s, ssm, ssr, r + ch.x0[c], rs, z.start[c], z.stride[c], m_size, k_size, accumulate);
+            c += 1;
+            continue;
+        }
         switch (ch.lanes[c] == 16 ? nv : -ch.lanes[c]) {  // about 24 accumulators per tile
             case 6: rows(L16(), std::integral_constant<int, 4>(), std::integral_constant<int, 6>()); break;
             case 5: rows(L16(), std::integral_constant<int, 4>(), std::integral_constant<int, 5>()); break;
@@ -256,6 +312,20 @@ inline void bcast_gemm(const float* s, long ssm, long ssr, const float* r, long 
 inline void pack_rows(const float* t, long row_stride, int rows, int w, long wp, float* buf) {
     for (int r = 0; r < rows; r++)
         std::copy(t + r * row_stride, t + r * row_stride + w, buf + r * wp);
+}
+
+// buf[r][c] = t[r * rs + c * cs] for r < rows, c < cols; buf rows are stride apart.
+inline void pack_rows_strided(const float* t, long rs, long cs, int rows, int cols, long stride, float* buf) {
+    for (int r = 0; r < rows; r++)
+        for (int c = 0; c < cols; c++)
+            buf[r * stride + c] = t[r * rs + c * cs];
+}
+
+// t[r * rs + c * cs] = buf[r][c]: the inverse of pack_rows_strided.
+inline void scatter_column(const float* buf, long stride, int rows, int cols, float* t, long rs, long cs) {
+    for (int r = 0; r < rows; r++)
+        for (int c = 0; c < cols; c++)
+            t[r * rs + c * cs] = buf[r * stride + c];
 }
 
 // The row part of a chunked map for image row y: A[H + j, y, x] to buf[j][x] or, transposed, to buf[x][j].
@@ -309,7 +379,11 @@ inline void softmax_grad_lanes(const float* a, float* g, long stride, int positi
 }
 
 constexpr int K_BLOCK = 32;  // channels per step of the column energies: packed keys stay in L2
-constexpr int C_BLOCK = 64;  // channels per task of the aggregations
+
+// Channels per task of the aggregations: about 64, at least two tasks, whole register tiles.
+inline int channel_block(int d) {
+    return std::min(66, ((d + 1) / 2 + LANE_MR - 1) / LANE_MR * LANE_MR);
+}
 
 // Energies of the criss-cross positions, P and Q of shape (B, D, H, W), E a chunked map:
 // E[i, y, x] = P(:, y, x) . Q(:, i, x) and E[H + j, y, x] = P(:, y, x) . Q(:, y, j).
@@ -319,12 +393,13 @@ inline void affinity(const float* p, const float* q, float* e, const float* attn
                      int w) {
     const long hw = (long)h * w, bpq = d * hw, be = (long)(h + w) * hw;
     const Chunks ch(w);
-    const long wp = (w + 15) / 16 * 16;
+    const long wp = (w + 15) / 16 * 16, hp = (h + 15) / 16 * 16;
+    const Chunks ch_y(h);
     const int y_blocks = 2;
 #pragma omp parallel
     {
         std::vector<float> q_pack((size_t)K_BLOCK * h * 16), p_pack((size_t)K_BLOCK * LANE_MR * 16);
-        std::vector<float> p_rows((size_t)d * wp), q_rows((size_t)d * wp);
+        std::vector<float> p_rows((size_t)d * wp), q_rows((size_t)d * wp), column((size_t)d * hp);
         // column: per lane, E[i, y] = sum_c P[c, y] Q[c, i]
 #pragma omp for collapse(3) schedule(dynamic)
         for (int b = 0; b < batch; b++)
@@ -336,6 +411,14 @@ inline void affinity(const float* p, const float* q, float* e, const float* attn
                         const float* pb = p + b * bpq + ch.x0[c];
                         const float* qb = q + b * bpq + ch.x0[c];
                         float* eb = e + b * be + (h + w) * (long)h * ch.x0[c];
+                        if (L == 1) {  // one column: E[i, y] = sum_c Q[c, i] P[c, y], vectorised over y
+                            if (yb == 0) {
+                                pack_rows_strided(pb, hw, w, d, h, hp, column.data());  // [c][y]
+                                bcast_gemm(qb, w, hw, column.data(), hp, plain_rows(eb, h, ch_y), ch_y, h, d,
+                                           false);
+                            }
+                            return;
+                        }
                         for (int c0 = 0; c0 < d; c0 += K_BLOCK) {
                             int kr = std::min(K_BLOCK, d - c0);
                             pack<L>(qb + c0 * hw, hw, w, kr, h, q_pack.data());  // [c][i][lane]
@@ -378,21 +461,32 @@ inline void affinity(const float* p, const float* q, float* e, const float* attn
 inline void aggregate(const float* a, const float* v, float* out, int batch, int d, int h, int w) {
     const long hw = (long)h * w, bv = d * hw, ba = (long)(h + w) * hw;
     const Chunks ch(w);
-    const int c_blocks = (d + C_BLOCK - 1) / C_BLOCK;
-    const long wp = (w + 15) / 16 * 16;
+    const int c_block = channel_block(d), c_blocks = (d + c_block - 1) / c_block;
+    const long wp = (w + 15) / 16 * 16, hp = (h + 15) / 16 * 16;
+    const Chunks ch_y(h);
 #pragma omp parallel
     {
-        std::vector<float> v_pack((size_t)h * LANE_MR * 16), a_rows((size_t)w * wp);
+        std::vector<float> v_pack((size_t)h * LANE_MR * 16), a_rows((size_t)w * wp),
+            column((size_t)c_block * hp);
         // column: per lane, out[c, y] = sum_i V[c, i] A[i, y]
-#pragma omp for collapse(3) schedule(dynamic)
+#pragma omp for collapse(2) schedule(dynamic)
         for (int b = 0; b < batch; b++)
-            for (int c = 0; c < ch.size(); c++)
-                for (int cb = 0; cb < c_blocks; cb++)
+            for (int cb = 0; cb < c_blocks; cb++)
+                for (int c = 0; c < ch.size(); c++)
                     with_lanes(ch.lanes[c], [&](auto lanes) {
                         constexpr int L = decltype(lanes)::value;
                         const float* ab = a + b * ba + (h + w) * (long)h * ch.x0[c];
-                        for (int c0 = cb * C_BLOCK; c0 < std::min(d, (cb + 1) * C_BLOCK); c0 += LANE_MR) {
-                            int mr = std::min(LANE_MR, d - c0);
+                        const int c1 = std::min(d, (cb + 1) * c_block), x = ch.x0[c];
+                        if (L == 1) {  // one column: out[c, y] = sum_i V[c, i] A[i, y], vectorised over y
+                            const float* vb = v + b * bv + (long)cb * c_block * hw + x;
+                            bcast_gemm(vb, hw, w, ab, h, plain_rows(column.data(), hp, ch_y), ch_y,
+                                       c1 - cb * c_block, h, false);
+                            scatter_column(column.data(), hp, c1 - cb * c_block, h,
+                                           out + b * bv + (long)cb * c_block * hw + x, hw, w);
+                            return;
+                        }
+                        for (int c0 = cb * c_block; c0 < c1; c0 += LANE_MR) {
+                            int mr = std::min(LANE_MR, c1 - c0);
                             pack<L>(v + b * bv + c0 * hw + ch.x0[c], w, hw, h, mr,
                                     v_pack.data());  // [i][c][lane]
                             for (int y = 0; y < h; y += LANE_NR)
@@ -420,21 +514,36 @@ inline void aggregate_transposed(const float* a, const float* g, float* grad_v, 
                                  int w) {
     const long hw = (long)h * w, bg = d * hw, ba = (long)(h + w) * hw;
     const Chunks ch(w);
-    const int c_blocks = (d + C_BLOCK - 1) / C_BLOCK;
-    const long wp = (w + 15) / 16 * 16;
+    const int c_block = channel_block(d), c_blocks = (d + c_block - 1) / c_block;
+    const long wp = (w + 15) / 16 * 16, hp = (h + 15) / 16 * 16;
+    const Chunks ch_y(h);
 #pragma omp parallel
     {
-        std::vector<float> g_pack((size_t)h * LANE_MR * 16), a_t((size_t)w * wp);
+        std::vector<float> g_pack((size_t)h * LANE_MR * 16), a_t((size_t)w * wp),
+            column((size_t)c_block * hp);
+        std::vector<float> a_col_t((size_t)h * hp);
         // column: per lane, grad_v[c, i] = sum_y G[c, y] A[i, y]
-#pragma omp for collapse(3) schedule(dynamic)
+#pragma omp for collapse(2) schedule(dynamic)
         for (int b = 0; b < batch; b++)
-            for (int c = 0; c < ch.size(); c++)
-                for (int cb = 0; cb < c_blocks; cb++)
+            for (int cb = 0; cb < c_blocks; cb++)
+                for (int c = 0; c < ch.size(); c++)
                     with_lanes(ch.lanes[c], [&](auto lanes) {
                         constexpr int L = decltype(lanes)::value;
                         const float* ab = a + b * ba + (h + w) * (long)h * ch.x0[c];
-                        for (int c0 = cb * C_BLOCK; c0 < std::min(d, (cb + 1) * C_BLOCK); c0 += LANE_MR) {
-                            int mr = std::min(LANE_MR, d - c0);
+                        const int c1 = std::min(d, (cb + 1) * c_block), x = ch.x0[c];
+                        if (L == 1) {  // one column: grad_v[c, i] = sum_y G[c, y] A[i, y], vectorised over i
+                            for (int i = 0; i < h; i++)
+                                for (int y = 0; y < h; y++)
+                                    a_col_t[y * hp + i] = ab[i * h + y];
+                            const float* gb = g + b * bg + (long)cb * c_block * hw + x;
+                            bcast_gemm(gb, hw, w, a_col_t.data(), hp, plain_rows(column.data(), hp, ch_y),
+                                       ch_y, c1 - cb * c_block, h, false);
+                            scatter_column(column.data(), hp, c1 - cb * c_block, h,
+                                           grad_v + b * bg + (long)cb * c_block * hw + x, hw, w);
+                            return;
+                        }
+                        for (int c0 = cb * c_block; c0 < c1; c0 += LANE_MR) {
+                            int mr = std::min(LANE_MR, c1 - c0);
                             pack<L>(g + b * bg + c0 * hw + ch.x0[c], w, hw, h, mr,
                                     g_pack.data());  // [y][c][lane]
                             for (int i = 0; i < h; i += LANE_NR)
