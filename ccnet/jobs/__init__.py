@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import importlib
 
-JOBS = {"train": "ccnet.jobs.train", "eval": "ccnet.jobs.eval"}
+JOBS = {"train": "ccnet.jobs.train", "eval": "ccnet.jobs.eval", "sweep": "ccnet.jobs.sweep"}
 
 
 def get_job(name: str):
