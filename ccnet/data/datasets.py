@@ -14,6 +14,7 @@ from typing import Callable
 import cv2
 import numpy as np
 
+from .context import CONTEXT_CLASSES, MARKER_COLOURS, ensure_context_dataset
 from .synthetic import SHAPES_CLASSES, ensure_shapes_dataset
 
 
@@ -165,8 +166,20 @@ def build_embedded(cfg, split: str) -> SegmentationDataset:
     )
 
 
+def build_context(cfg, split: str) -> SegmentationDataset:
+    """The embedded context data set (a blob's class is set by a marker far away in its row); see context.py."""
+    root = ensure_context_dataset(cfg.root)
+    return SegmentationDataset(
+        name="context",
+        pairs=pairs_from_list(root, split, "images", "labels", ".png", ".png"),
+        class_names=CONTEXT_CLASSES,
+        ignore_index=cfg.ignore_index,
+        palette=np.concatenate([[[0, 0, 0]], MARKER_COLOURS]).astype(np.uint8),
+    )
+
+
 # dataset.name -> builder(cfg, split); the real data sets register here too.
-DATASETS: dict[str, Callable] = {"embedded": build_embedded}
+DATASETS: dict[str, Callable] = {"embedded": build_embedded, "context": build_context}
 
 
 def build_dataset(cfg, split: str) -> SegmentationDataset:

@@ -120,18 +120,22 @@ def ensure_shapes_dataset(
     Written into a temporary sibling folder and renamed, so an interrupted run never leaves half a data set.
     """
     final = Path(os.path.expanduser(str(root))) / SHAPES_VERSION
+    return write_split_folder(final, splits, lambda s, i: make_scene(np.random.default_rng([seed, s, i]), size))
+
+
+def write_split_folder(final: Path, splits, make) -> Path:
+    """Write make(split_index, i) -> (image RGB, label) pairs into final/ in our layout, unless already done."""
     if (final / "DONE").is_file():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".shapes-", dir=final.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
     try:
         for split_index, (split, count) in enumerate(splits):
             (tmp / "images" / split).mkdir(parents=True)
             (tmp / "labels" / split).mkdir(parents=True)
             names = []
             for i in range(count):
-                rng = np.random.default_rng([seed, split_index, i])
-                image, label = make_scene(rng, size)
+                image, label = make(split_index, i)
                 name = f"{i:04d}"
                 cv2.imwrite(str(tmp / "images" / split / f"{name}.png"), image[:, :, ::-1])
                 cv2.imwrite(str(tmp / "labels" / split / f"{name}.png"), label)
