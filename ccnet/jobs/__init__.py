@@ -7,7 +7,13 @@ from __future__ import annotations
 
 import importlib
 
-JOBS = {"train": "ccnet.jobs.train", "eval": "ccnet.jobs.eval", "sweep": "ccnet.jobs.sweep"}
+JOBS = {
+    "train": "ccnet.jobs.train",
+    "eval": "ccnet.jobs.eval",
+    "sweep": "ccnet.jobs.sweep",
+    "visualize": "ccnet.jobs.visualize",
+    "predict": "ccnet.jobs.predict",
+}
 
 
 def get_job(name: str):

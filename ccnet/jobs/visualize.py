@@ -1,0 +1,54 @@
+"""job=visualize checkpoint=RUN_DIR_OR_FILE [image=PATH] [point=[y,x]]: one point's attention, loop by loop.
+
+The paper's figure: the image with the point marked, then the point's attention map after loop 1 (its row and
+column) and after loop 2 (the whole image); see ccnet/engine/attention.py for how loops are composed. Without
+`image`, the first val image of the checkpoint's data set; without `point`, the object pixel nearest the
+centre of that image's objects (the image centre for an image without a label). Saves
+attention_<image>_y<y>_x<x>.png into the run folder and the same picture to TensorBoard.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import cv2
+import numpy as np
+from tensorboardX import SummaryWriter
+
+from ccnet.data.datasets import build_dataset, read_image
+from ccnet.data.transforms import eval_transform
+from ccnet.engine.attention import attention_figure, attention_maps_at
+
+from .restore import restore_model
+
+log = logging.getLogger(__name__)
+
+
+def default_point(label: np.ndarray | None, shape) -> tuple[int, int]:
+    """The labelled object pixel (class > 0, not ignore) nearest the objects' centre, else the image centre."""
+    if label is not None:
+        ys, xs = np.nonzero((label > 0) & (label != 255))
+        if len(ys):
+            i = int(np.argmin((ys - ys.mean()) ** 2 + (xs - xs.mean()) ** 2))
+            return int(ys[i]), int(xs[i])
+    return shape[0] // 2, shape[1] // 2
+
+
+def run(cfg, run_dir: Path) -> None:
+    model, state, _ = restore_model(cfg, run_dir, adopt_dataset=True)
+    if cfg.image:
+        image, label, name = read_image(str(Path(cfg.image).expanduser())), None, Path(cfg.image).stem
+    else:
+        val_set = build_dataset(cfg.dataset, cfg.dataset.val_split)
+        (image, label), name = val_set.read(0), Path(val_set.pairs[0][0]).stem
+    y, x = (int(c) for c in cfg.point) if cfg.point else default_point(label, image.shape)
+    if not (0 <= y < image.shape[0] and 0 <= x < image.shape[1]):
+        raise ValueError(f"point=[{y},{x}] lies outside the {image.shape[0]}x{image.shape[1]} image (give [y,x])")
+    maps = attention_maps_at(model, eval_transform(image, cfg.dataset), (y, x))
+    figure = attention_figure(image, (y, x), maps)
+    out = run_dir / f"attention_{name}_y{y}_x{x}.png"
+    cv2.imwrite(str(out), figure[:, :, ::-1])
+    with SummaryWriter(str(run_dir / "tb")) as writer:
+        writer.add_image(f"attention/{name}_y{y}_x{x}", figure, state["iteration"], dataformats="HWC")
+    log.info("attention of pixel (y=%d, x=%d) over %d loop(s) -> %s", y, x, len(maps), out)
