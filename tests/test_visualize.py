@@ -75,22 +75,22 @@ def test_model_attention_of_a_point(trained, compose):
     with jt.no_grad():
         _, feature = model.backbone(jt.array(normalised[None]))
         attentions = [a.numpy()[0] for a in model.head.attention_maps(feature)]
-    h, w = attentions[0].shape[:2]  # 64 x 384 at output stride 8 (ceil-mode pooling): 9 x 49
-    assert len(attentions) == 2 and attentions[1].shape == (h, w, h + w) and (h, w) == (9, 49)
-    one, two = point_maps(attentions, 3, 40)
-    assert one.sum() == pytest.approx(1, abs=1e-5) and np.all((one > 0) == criss_cross(h, w, 3, 40))
+    h, w = attentions[0].shape[:2]  # 32 x 256 at output stride 8 (ceil-mode pooling): 5 x 33
+    assert len(attentions) == 2 and attentions[1].shape == (h, w, h + w) and (h, w) == (5, 33)
+    one, two = point_maps(attentions, 2, 28)
+    assert one.sum() == pytest.approx(1, abs=1e-5) and np.all((one > 0) == criss_cross(h, w, 2, 28))
     assert two.sum() == pytest.approx(1, abs=1e-5) and np.all(two > 0)
-    up_one, up_two = attention_maps_at(model, normalised, (30, 170))
+    up_one, up_two = attention_maps_at(model, normalised, (16, 230))
     assert up_one.shape == up_two.shape == image.shape[:2] and np.all(up_two > 0) and np.any(up_one == 0)
 
 
 def test_visualize_writes_the_figure(trained, compose, tmp_path):
     from ccnet.jobs import get_job
 
-    get_job("visualize")(compose(["job=visualize", f"checkpoint={trained}", "point=[20,350]"]), tmp_path)
-    (png,) = tmp_path.glob("attention_0000_y20_x350.png")
+    get_job("visualize")(compose(["job=visualize", f"checkpoint={trained}", "point=[16,230]"]), tmp_path)
+    (png,) = tmp_path.glob("attention_0000_y16_x230.png")
     figure = cv2.imread(str(png))
-    assert figure.shape == (3 * (20 + 128), 768, 3)  # input, loop 1, loop 2: stacked, 64 x 384 enlarged twice
+    assert figure.shape == (3 * (20 + 128), 1024, 3)  # input, loop 1, loop 2: stacked, 32 x 256 enlarged 4x
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
     get_job("visualize")(compose(["job=visualize", f"checkpoint={trained}"]), tmp_path / "default")
     assert len(list((tmp_path / "default").glob("attention_0000_y*_x*.png"))) == 1  # a point on an object
@@ -101,13 +101,13 @@ def test_predict_on_a_folder(trained, compose, tmp_path, data_home):
 
     images = tmp_path / "in"
     images.mkdir()
-    val = data_home / "context_v3" / "images" / "val"
+    val = data_home / "context_v5" / "images" / "val"
     cv2.imwrite(str(images / "a.png"), cv2.imread(str(val / "0000.png")))
     cv2.imwrite(str(images / "b.jpg"), cv2.imread(str(val / "0001.png")))
     out = tmp_path / "out"
     get_job("predict")(compose(["job=predict", f"checkpoint={trained}", f"input={images}"]), out)
     for name in ("a", "b"):
         ids = cv2.imread(str(out / "ids" / f"{name}.png"), cv2.IMREAD_UNCHANGED)
-        assert ids.shape == (64, 384) and ids.max() < 4
-        assert cv2.imread(str(out / "color" / f"{name}.png")).shape == (64, 384, 3)
-        assert cv2.imread(str(out / "overlay" / f"{name}.png")).shape == (64, 384, 3)
+        assert ids.shape == (32, 256) and ids.max() < 4
+        assert cv2.imread(str(out / "color" / f"{name}.png")).shape == (32, 256, 3)
+        assert cv2.imread(str(out / "overlay" / f"{name}.png")).shape == (32, 256, 3)
