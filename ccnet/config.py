@@ -13,6 +13,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 from ccnet.runtime import launch_time, mpi_rank
+from ccnet.sweep import job_dirname
 
 
 @dataclass
@@ -118,6 +119,7 @@ def hydra_output_subdir():
 def register_configs() -> None:
     OmegaConf.register_new_resolver("run_stamp", run_stamp, use_cache=True, replace=True)
     OmegaConf.register_new_resolver("hydra_output_subdir", hydra_output_subdir, replace=True)
+    OmegaConf.register_new_resolver("job_dirname", job_dirname, replace=True)
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
     cs.store(group="backbone", name="backbone_schema", node=BackboneConfig)

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import math
@@ -24,6 +25,16 @@ from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
 log = logging.getLogger(__name__)
+
+
+def job_dirname(override_dirname: str, limit: int = 120) -> str:
+    """A sweep job's folder name (resolver `job_dirname`, conf/config.yaml): Hydra's override_dirname with '/'
+    replaced, cut to `limit` characters plus a hash of the whole when longer (names stop at 255 bytes; Optuna's
+    float values and long override lists go past that). The summary reads the overrides from .hydra/ instead."""
+    name = override_dirname.replace("/", "-")
+    if len(name) > limit:
+        name = f"{name[: limit - 9]}~{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+    return name
 
 
 def run_recorded(job, cfg, run_dir: Path, multirun: bool, reraise=()):
@@ -75,7 +86,7 @@ def job_row(job_dir: Path) -> dict:
     evaluations = [v for _, v in read_scalars(job_dir / "tb", "val/mIoU")]
     return {
         "job": int(job_dir.name.split("_", 1)[0]),
-        "overrides": dict(o.lstrip("+~").split("=", 1) for o in overrides),
+        "overrides": dict((*o.lstrip("+~").split("=", 1), "")[:2] for o in overrides),  # ~key: deleted, no value
         "status": status.get("status", "ok" if final is not None else "unfinished"),
         "final_miou": None if final is None else round(100 * final, 2),
         "best_miou": round(100 * max(evaluations), 2) if evaluations else None,

@@ -106,3 +106,12 @@ def test_job_sweep_rebuilds_a_half_finished_summary(sweep, compose, tmp_path):
     get_job("sweep")(compose(["job=sweep", f"sweep_dir={sweep_dir}"]), tmp_path)
     rows = list(csv.DictReader(open(sweep_dir / "summary.csv")))
     assert [(r["job"], r["status"]) for r in rows] == [("0", "ok"), ("1", "failed"), ("2", "unfinished")]
+
+
+def test_job_folder_names_stay_short_and_flat():
+    from ccnet.sweep import job_dirname
+
+    assert job_dirname("model.act=relu,recurrence=r2") == "model.act=relu,recurrence=r2"
+    assert "/" not in job_dirname("backbone.pretrained=/weights/r101.pth")
+    long_a, long_b = "schedule.lr=0.011701414134690256," * 9 + "a", "schedule.lr=0.011701414134690256," * 9 + "b"
+    assert len(job_dirname(long_a)) == 120 and job_dirname(long_a) != job_dirname(long_b)
