@@ -12,8 +12,10 @@ Each case (implementation, batch, size) runs in its own subprocess, one after th
   2 * B * HW * (H + W) * (Cq + C) for CCA (affinity + aggregation) and 2 * B * (HW)^2 * (Cq + C) for non-local;
   the backward counts twice the forward.
 
-Prints a Markdown table and writes benchmarks/results/cca_<date>.json.
-    python benchmarks/bench_cca.py [--sizes 64 97] [--batches 1 2] [--repeats 7] [--rounds 1]
+Every case runs with OMP_NUM_THREADS=--threads and OMP_WAIT_POLICY=--wait-policy (passive by default: on a
+machine shared with other jobs, spinning OpenMP threads wait seconds at barriers; both frameworks use OpenMP).
+Prints a Markdown table and writes benchmarks/results/cca_<date>[_<n>thread].json.
+    python benchmarks/bench_cca.py [--sizes 64 97] [--batches 1 2] [--repeats 7] [--rounds 1] [--threads 2]
 """
 
 from __future__ import annotations
@@ -208,6 +210,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--rounds", type=int, default=1, help="run every case this many times, pool the timings")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="OpenMP / PyTorch threads per case")
+    parser.add_argument(
+        "--wait-policy",
+        default="passive",
+        choices=["passive", "active"],
+        help="OMP_WAIT_POLICY of every case; passive: idle threads sleep instead of spinning (a shared machine)",
+    )
     parser.add_argument("--case", help="internal: impl,batch,size run in this process, one JSON line out")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args()
@@ -220,7 +228,7 @@ def main() -> None:
     frameworks = sorted({impl.split("_")[0] for impl in args.impls})
     cases = [(impl, b, s) for s in args.sizes for b in args.batches for impl in args.impls]
     cases += [(IDENTITY[f], b, s) for s in args.sizes for b in args.batches for f in frameworks]
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), OMP_WAIT_POLICY=args.wait_policy.upper())
     runs: dict[tuple, list[dict]] = {}
     for round_ in range(args.rounds):
         for impl, b, s in cases:
