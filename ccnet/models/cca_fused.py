@@ -15,6 +15,7 @@ plain ops on a small self-test, `criss_cross_attention_fused` warns once and run
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import jittor as jt
@@ -22,8 +23,8 @@ import numpy as np
 
 from .cca import CCA_IMPLS, criss_cross_attention
 
-# CPU kernels. The (B, H + W, H, W) maps are stored in 16-lane x chunks there (see the comment below), so
-# only these kernels can read them; `attention_map` converts one to the usual layout.
+# CPU kernels. The (B, H + W, H, W) maps are stored in x chunks of one vector register there (see the comment
+# below), so only these kernels can read them; `attention_map` converts one to the usual layout.
 _CPU_SOURCE = r"""
 #include <algorithm>
 #include <type_traits>
@@ -31,11 +32,21 @@ _CPU_SOURCE = r"""
 
 namespace cca_cpu {
 
-// Every kernel vectorises over x, the contiguous axis of NCHW tensors, in chunks of L lanes: 16, then 8, 4
-// and 1 for the tail. The (B, H + W, H, W) maps (energies, attention and their grads) are stored chunk by
-// chunk so that each vector is contiguous and aligned: the chunk [x0, x0 + L) of batch item b is a block of
-// (H + W) x H x L floats at b * (H + W) * H * W + (H + W) * H * x0, element (k, y, x) at (k * H + y) * L + x
-// - x0. k < H is the column position i, k = H + j the row position j.
+// Every kernel vectorises over x, the contiguous axis of NCHW tensors, in chunks of L lanes: VW (a vector
+// register: 16 floats with AVX-512, 8 with AVX), then halves down to 4, then 1 for the tail. The
+// (B, H + W, H, W) maps (energies, attention and their grads) are stored chunk by chunk so that each vector
+// is contiguous and aligned: the chunk [x0, x0 + L) of batch item b is a block of (H + W) x H x L floats at
+// b * (H + W) * H * W + (H + W) * H * x0, element (k, y, x) at (k * H + y) * L + x - x0. k < H is the column
+// position i, k = H + j the row position j.
+#if defined(__AVX512F__)
+constexpr int VW = 16,
+              ACC = 24;  // lanes per vector register; accumulators per register tile (of 32 registers)
+#elif defined(__AVX__)
+constexpr int VW = 8, ACC = 12;  // 16 registers
+#else
+constexpr int VW = 4, ACC = 12;
+#endif
+constexpr int HALF_VW = VW / 2 >= 4 ? VW / 2 : 4;
 template <int L>
 struct Vec {
     typedef float type __attribute__((vector_size(4 * L)));
@@ -75,12 +86,12 @@ inline typename Vec<L>::type vexp_nonpositive(typename Vec<L>::type x) {
     return p * reinterpret_cast<vf>((n + 127) << 23);
 }
 
-// x chunks: [x0, x0 + lanes) with 16 lanes, then 8, 4 and 1 for the tail.
+// x chunks: [x0, x0 + lanes) with VW lanes, then VW / 2, 4 and 1 for the tail.
 struct Chunks {
     std::vector<int> x0, lanes;
     explicit Chunks(int w) {
         for (int x = 0; x < w;) {
-            int left = w - x, l = left >= 16 ? 16 : left >= 8 ? 8 : left >= 4 ? 4 : 1;
+            int left = w - x, l = left >= VW ? VW : left >= HALF_VW ? HALF_VW : left >= 4 ? 4 : 1;
             x0.push_back(x);
             lanes.push_back(l);
             x += l;
@@ -92,12 +103,14 @@ struct Chunks {
 // Run f(std::integral_constant<int, L>) with the compile-time lane count L == lanes.
 template <class F>
 inline void with_lanes(int lanes, F&& f) {
-    switch (lanes) {
-        case 16: f(std::integral_constant<int, 16>()); break;
-        case 8: f(std::integral_constant<int, 8>()); break;
-        case 4: f(std::integral_constant<int, 4>()); break;
-        default: f(std::integral_constant<int, 1>()); break;
-    }
+    if (lanes == VW)
+        f(std::integral_constant<int, VW>());
+    else if (lanes == HALF_VW)
+        f(std::integral_constant<int, HALF_VW>());
+    else if (lanes == 4)
+        f(std::integral_constant<int, 4>());
+    else
+        f(std::integral_constant<int, 1>());
 }
 
 // Copy rows x cols vectors of L lanes into a packed buffer laid out [row][col][lane]; rs and cs are the
@@ -141,7 +154,7 @@ inline void lane_tile(const float* lhs, long lsm, long lsr, const float* rhs, lo
             vstore<L>(z + m * zsm + n * zsn, acc[m][n]);
 }
 
-constexpr int LANE_MR = 6, LANE_NR = 4;  // lane GEMM tile: 24 accumulators; Lhs packed, Rhs streamed
+constexpr int LANE_MR = ACC / 4, LANE_NR = 4;  // lane GEMM tile; Lhs packed, Rhs streamed
 
 // One register tile of a broadcast GEMM: Z[m, x] (+)= sum_r S[m, r] * R[r, x] for MR rows and NV vectors of
 // L lanes; vector v starts at roff[v] in R's rows and at zoff[v] in Z's rows.
@@ -180,7 +193,7 @@ inline void bcast_rows(const float* s, long ssm, long ssr, const float* r, long 
     for (int m = 0; m < m_size; m += MR) {
         if (ssr == 1 && m + 2 * MR <= m_size)  // rows of the tile after next: hide their cache misses
             for (int p = m + MR; p < m + 2 * MR; p++) {
-                for (int o = 0; o < k_size; o += 16)
+                for (int o = 0; o < k_size; o += 16)  // one cache line per 16 floats
                     __builtin_prefetch(s + p * ssm + o);
                 for (int v = 0; v < NV; v++)
                     __builtin_prefetch(z + p * zsm + zoff[v], 1);
@@ -215,19 +228,24 @@ inline Rows map_rows(float* map, int h, int w, int k0, int y, const Chunks& ch) 
     return rows;
 }
 
-constexpr int NV_MAX = 6;
+constexpr int NV_MAX = ACC / 4;  // vectors per broadcast tile
+
+// Rows per broadcast tile of nv vectors: about ACC accumulators.
+constexpr int bcast_mr(int nv) {
+    return std::max(2, std::min(8, ACC / nv));
+}
 
 // bcast_gemm for a one-lane chunk: Z[m] (+)= sum_r S[m, r] R[r]. Vectorising over the single lane would waste
-// 15 of 16, so this vectorises over r (S rows contiguous: dot products, 4 at a time) or over m (S columns
+// the others, so this vectorises over r (S rows contiguous: dot products, 4 at a time) or over m (S columns
 // contiguous: the transposed broadcast form).
 inline void one_lane_gemm(const float* s, long ssm, long ssr, const float* r, long rs, float* z, long zsm,
                           int m_size, int k_size, bool accumulate) {
-    typedef Vec<16>::type vf;
+    typedef Vec<VW>::type vf;
     static thread_local std::vector<float> column, result;
     column.resize(k_size);
     for (int k = 0; k < k_size; k++)
         column[k] = r[k * rs];
-    const int k16 = k_size / 16 * 16;
+    const int k_full = k_size / VW * VW;
     if (ssr == 1) {
         for (int m0 = 0; m0 < m_size; m0 += 4) {
             vf acc[4] = {};
@@ -235,13 +253,13 @@ inline void one_lane_gemm(const float* s, long ssm, long ssr, const float* r, lo
             const int mr = std::min(4, m_size - m0);
             for (int m = 0; m < mr; m++) {
                 const float* sm = s + (m0 + m) * ssm;
-                for (int k = 0; k < k16; k += 16)
-                    acc[m] += vload<16>(sm + k) * vload<16>(column.data() + k);
-                for (int k = k16; k < k_size; k++)
+                for (int k = 0; k < k_full; k += VW)
+                    acc[m] += vload<VW>(sm + k) * vload<VW>(column.data() + k);
+                for (int k = k_full; k < k_size; k++)
                     sum[m] += sm[k] * column[k];
             }
             for (int m = 0; m < mr; m++) {
-                for (int l = 0; l < 16; l++)
+                for (int l = 0; l < VW; l++)
                     sum[m] += acc[m][l];
                 float& out = z[(m0 + m) * zsm];
                 out = accumulate ? out + sum[m] : sum[m];
@@ -249,19 +267,19 @@ inline void one_lane_gemm(const float* s, long ssm, long ssr, const float* r, lo
         }
         return;
     }
-    // ssm == 1: Z[m..m+16) = sum_r S[m..m+16, r] R[r]
-    result.assign((m_size + 15) / 16 * 16, 0.f);
-    const int m16 = m_size / 16 * 16;
-    for (int m0 = 0; m0 < m16; m0 += 16 * 4) {
+    // ssm == 1: Z[m..m+VW) = sum_r S[m..m+VW, r] R[r]
+    result.assign(m_size, 0.f);
+    const int m_full = m_size / VW * VW;
+    for (int m0 = 0; m0 < m_full; m0 += VW * 4) {
         vf acc[4] = {};
-        const int vectors = std::min(4, (m16 - m0) / 16);
+        const int vectors = std::min(4, (m_full - m0) / VW);
         for (int k = 0; k < k_size; k++)
             for (int v = 0; v < vectors; v++)
-                acc[v] += vload<16>(s + m0 + 16 * v + k * ssr) * column[k];
+                acc[v] += vload<VW>(s + m0 + VW * v + k * ssr) * column[k];
         for (int v = 0; v < vectors; v++)
-            vstore<16>(result.data() + m0 + 16 * v, acc[v]);
+            vstore<VW>(result.data() + m0 + VW * v, acc[v]);
     }
-    for (int m = m16; m < m_size; m++)
+    for (int m = m_full; m < m_size; m++)
         for (int k = 0; k < k_size; k++)
             result[m] += s[m + k * ssr] * column[k];
     for (int m = 0; m < m_size; m++)
@@ -269,13 +287,13 @@ inline void one_lane_gemm(const float* s, long ssm, long ssr, const float* r, lo
 }
 
 // Z[m, x] (+)= sum_r S[m, r] * R[r, x] for m < m_size, r < k_size, over all x chunks. R is packed (row r at
-// r * rs, aligned when rs is a multiple of 16); Z is given by its chunk starts.
+// r * rs, aligned when rs is a multiple of VW); Z is given by its chunk starts.
 inline void bcast_gemm(const float* s, long ssm, long ssr, const float* r, long rs, const Rows& z,
                        const Chunks& ch, int m_size, int k_size, bool accumulate) {
     for (int c = 0; c < ch.size();) {
         int nv = 1;  // a group of up to NV_MAX full chunks: their row strides agree
-        if (ch.lanes[c] == 16)
-            while (nv < NV_MAX && c + nv < ch.size() && ch.lanes[c + nv] == 16)
+        if (ch.lanes[c] == VW)
+            while (nv < NV_MAX && c + nv < ch.size() && ch.lanes[c + nv] == VW)
                 nv++;
         long roff[NV_MAX], zoff[NV_MAX];
         for (int v = 0; v < nv; v++)
@@ -285,24 +303,34 @@ inline void bcast_gemm(const float* s, long ssm, long ssr, const float* r, long 
                 s, ssm, ssr, r + ch.x0[c], rs, roff, z.start[c], z.stride[c], zoff, m_size, k_size,
                 accumulate);
         };
-        typedef std::integral_constant<int, 16> L16;
-        typedef std::integral_constant<int, 1> V1;
-        typedef std::integral_constant<int, 8> M8;
         if (ch.lanes[c] == 1 && (ssr == 1 || ssm == 1)) {
             one_lane_gemm(s, ssm, ssr, r + ch.x0[c], rs, z.start[c], z.stride[c], m_size, k_size, accumulate);
             c += 1;
             continue;
         }
-        switch (ch.lanes[c] == 16 ? nv : -ch.lanes[c]) {  // about 24 accumulators per tile
-            case 6: rows(L16(), std::integral_constant<int, 4>(), std::integral_constant<int, 6>()); break;
-            case 5: rows(L16(), std::integral_constant<int, 4>(), std::integral_constant<int, 5>()); break;
-            case 4: rows(L16(), std::integral_constant<int, 6>(), std::integral_constant<int, 4>()); break;
-            case 3: rows(L16(), M8(), std::integral_constant<int, 3>()); break;
-            case 2: rows(L16(), M8(), std::integral_constant<int, 2>()); break;
-            case 1: rows(L16(), M8(), V1()); break;
-            case -8: rows(std::integral_constant<int, 8>(), M8(), V1()); break;
-            case -4: rows(std::integral_constant<int, 4>(), M8(), V1()); break;
-            default: rows(std::integral_constant<int, 1>(), M8(), V1()); break;
+        typedef std::integral_constant<int, VW> LV;
+        typedef std::integral_constant<int, 1> V1;
+        if (ch.lanes[c] == VW) {
+            switch (nv) {
+                case 6:
+                    rows(LV(), std::integral_constant<int, bcast_mr(6)>(), std::integral_constant<int, 6>());
+                    break;
+                case 5:
+                    rows(LV(), std::integral_constant<int, bcast_mr(5)>(), std::integral_constant<int, 5>());
+                    break;
+                case 4:
+                    rows(LV(), std::integral_constant<int, bcast_mr(4)>(), std::integral_constant<int, 4>());
+                    break;
+                case 3:
+                    rows(LV(), std::integral_constant<int, bcast_mr(3)>(), std::integral_constant<int, 3>());
+                    break;
+                case 2:
+                    rows(LV(), std::integral_constant<int, bcast_mr(2)>(), std::integral_constant<int, 2>());
+                    break;
+                default: rows(LV(), std::integral_constant<int, bcast_mr(1)>(), V1()); break;
+            }
+        } else {
+            with_lanes(ch.lanes[c], [&](auto lanes) { rows(lanes, std::integral_constant<int, 8>(), V1()); });
         }
         c += nv;
     }
@@ -398,7 +426,7 @@ inline void affinity(const float* p, const float* q, float* e, const float* attn
     const int y_blocks = 2;
 #pragma omp parallel
     {
-        std::vector<float> q_pack((size_t)K_BLOCK * h * 16), p_pack((size_t)K_BLOCK * LANE_MR * 16);
+        std::vector<float> q_pack((size_t)K_BLOCK * h * VW), p_pack((size_t)K_BLOCK * LANE_MR * VW);
         std::vector<float> p_rows((size_t)d * wp), q_rows((size_t)d * wp), column((size_t)d * hp);
         // column: per lane, E[i, y] = sum_c P[c, y] Q[c, i]
 #pragma omp for collapse(3) schedule(dynamic)
@@ -466,7 +494,7 @@ inline void aggregate(const float* a, const float* v, float* out, int batch, int
     const Chunks ch_y(h);
 #pragma omp parallel
     {
-        std::vector<float> v_pack((size_t)h * LANE_MR * 16), a_rows((size_t)w * wp),
+        std::vector<float> v_pack((size_t)h * LANE_MR * VW), a_rows((size_t)w * wp),
             column((size_t)c_block * hp);
         // column: per lane, out[c, y] = sum_i V[c, i] A[i, y]
 #pragma omp for collapse(2) schedule(dynamic)
@@ -519,7 +547,7 @@ inline void aggregate_transposed(const float* a, const float* g, float* grad_v, 
     const Chunks ch_y(h);
 #pragma omp parallel
     {
-        std::vector<float> g_pack((size_t)h * LANE_MR * 16), a_t((size_t)w * wp),
+        std::vector<float> g_pack((size_t)h * LANE_MR * VW), a_t((size_t)w * wp),
             column((size_t)c_block * hp);
         std::vector<float> a_col_t((size_t)h * hp);
         // column: per lane, grad_v[c, i] = sum_y G[c, y] A[i, y]
@@ -793,7 +821,7 @@ def attention_map(query: jt.Var, key: jt.Var) -> jt.Var:
     if not _on_gpu():  # undo the CPU layout: x chunks of (H + W, H, lanes) blocks, one after the other
         b, positions, h, w = attn.shape
         flat, blocks, x0 = attn.reshape(b, -1), [], 0
-        for lanes in _chunk_lanes(w):
+        for lanes in _chunk_lanes(w, _cpu_vector_width()):
             size = positions * h * lanes
             blocks.append(flat[:, positions * h * x0 : positions * h * x0 + size].reshape(b, positions, h, lanes))
             x0 += lanes
@@ -801,13 +829,19 @@ def attention_map(query: jt.Var, key: jt.Var) -> jt.Var:
     return attn.permute(0, 2, 3, 1)
 
 
-def _chunk_lanes(w: int) -> list[int]:
-    """The CPU kernels' x chunks (cca_cpu::Chunks): 16 lanes while they fit, then 8, 4 and 1."""
-    lanes = []
+def _chunk_lanes(w: int, vector_width: int) -> list[int]:
+    """The CPU kernels' x chunks (cca_cpu::Chunks): full vectors while they fit, then half, 4 and 1 lanes."""
+    widths, lanes = (vector_width, max(vector_width // 2, 4), 4, 1), []
     while w > 0:
-        lanes.append(next(n for n in (16, 8, 4, 1) if n <= w))
+        lanes.append(next(n for n in widths if n <= w))
         w -= lanes[-1]
     return lanes
+
+
+@functools.cache
+def _cpu_vector_width() -> int:
+    """Floats per vector register of the compiled CPU kernels (16 with AVX-512): it sets their chunks."""
+    return int(jt.code([1], "int32", [], cpu_header=_CPU_SOURCE, cpu_src="@out0(0) = cca_cpu::VW;").item())
 
 
 class CrissCrossAttentionFunction(jt.Function):
