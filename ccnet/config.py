@@ -55,7 +55,7 @@ class DatasetConfig:
 
 @dataclass
 class ScheduleConfig:
-    iters: int = 1200
+    iters: int = 3000
     batch_size: int = 8  # global batch (split over MPI ranks)
     lr: float = 0.01
     momentum: float = 0.9
@@ -65,7 +65,7 @@ class ScheduleConfig:
     scale_range: List[float] = field(default_factory=lambda: [0.75, 1.5])
     scale_step: float = 0.0  # 0: continuous scales; 0.1: the authors' grid
     mirror: bool = True
-    checkpoint_every: int = 500
+    checkpoint_every: int = 1000
     keep_checkpoints: int = 3  # newest iter_*.pkl kept (plus last.pkl and best.pkl); 0 keeps all
     max_bad_steps: int = 3  # consecutive non-finite losses (steps skipped) before the run stops
     eval_every: int = 0  # 0: evaluate once, at the end
