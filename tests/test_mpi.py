@@ -10,11 +10,20 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-ARGS = ["experiment=smoke", "schedule.iters=2", "schedule.batch_size=4", "schedule.crop_size=[64,64]",
-        "model.dropout=0", "eval.max_images=2", "eval.num_vis=1", "backbone.head_channels=16"]
+ARGS = [
+    "experiment=smoke",
+    "schedule.iters=2",
+    "schedule.batch_size=4",
+    "schedule.crop_size=[64,64]",
+    "model.dropout=0",
+    "eval.max_images=2",
+    "eval.num_vis=1",
+    "backbone.head_channels=16",
+]
 
-pytestmark = pytest.mark.skipif(shutil.which("mpirun") is None or shutil.which("mpicc") is None,
-                                reason="OpenMPI (mpirun, mpicc) is not installed")
+pytestmark = pytest.mark.skipif(
+    shutil.which("mpirun") is None or shutil.which("mpicc") is None, reason="OpenMPI (mpirun, mpicc) is not installed"
+)
 
 
 def last_weights(run_dir):
@@ -33,8 +42,13 @@ def test_two_ranks_match_one_process_and_write_one_run_folder(tmp_path, data_hom
     assert not list(runs[0].glob("tb/*rank*"))
 
     single = tmp_path / "single"
-    proc = subprocess.run([sys.executable, "run.py", *ARGS, f"hydra.run.dir={single}"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "run.py", *ARGS, f"hydra.run.dir={single}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     a, b = last_weights(runs[0]), last_weights(single)
