@@ -165,14 +165,14 @@ def plot_summary(rows: list[dict], keys: list[str], path: Path, panel=(300, 420)
     canvas = np.full((ph, pw * max(1, len(keys)), 3), 255, np.uint8)
     lo = min([r["final_miou"] for r in done], default=0.0)
     hi = max([r["final_miou"] for r in done], default=100.0)
-    lo, hi = max(0.0, math.floor(lo / 10) * 10 - 5), min(100.0, math.ceil(hi / 10) * 10 + 5)
+    lo, hi = max(0, math.floor((lo - 5) / 10) * 10), min(100, math.ceil((hi + 5) / 10) * 10)
     colours = [(180, 119, 31), (14, 127, 255), (44, 160, 44), (40, 39, 214), (189, 103, 148), (75, 86, 140)]
     text = dict(fontFace=cv2.FONT_HERSHEY_SIMPLEX, fontScale=0.4, color=(0, 0, 0), thickness=1, lineType=cv2.LINE_AA)
     for k, key in enumerate(keys):
         x0, left, right, top, bottom = k * pw, k * pw + 50, k * pw + pw - 20, 30, ph - 40
         cv2.rectangle(canvas, (left, top), (right, bottom), (0, 0, 0), 1)
         cv2.putText(canvas, f"val mIoU % vs {key}", (left, 18), **text)
-        for tick in np.linspace(lo, hi, 5):
+        for tick in range(lo, hi + 1, 10 if hi - lo <= 50 else 20):
             y = int(bottom - (tick - lo) / max(hi - lo, 1e-9) * (bottom - top))
             cv2.putText(canvas, f"{tick:.0f}", (x0 + 12, y + 4), **text)
         values = _order(r["overrides"].get(key, "") for r in rows)
@@ -187,13 +187,13 @@ def plot_summary(rows: list[dict], keys: list[str], path: Path, panel=(300, 420)
             colour = colours[s % len(colours)]
             label = ", ".join(f"{o}={v}" for o, v in others)[:48]
             cv2.putText(canvas, label, (left + 5, top + 14 + 13 * s), **{**text, "color": colour})
-            points = [
-                (xs[r["overrides"].get(key, "")], int(bottom - (r["final_miou"] - lo) / (hi - lo) * (bottom - top)))
-                for r in sorted(members, key=lambda r: values.index(r["overrides"].get(key, "")))
-            ]
+            members = sorted(members, key=lambda r: values.index(r["overrides"].get(key, "")))
+            ys = [int(bottom - (r["final_miou"] - lo) / (hi - lo) * (bottom - top)) for r in members]
+            points = [(xs[r["overrides"].get(key, "")], y) for r, y in zip(members, ys)]
             cv2.polylines(canvas, [np.array(points, np.int32)], False, colour, 1, cv2.LINE_AA)
-            for p in points:
-                cv2.circle(canvas, p, 4, colour, -1, cv2.LINE_AA)
+            for r, point in zip(members, points):
+                cv2.circle(canvas, point, 4, colour, -1, cv2.LINE_AA)
+                cv2.putText(canvas, f"{r['final_miou']:.1f}", (point[0] + 7, point[1] + 4), **{**text, "color": colour})
     cv2.imwrite(str(path), canvas)
 
 
