@@ -38,15 +38,16 @@ namespace cca_cpu {
 // is contiguous and aligned: the chunk [x0, x0 + L) of batch item b is a block of (H + W) x H x L floats at
 // b * (H + W) * H * W + (H + W) * H * x0, element (k, y, x) at (k * H + y) * L + x - x0. k < H is the column
 // position i, k = H + j the row position j.
+// VW: floats per vector register; ACC: accumulator registers per tile (AVX-512 has 32 registers, else 16).
 #if defined(__AVX512F__)
-constexpr int VW = 16,
-              ACC = 24;  // lanes per vector register; accumulators per register tile (of 32 registers)
+constexpr int VW = 16, ACC = 24;
 #elif defined(__AVX__)
-constexpr int VW = 8, ACC = 12;  // 16 registers
+constexpr int VW = 8, ACC = 12;
 #else
 constexpr int VW = 4, ACC = 12;
 #endif
 constexpr int HALF_VW = VW / 2 >= 4 ? VW / 2 : 4;
+
 template <int L>
 struct Vec {
     typedef float type __attribute__((vector_size(4 * L)));
