@@ -1,0 +1,386 @@
+"""The whole CCNet training step and eval throughput on the CPU: ours (Jittor) vs the same architecture in PyTorch.
+Not a test.
+
+Both sides build the same network: dilated deep-stem ResNet-50/101 (output stride 8), the RCCA head (conva,
+criss-cross attention x recurrence with shared weights, convb, concat, bottleneck, Dropout2d, 1x1), the DSN head
+on layer3, bilinear upsampling (align_corners=True), CE (ignore 255) + 0.4 x aux CE, SGD (lr 0.01, momentum 0.9,
+weight decay 1e-4). PyTorch's criss-cross attention is einsum (as mmcv's CPU path); ours is `cca_impl` (fused
+kernels or plain Jittor ops). Random weights and inputs; labels in [0, 19) with ~10 % ignored pixels.
+
+Each case (framework, backbone, cca impl, batch, train/eval) runs in its own subprocess, one after the other:
+- train: `--warmup` steps (Jittor compiles its kernels in the first steps; PyTorch: `--torch-warmup`), then the
+  median of `--steps` steps, each synchronised (forward, losses, backward, SGD update).
+- eval: forward only without grad, batch 1: images/s from the median of `--steps` forwards after the warm-up.
+- peak memory: the subprocess's ru_maxrss (everything: framework, weights, activations, allocator caches).
+
+Every case runs with OMP_NUM_THREADS=--threads and OMP_WAIT_POLICY=PASSIVE (a shared machine). Prints a
+Markdown table (ratio = Jittor time / PyTorch time, <= 1.0: ours is at least as fast) and writes
+benchmarks/results/step_<date>.json.
+Batch-2 cases run last; a case that would start after --budget-s seconds is skipped (and listed so).
+    python benchmarks/bench_step.py [--backbones resnet50 resnet101] [--batches 1 2] [--size 512] [--budget-s 600]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+NUM_CLASSES, HEAD_CHANNELS, RECURRENCE, IGNORE = 19, 512, 2, 255
+LAYERS = {"resnet50": [3, 4, 6, 3], "resnet101": [3, 4, 23, 3]}
+
+
+def make_inputs(batch: int, size: int, seed: int = 0):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    images = rng.standard_normal((batch, 3, size, size)).astype(np.float32)
+    labels = rng.integers(0, NUM_CLASSES, (batch, size, size)).astype(np.int32)
+    labels[rng.random(labels.shape) < 0.1] = IGNORE
+    return images, labels
+
+
+# ---------------------------------------------------------------- PyTorch twin
+
+
+def build_torch(backbone: str):
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    def conv_bn_relu(cin, cout, k, bias=False):
+        return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=bias), nn.BatchNorm2d(cout), nn.ReLU())
+
+    class Bottleneck(nn.Module):
+        def __init__(self, inplanes, planes, stride=1, dilation=1, downsample=None):
+            super().__init__()
+            self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+            self.bn1 = nn.BatchNorm2d(planes)
+            self.conv2 = nn.Conv2d(planes, planes, 3, stride, padding=dilation, dilation=dilation, bias=False)
+            self.bn2 = nn.BatchNorm2d(planes)
+            self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+            self.bn3 = nn.BatchNorm2d(planes * 4)
+            self.relu = nn.ReLU()
+            self.downsample = downsample
+
+        def forward(self, x):
+            out = self.relu(self.bn1(self.conv1(x)))
+            out = self.relu(self.bn2(self.conv2(out)))
+            out = self.bn3(self.conv3(out))
+            return self.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+    class ResNet(nn.Module):
+        def __init__(self, layers):
+            super().__init__()
+            self.stem = nn.Sequential(
+                nn.Conv2d(3, 64, 3, 2, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
+                nn.Conv2d(64, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
+                nn.Conv2d(64, 128, 3, 1, 1, bias=False), nn.BatchNorm2d(128), nn.ReLU(),
+                nn.MaxPool2d(3, 2, 1, ceil_mode=True),
+            )  # fmt: skip
+            self.inplanes = 128
+            self.layer1 = self._make(64, layers[0])
+            self.layer2 = self._make(128, layers[1], stride=2)
+            self.layer3 = self._make(256, layers[2], dilation=2)
+            self.layer4 = self._make(512, layers[3], dilation=4)
+
+        def _make(self, planes, blocks, stride=1, dilation=1):
+            downsample = None
+            if stride != 1 or self.inplanes != planes * 4:
+                downsample = nn.Sequential(
+                    nn.Conv2d(self.inplanes, planes * 4, 1, stride, bias=False), nn.BatchNorm2d(planes * 4)
+                )
+            mods = [Bottleneck(self.inplanes, planes, stride, dilation, downsample)]
+            self.inplanes = planes * 4
+            mods += [Bottleneck(self.inplanes, planes, 1, dilation) for _ in range(1, blocks)]
+            return nn.Sequential(*mods)
+
+        def forward(self, x):
+            x = self.layer2(self.layer1(self.stem(x)))
+            c3 = self.layer3(x)
+            return c3, self.layer4(c3)
+
+    class CCA(nn.Module):
+        def __init__(self, channels):
+            super().__init__()
+            self.query = nn.Conv2d(channels, channels // 8, 1)
+            self.key = nn.Conv2d(channels, channels // 8, 1)
+            self.value = nn.Conv2d(channels, channels, 1)
+            self.gamma = nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            h = x.shape[2]
+            q, k, v = self.query(x), self.key(x), self.value(x)
+            e_col = torch.einsum("bchw,bcgw->bhwg", q, k)  # same column, row g
+            mask = torch.eye(h, dtype=torch.bool, device=x.device).view(h, 1, h)
+            e_col = e_col.masked_fill(mask, float("-inf"))  # the centre is counted once, in the row branch
+            e_row = torch.einsum("bchw,bchg->bhwg", q, k)  # same row, column g
+            att = F.softmax(torch.cat([e_col, e_row], dim=-1), dim=-1)
+            out = torch.einsum("bhwg,bcgw->bchw", att[..., :h], v) + torch.einsum("bhwg,bchg->bchw", att[..., h:], v)
+            return self.gamma * out + x
+
+    class RCCAHead(nn.Module):
+        def __init__(self, cin, ch, classes):
+            super().__init__()
+            self.conva = conv_bn_relu(cin, ch, 3)
+            self.cca = CCA(ch)
+            self.convb = conv_bn_relu(ch, ch, 3)
+            self.bottleneck = conv_bn_relu(cin + ch, ch, 3)
+            self.dropout = nn.Dropout2d(0.1)
+            self.classifier = nn.Conv2d(ch, classes, 1)
+
+        def forward(self, x):
+            out = self.conva(x)
+            for _ in range(RECURRENCE):
+                out = self.cca(out)
+            out = self.bottleneck(torch.cat([x, self.convb(out)], 1))
+            return self.classifier(self.dropout(out))
+
+    class CCNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = ResNet(LAYERS[backbone])
+            self.head = RCCAHead(2048, HEAD_CHANNELS, NUM_CLASSES)
+            self.aux_head = nn.Sequential(
+                conv_bn_relu(1024, HEAD_CHANNELS, 3, bias=True), nn.Dropout2d(0.1), nn.Conv2d(HEAD_CHANNELS, 19, 1)
+            )
+
+        def forward(self, images, with_aux=False):
+            size = images.shape[2:]
+            c3, c4 = self.backbone(images)
+            logits = F.interpolate(self.head(c4), size=size, mode="bilinear", align_corners=True)
+            if not with_aux:
+                return logits
+            return logits, F.interpolate(self.aux_head(c3), size=size, mode="bilinear", align_corners=True)
+
+        def losses(self, images, labels):
+            logits, aux_logits = self(images, with_aux=True)
+            main = F.cross_entropy(logits, labels, ignore_index=IGNORE)
+            aux = F.cross_entropy(aux_logits, labels, ignore_index=IGNORE)
+            return main + 0.4 * aux, main, aux
+
+    return CCNet()
+
+
+def run_torch(args) -> dict:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    model = build_torch(args.backbone)
+    images_np, labels_np = make_inputs(args.batch, args.size)
+    images, labels = torch.from_numpy(images_np), torch.from_numpy(labels_np).long()
+    if args.mode == "train":
+        model.train()
+        opt = torch.optim.SGD(model.parameters(), 0.01, momentum=0.9, weight_decay=1e-4)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            loss = model.losses(images, labels)[0]
+            loss.backward()
+            opt.step()
+            return float(loss)
+    else:
+        model.eval()
+
+        def step():
+            with torch.no_grad():
+                return float(model(images)[0, 0, 0, 0])
+
+    return timed(step, args)
+
+
+# ---------------------------------------------------------------- ours (Jittor)
+
+
+def run_jittor(args) -> dict:
+    sys.path.insert(0, str(ROOT))
+    from ccnet import runtime
+
+    jt = runtime.setup("cpu")
+    from ccnet.models.ccnet import CCNet
+    from ccnet.models.registry import build_backbone
+
+    model = CCNet(build_backbone(args.backbone), NUM_CLASSES, HEAD_CHANNELS, RECURRENCE, cca_impl=args.impl)
+    images_np, labels_np = make_inputs(args.batch, args.size)
+    images, labels = jt.array(images_np), jt.array(labels_np)
+    if args.mode == "train":
+        model.train()
+        opt = jt.nn.SGD(model.parameters(), 0.01, momentum=0.9, weight_decay=1e-4)
+
+        def step():
+            loss = model.losses(images, labels, IGNORE)[0]
+            opt.step(loss)
+            jt.sync_all(True)
+            return float(loss.item())
+    else:
+        model.eval()
+
+        def step():
+            with jt.no_grad():
+                out = model(images)
+                out.sync()
+                return float(out[0, 0, 0, 0].item())
+
+    return timed(step, args)
+
+
+def timed(step, args) -> dict:
+    times, values = [], []
+    for i in range(args.warmup + args.steps):
+        start = time.perf_counter()
+        values.append(step())
+        elapsed = time.perf_counter() - start
+        if i >= args.warmup:
+            times.append(elapsed)
+        print(f"  step {i}: {elapsed:.2f} s ({'warm-up' if i < args.warmup else 'timed'})", file=sys.stderr)
+    median = statistics.median(times)
+    return {
+        "step_s": median,
+        "times_s": times,
+        "images_per_s": args.batch / median,
+        "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "first_value": values[0],
+    }
+
+
+# ---------------------------------------------------------------- driver
+
+
+def machine() -> dict:
+    lines = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
+    lscpu = dict(line.split(":", 1) for line in lines if ":" in line)
+    fields = ["Model name", "CPU family", "Model", "L2 cache", "L3 cache", "Flags"]
+    info = {f: lscpu[f].strip() for f in fields if f in lscpu}
+    flags = info.pop("Flags", "").split()
+    info["avx512f"] = "avx512f" in flags
+    return {"lscpu": info, "cores": os.cpu_count(), "python": platform.python_version()}
+
+
+def label(case: dict) -> str:
+    return "PyTorch" if case["framework"] == "torch" else f"Jittor ({case['impl']})"
+
+
+def table(results: list[dict]) -> str:
+    rows = [
+        "| backbone | mode | B | implementation | time per step s | images/s | vs PyTorch (time ratio) | peak MiB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        if "error" in r:
+            rows.append(f"| {r['backbone']} | {r['mode']} | {r['batch']} | {label(r)} | {r['error']} | | | |")
+            continue
+        twin = next(
+            (
+                t
+                for t in results
+                if t["framework"] == "torch"
+                and "error" not in t
+                and (t["backbone"], t["mode"], t["batch"]) == (r["backbone"], r["mode"], r["batch"])
+            ),
+            None,
+        )
+        ratio = f"{r['step_s'] / twin['step_s']:.2f}" if twin and r["framework"] == "jittor" else "-"
+        rows.append(
+            f"| {r['backbone']} | {r['mode']} | {r['batch']} | {label(r)} | {r['step_s']:.2f} | "
+            f"{r['images_per_s']:.3f} | {ratio} | {r['peak_mib']:.0f} |"
+        )
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbones", nargs="+", default=["resnet50", "resnet101"], choices=sorted(LAYERS))
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 2])
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--impls", nargs="+", default=["fused", "ops"], help="Jittor cca_impl values")
+    parser.add_argument("--ops-cases", default="resnet50:1", help="backbone:batch train cases also run with 'ops'")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--torch-warmup", type=int, default=1, help="PyTorch compiles nothing: one step warms it")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--budget-s", type=float, default=600, help="skip the cases that would start after this")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--skip", nargs="*", default=[], help="backbone:batch train cases to leave out")
+    parser.add_argument("--out", type=Path, default=None)
+    # one case (the subprocess)
+    parser.add_argument("--case", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--framework", choices=["torch", "jittor"])
+    parser.add_argument("--backbone")
+    parser.add_argument("--impl", default="fused")
+    parser.add_argument("--batch", type=int)
+    parser.add_argument("--mode", choices=["train", "eval"])
+    args = parser.parse_args()
+
+    if args.case:
+        result = run_torch(args) if args.framework == "torch" else run_jittor(args)
+        print("RESULT " + json.dumps(result))
+        return
+
+    cases, last = [], []
+    for backbone in args.backbones:
+        for batch in args.batches:
+            if f"{backbone}:{batch}" in args.skip:
+                continue
+            group = [dict(framework="torch", impl="einsum", backbone=backbone, batch=batch, mode="train")]
+            for impl in args.impls:
+                if impl == "fused" or f"{backbone}:{batch}" in args.ops_cases.split(","):
+                    group.append(dict(framework="jittor", impl=impl, backbone=backbone, batch=batch, mode="train"))
+            (cases if batch == 1 else last).extend(group)
+        cases.append(dict(framework="torch", impl="einsum", backbone=backbone, batch=1, mode="eval"))
+        cases.append(dict(framework="jittor", impl="fused", backbone=backbone, batch=1, mode="eval"))
+    cases += last  # the long cases (batch 2) last, so that --budget-s drops them first
+
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), OMP_WAIT_POLICY="PASSIVE")
+    results, started = [], time.time()
+    load_before = os.getloadavg()
+    for case in cases:
+        if time.time() - started > args.budget_s:
+            results.append(dict(case, size=args.size, error="skipped (time budget)"))
+            continue
+        warmup = args.warmup if case["framework"] == "jittor" else args.torch_warmup
+        cmd = [sys.executable, __file__, "--case", "--size", str(args.size), "--threads", str(args.threads)]
+        cmd += ["--warmup", str(warmup), "--steps", str(args.steps)]
+        cmd += [f"--{k}={v}" for k, v in case.items()]
+        print(f"{label(case)} {case['backbone']} {case['mode']} B={case['batch']} ...", file=sys.stderr, flush=True)
+        t0 = time.time()
+        done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+        sys.stderr.write(done.stderr[-2000:] if done.returncode else "")
+        line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
+        result = dict(case, size=args.size, wall_s=time.time() - t0, load_after=os.getloadavg())
+        result.update(json.loads(line[7:]) if line else {"error": f"failed (exit {done.returncode})"})
+        print(f"  -> {result.get('step_s', result.get('error'))}", file=sys.stderr, flush=True)
+        results.append(result)
+
+    text = table(results)
+    print(text)
+    date = datetime.date.today().isoformat()
+    out = args.out or ROOT / "benchmarks" / "results" / f"step_{date}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "date": date,
+        "machine": machine(),
+        "threads": args.threads,
+        "size": args.size,
+        "warmup": args.warmup,
+        "torch_warmup": args.torch_warmup,
+        "steps": args.steps,
+        "load_before": load_before,
+        "load_after": os.getloadavg(),
+        "total_wall_s": time.time() - started,
+        "results": results,
+        "table": text,
+    }
+    out.write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
