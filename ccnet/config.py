@@ -22,6 +22,7 @@ class BackboneConfig:
     pretrained: Optional[str] = None  # path to ImageNet weights (.pth, .pth.tar or our .pkl)
     strict: bool = True  # a missing or mis-shaped backbone tensor is an error
     drop_path: float = 0.0  # stochastic depth (VAN)
+    neck: str = "sum"  # VAN only: stages 2-4 to stride 8, fused by sum | concat; none = stage 4 at stride 32
     head_channels: int = 64  # width of the RCCA and DSN heads used with this backbone (512 for ResNet-101)
 
 

@@ -167,6 +167,9 @@ def setup(device: str = "auto", verbose: bool = False):
         raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
     if "jittor" in sys.modules:
         raise RuntimeError("ccnet.runtime.setup() must run before jittor is imported")
+    # Idle OpenMP threads sleep instead of spinning: with spinning, two jobs on one machine (a parallel
+    # sweep, a benchmark beside a run) slowed each other down 10-50x here. Set OMP_WAIT_POLICY to override.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if not verbose:
         os.environ.setdefault("log_silent", "1")
         hide_compile_progress()

@@ -356,8 +356,11 @@ def test_van_registry_and_options():
     small.train()
     aux, out = small(jt.randn(2, 3, 40, 40))
     assert tuple(aux.shape) == (2, 24, 3, 3) and tuple(out.shape) == (2, 16, 5, 5)
-    with pytest.raises(ValueError, match="fuse"):
+    with pytest.raises(ValueError, match="backbone.neck"):
         VANBackbone(dict(embed_dims=(8, 16, 24, 32), depths=(1, 1, 1, 1)), fuse="max")
+    stride32 = VANBackbone(dict(embed_dims=(8, 16, 24, 32), depths=(1, 1, 1, 1)), fuse="none")
+    aux, out = stride32(jt.randn(1, 3, 64, 64))  # the earlier ports' head input: stage 4 at stride 32
+    assert tuple(out.shape) == (1, 32, 2, 2) and stride32.out_channels == 32
 
 
 def test_drop_path_is_stochastic_depth():

@@ -49,7 +49,7 @@ class CCNet(nn.Module):
 
 def build_model(cfg) -> CCNet:
     """From the `backbone`, `model` and `dataset` config sections."""
-    backbone = build_backbone(cfg.backbone.name, drop_path=cfg.backbone.drop_path)
+    backbone = build_backbone(cfg.backbone.name, drop_path=cfg.backbone.drop_path, fuse=cfg.backbone.neck)
     if cfg.backbone.pretrained:
         from ccnet.weights import load_backbone_weights
 

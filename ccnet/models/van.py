@@ -196,19 +196,23 @@ class VANBackbone(nn.Module):
 
     def __init__(self, arch: dict, neck_channels: int | None = None, fuse: str = "sum", drop_path=0.0, **_):
         super().__init__()
-        if fuse not in ("sum", "concat"):
-            raise ValueError(f"fuse must be 'sum' or 'concat', got {fuse!r}")
+        if fuse not in ("sum", "concat", "none"):
+            raise ValueError(f"backbone.neck must be 'sum', 'concat' or 'none', got {fuse!r}")
         self.van = VAN(**arch, drop_path=drop_path)
         dims = self.van.embed_dims
         width = neck_channels or dims[-1]
         self.fuse_mode = fuse
+        self.aux_channels = dims[2]
+        self.out_channels = dims[-1] if fuse == "none" else width
+        if fuse == "none":  # the earlier ports' choice: the head on stage 4 at stride 32 (kept for comparison)
+            return
         self.lateral = nn.ModuleList([nn.Conv2d(d, width, 1) for d in dims[1:]])
         self.fuse = conv_bn_relu(width * (3 if fuse == "concat" else 1), width, 3)
-        self.aux_channels = dims[2]
-        self.out_channels = width
 
     def execute(self, x):
         _, c2, c3, c4 = self.van.forward_features(x)
+        if self.fuse_mode == "none":
+            return c3, c4
         size = tuple(c2.shape[2:])
         maps = [self.lateral[0](c2)] + [
             nn.interpolate(lat(c), size=size, mode="bilinear", align_corners=False)
