@@ -101,9 +101,14 @@ def run(cfg, run_dir: Path) -> float:
         rank=jt.rank,
         world_size=jt.world_size,
     )
-    # purge_step: a resumed run drops the events the interrupted one logged after its checkpoint
+    # purge_step: a resumed run drops the events the interrupted one logged after its checkpoint. The suffix
+    # keeps its file apart from the interrupted run's (tensorboardX names files by the second they open in).
     writer = (
-        SummaryWriter(str(run_dir / "tb"), purge_step=start_iter + 1 if start_iter else None)
+        SummaryWriter(
+            str(run_dir / "tb"),
+            purge_step=start_iter + 1 if start_iter else None,
+            filename_suffix=f".from_{start_iter:06d}",
+        )
         if is_main
         else NullWriter()
     )
