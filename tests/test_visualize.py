@@ -101,7 +101,7 @@ def test_predict_on_a_folder(trained, compose, tmp_path, data_home):
 
     images = tmp_path / "in"
     images.mkdir()
-    val = data_home / "context_v5" / "images" / "val"
+    val = data_home / "context_v7" / "images" / "val"
     cv2.imwrite(str(images / "a.png"), cv2.imread(str(val / "0000.png")))
     cv2.imwrite(str(images / "b.jpg"), cv2.imread(str(val / "0001.png")))
     out = tmp_path / "out"

@@ -2,12 +2,14 @@
 
 Every image (32 x 256) holds one grey blob near the RIGHT border; blobs look alike whatever their class (shape,
 size and grey level are drawn independently of it). The class is the colour (red, green or blue) of a marker
-strip, 48 px wide, at the LEFT border on the blob's rows. Blob and marker are at least 160 px apart: beyond
-the theoretical receptive field of resnet_tiny + the RCCA head's convs (about 300 px wide, i.e. +-150 px; the
-effective field is far smaller), so without attention a model can only guess among the three classes, while
-one criss-cross pass already links every blob pixel to its row's marker. Markers are labelled background; a
-2-pixel band around each blob is ignore (255). Layout as the shapes data set: `images/<split>/NNNN.png`,
-`labels/<split>/NNNN.png`, `<split>.txt`.
+strip, 32 px wide, at the LEFT border on the blob's rows; marker and blob are labelled with that class. They
+are at least 176 px apart: beyond the theoretical receptive field of resnet_tiny + the RCCA head's convs (about
+300 px wide, i.e. +-150 px; the effective field is far smaller). So a model without attention labels the
+markers (a local colour) but can only guess the blobs' class, while one criss-cross pass links every blob pixel
+to its row's marker. Labelling the markers matters for learning: their features then already point to their
+class, and attention only has to carry them over (with unlabelled markers, CCA's gamma, which starts at 0, often
+did not pick the context up within a few thousand iterations). A 2-pixel band around each blob is ignore (255).
+Layout as the shapes data set: `images/<split>/NNNN.png`, `labels/<split>/NNNN.png`, `<split>.txt`.
 """
 
 from __future__ import annotations
@@ -21,9 +23,9 @@ import numpy as np
 from .synthetic import write_split_folder
 
 CONTEXT_CLASSES = ("background", "red_row", "green_row", "blue_row")
-CONTEXT_VERSION = "context_v5"  # bump when the generator changes
+CONTEXT_VERSION = "context_v7"  # bump when the generator changes
 MARKER_COLOURS = np.array([[220, 40, 40], [40, 200, 40], [40, 80, 230]], np.float32)
-HEIGHT, WIDTH, MARKER_WIDTH, GAP = 32, 256, 48, 160  # blobs start GAP px right of the markers
+HEIGHT, WIDTH, MARKER_WIDTH, GAP = 32, 256, 32, 176  # blobs start GAP px right of the markers
 
 
 def make_context_scene(rng: np.random.Generator):
@@ -42,9 +44,10 @@ def make_context_scene(rng: np.random.Generator):
     mask = mask.astype(bool)
     cls = int(rng.integers(1, len(CONTEXT_CLASSES)))
     image[mask] = rng.uniform(170, 220)
-    image[int(cy - half_h) : int(cy + half_h) + 1, :MARKER_WIDTH] = MARKER_COLOURS[cls - 1]
+    rows = slice(int(cy - half_h), int(cy + half_h) + 1)
+    image[rows, :MARKER_WIDTH] = MARKER_COLOURS[cls - 1]
     label = np.zeros((HEIGHT, WIDTH), np.uint8)
-    label[mask] = cls
+    label[mask] = label[rows, :MARKER_WIDTH] = cls
     label[cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_GRADIENT, np.ones((3, 3), np.uint8)) > 0] = 255
     image = image + rng.normal(0, 6, image.shape)
     return np.clip(image, 0, 255).astype(np.uint8), label
