@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 import time
 import traceback
 from pathlib import Path
@@ -25,15 +26,18 @@ from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
 log = logging.getLogger(__name__)
+UNSAFE = re.compile(r"[^A-Za-z0-9_.+@%-]")
 
 
 def job_dirname(override_dirname: str, limit: int = 120) -> str:
-    """A sweep job's folder name (resolver `job_dirname`, conf/config.yaml): Hydra's override_dirname with '/'
-    replaced, cut to `limit` characters plus a hash of the whole when longer (names stop at 255 bytes; Optuna's
-    float values and long override lists go past that). The summary reads the overrides from .hydra/ instead."""
-    name = override_dirname.replace("/", "-")
+    """A sweep job's folder name (resolver `job_dirname`, conf/config.yaml) from Hydra's override_dirname, whose
+    separators we set to '-' (key-value) and '+' (items): brackets and quotes dropped, any other character
+    outside [A-Za-z0-9_.+@%-] (',' of a list, '/', ...) turned into '.', so the folder can be passed back
+    unquoted (checkpoint=...; '=' and ',' would need quoting); cut to `limit` characters plus a hash of the whole
+    when longer (names stop at 255 bytes). The summary reads each job's overrides from its .hydra/ instead."""
+    name = UNSAFE.sub(".", re.sub(r"[\[\]{}()'\"]", "", override_dirname))
     if len(name) > limit:
-        name = f"{name[: limit - 9]}~{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+        name = f"{name[: limit - 9]}@{hashlib.sha1(name.encode()).hexdigest()[:8]}"
     return name
 
 

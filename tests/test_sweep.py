@@ -53,7 +53,7 @@ def test_job_folders_and_status(sweep):
     sweep_dir, proc = sweep
     jobs = sorted(p for p in sweep_dir.iterdir() if p.is_dir())
     assert [p.name.split("_", 1)[0] for p in jobs] == ["0", "1"]
-    assert "model.act=relu" in jobs[0].name and "model.act=bogus" in jobs[1].name
+    assert "model.act-relu" in jobs[0].name and "model.act-bogus" in jobs[1].name
     assert all("dataset.root" not in p.name for p in jobs)  # path-valued keys stay out of folder names
     ok, failed = (json.loads((p / "status.json").read_text()) for p in jobs)
     assert ok["status"] == "ok" and (jobs[0] / "metrics.json").is_file()
@@ -99,7 +99,7 @@ def test_job_sweep_rebuilds_a_half_finished_summary(sweep, compose, tmp_path):
     from ccnet.jobs import get_job
 
     sweep_dir, _ = sweep
-    running = sweep_dir / "2_model.act=leaky_relu" / ".hydra"  # a job that has started but not finished
+    running = sweep_dir / "2_model.act-leaky_relu" / ".hydra"  # a job that has started but not finished
     running.mkdir(parents=True)
     (running / "overrides.yaml").write_text("- model.act=leaky_relu\n")
     (sweep_dir / "summary.csv").unlink()
@@ -108,10 +108,19 @@ def test_job_sweep_rebuilds_a_half_finished_summary(sweep, compose, tmp_path):
     assert [(r["job"], r["status"]) for r in rows] == [("0", "ok"), ("1", "failed"), ("2", "unfinished")]
 
 
-def test_job_folder_names_stay_short_and_flat():
+def test_job_folder_names_are_short_flat_and_usable_as_override_values():
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
     from ccnet.sweep import job_dirname
 
-    assert job_dirname("model.act=relu,recurrence=r2") == "model.act=relu,recurrence=r2"
-    assert "/" not in job_dirname("backbone.pretrained=/weights/r101.pth")
-    long_a, long_b = "schedule.lr=0.011701414134690256," * 9 + "a", "schedule.lr=0.011701414134690256," * 9 + "b"
-    assert len(job_dirname(long_a)) == 120 and job_dirname(long_a) != job_dirname(long_b)
+    parse = OverridesParser.create().parse_override
+    assert job_dirname("model.act-relu+recurrence-r2") == "model.act-relu+recurrence-r2"
+    names = [
+        job_dirname("backbone.pretrained-/weights/r101.pth+schedule.crop_size-[64,64]"),
+        job_dirname("schedule.lr-0.011701414134690256+" * 9 + "a"),
+        job_dirname("schedule.lr-0.011701414134690256+" * 9 + "b"),
+    ]
+    assert names[0] == "backbone.pretrained-.weights.r101.pth+schedule.crop_size-64.64"
+    assert len(names[1]) == 120 and names[1] != names[2]
+    for name in names:  # job=eval|visualize|predict checkpoint=<sweep>/<job folder> works without quotes
+        assert parse(f"checkpoint=multirun_sweeps/2026-11-25/20-43-33/3_{name}").value().endswith(name)
