@@ -2,8 +2,8 @@
 
 The paper's figure: the image with the point marked, then the point's attention map after loop 1 (its row and
 column) and after loop 2 (the whole image); see ccnet/engine/attention.py for how loops are composed. Without
-`image`, the first val image of the checkpoint's data set; without `point`, the object pixel nearest the
-centre of that image's objects (the image centre for an image without a label). Saves
+`image`, the first val image of the checkpoint's data set; without `point`, the innermost pixel of the
+object nearest the image centre (the image centre for an image without a label). Saves
 attention_<image>_y<y>_x<x>.png into the run folder and the same picture to TensorBoard.
 """
 
@@ -26,13 +26,16 @@ log = logging.getLogger(__name__)
 
 
 def default_point(label: np.ndarray | None, shape) -> tuple[int, int]:
-    """The labelled object pixel (class > 0, not ignore) nearest the objects' centre, else the image centre."""
-    if label is not None:
-        ys, xs = np.nonzero((label > 0) & (label != 255))
-        if len(ys):
-            i = int(np.argmin((ys - ys.mean()) ** 2 + (xs - xs.mean()) ** 2))
-            return int(ys[i]), int(xs[i])
-    return shape[0] // 2, shape[1] // 2
+    """The innermost pixel of the labelled object (class > 0, not ignore) nearest the image centre; the image
+    centre for an image without a label or objects."""
+    centre = np.array([shape[0] / 2, shape[1] / 2])
+    if label is None or not ((label > 0) & (label != 255)).any():
+        return int(centre[0]), int(centre[1])
+    count, components, _, centroids = cv2.connectedComponentsWithStats(((label > 0) & (label != 255)).astype(np.uint8))
+    nearest = 1 + int(np.argmin(np.linalg.norm(centroids[1:, ::-1] - centre, axis=1)))
+    depth = cv2.distanceTransform((components == nearest).astype(np.uint8), cv2.DIST_L2, 3)
+    y, x = np.unravel_index(int(np.argmax(depth)), depth.shape)
+    return int(y), int(x)
 
 
 def run(cfg, run_dir: Path) -> None:
