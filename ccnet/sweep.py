@@ -25,6 +25,8 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
+from ccnet.runtime import mpi_rank
+
 log = logging.getLogger(__name__)
 UNSAFE = re.compile(r"[^A-Za-z0-9_.+@%-]")
 
@@ -46,21 +48,25 @@ def run_recorded(job, cfg, run_dir: Path, multirun: bool, reraise=()):
 
     Exceptions of the `reraise` types (a requested stop) always propagate: they end the whole sweep.
     """
-    run_dir.mkdir(parents=True, exist_ok=True)
     start = time.time()
+
+    def record(**status):
+        if mpi_rank() == 0:  # MPI ranks share the run folder
+            run_dir.mkdir(parents=True, exist_ok=True)
+            status["seconds"] = round(time.time() - start, 2)
+            (run_dir / "status.json").write_text(json.dumps(status, indent=2) + "\n")
+
     try:
         result = job(cfg, run_dir)
     except Exception as err:
         if isinstance(err, reraise):
             raise
-        status = {"status": "failed", "seconds": round(time.time() - start, 2), "error": f"{type(err).__name__}: {err}"}
-        (run_dir / "status.json").write_text(json.dumps(status, indent=2) + "\n")
+        record(status="failed", error=f"{type(err).__name__}: {err}")
         if not multirun:
             raise
         log.error("job failed; the sweep goes on:\n%s", traceback.format_exc())
         return float("-inf")
-    status = {"status": "ok", "seconds": round(time.time() - start, 2), "result": result}
-    (run_dir / "status.json").write_text(json.dumps(status, indent=2) + "\n")
+    record(status="ok", result=result)
     return result
 
 
