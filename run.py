@@ -1,6 +1,7 @@
 """The one entry point: `python run.py [group=option ...] [key=value ...]`, `-m` for sweeps.
 
-Hydra composes conf/config.yaml; `job` picks what runs (train, eval). Returns the val mIoU for sweepers.
+Hydra composes conf/config.yaml; `job` picks what runs (train, eval, sweep, visualize, predict).
+Returns the val mIoU for sweepers.
 """
 
 from __future__ import annotations
