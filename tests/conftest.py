@@ -37,3 +37,21 @@ def compose():
             return hydra_compose(config_name="config", overrides=list(overrides))
 
     return _compose
+
+
+@pytest.fixture(scope="session")
+def torch_worker():
+    """call(fn, *args) runs a tests/torch_twins.py function in one spawned process that has torch and not
+    Jittor (the two crash together in one process); the test is skipped where torch is not installed."""
+    import importlib.util
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    if importlib.util.find_spec("torch") is None:
+        pytest.skip("torch (the independent reference) is not installed")
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+
+        def call(fn, *args, **kwargs):
+            return pool.submit(fn, *args, **kwargs).result()
+
+        yield call

@@ -1,17 +1,19 @@
 """Backbones against PyTorch twins written with the official module and key names.
 
-Each twin is built in PyTorch, its (randomised) state dict saved as the released files are (.pth for the
-MIT ResNets, {'state_dict': ...} .pth.tar for VAN), loaded with ccnet.weights, and every stage compared in
-eval mode. Reduced depths keep it fast; the full configurations are only built to count parameters.
+Each twin is built in PyTorch (tests/torch_twins.py, run in a worker process without Jittor), its randomised
+state dict saved as the released files are (.pth for the MIT ResNets, {'state_dict': ...} .pth.tar for VAN),
+loaded with ccnet.weights, and every stage compared in eval mode. Reduced depths keep it fast; the full
+configurations are only built to count parameters.
 """
 
 from __future__ import annotations
 
-import math
+import sys
 
 import numpy as np
 import pytest
 
+import torch_twins as twins
 from ccnet import runtime
 
 jt = runtime.setup()
@@ -32,204 +34,6 @@ def rel_err(ours, ref) -> float:
     return float(np.abs(ours - ref).max() / max(np.abs(ref).max(), 1e-12))
 
 
-# ----------------------------------------------------------------------------------- PyTorch twins
-
-
-def torch_resnet(block: str, layers, stem, widths):
-    """Deep-stem dilated ResNet (output stride 8) with the MIT CSAIL key names."""
-    import torch.nn as tnn
-
-    class Basic(tnn.Module):
-        expansion = 1
-
-        def __init__(self, cin, planes, stride, dilation, downsample):
-            super().__init__()
-            self.conv1 = tnn.Conv2d(cin, planes, 3, stride, dilation, dilation, bias=False)
-            self.bn1 = tnn.BatchNorm2d(planes)
-            self.conv2 = tnn.Conv2d(planes, planes, 3, 1, dilation, dilation, bias=False)
-            self.bn2 = tnn.BatchNorm2d(planes)
-            self.relu = tnn.ReLU()
-            self.downsample = downsample
-
-        def forward(self, x):
-            out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
-            return self.relu(out + (x if self.downsample is None else self.downsample(x)))
-
-    class Bottle(tnn.Module):
-        expansion = 4
-
-        def __init__(self, cin, planes, stride, dilation, downsample):
-            super().__init__()
-            self.conv1 = tnn.Conv2d(cin, planes, 1, bias=False)
-            self.bn1 = tnn.BatchNorm2d(planes)
-            self.conv2 = tnn.Conv2d(planes, planes, 3, stride, dilation, dilation, bias=False)
-            self.bn2 = tnn.BatchNorm2d(planes)
-            self.conv3 = tnn.Conv2d(planes, planes * 4, 1, bias=False)
-            self.bn3 = tnn.BatchNorm2d(planes * 4)
-            self.relu = tnn.ReLU()
-            self.downsample = downsample
-
-        def forward(self, x):
-            out = self.relu(self.bn1(self.conv1(x)))
-            out = self.bn3(self.conv3(self.relu(self.bn2(self.conv2(out)))))
-            return self.relu(out + (x if self.downsample is None else self.downsample(x)))
-
-    Block = Bottle if block == "bottleneck" else Basic
-
-    class Net(tnn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv1 = tnn.Conv2d(3, stem[0], 3, 2, 1, bias=False)
-            self.bn1 = tnn.BatchNorm2d(stem[0])
-            self.conv2 = tnn.Conv2d(stem[0], stem[1], 3, 1, 1, bias=False)
-            self.bn2 = tnn.BatchNorm2d(stem[1])
-            self.conv3 = tnn.Conv2d(stem[1], stem[2], 3, 1, 1, bias=False)
-            self.bn3 = tnn.BatchNorm2d(stem[2])
-            self.relu = tnn.ReLU()
-            self.maxpool = tnn.MaxPool2d(3, 2, 1, ceil_mode=True)
-            self.cin = stem[2]
-            self.layer1 = self.make(widths[0], layers[0], 1, 1)
-            self.layer2 = self.make(widths[1], layers[1], 2, 1)
-            self.layer3 = self.make(widths[2], layers[2], 1, 2)
-            self.layer4 = self.make(widths[3], layers[3], 1, 4)
-            self.fc = tnn.Linear(widths[3] * Block.expansion, 1000)
-
-        def make(self, planes, n, stride, dilation):
-            out = planes * Block.expansion
-            down = None
-            if stride != 1 or self.cin != out:
-                down = tnn.Sequential(tnn.Conv2d(self.cin, out, 1, stride, bias=False), tnn.BatchNorm2d(out))
-            blocks = [Block(self.cin, planes, stride, dilation, down)]
-            self.cin = out
-            blocks += [Block(out, planes, 1, dilation, None) for _ in range(1, n)]
-            return tnn.Sequential(*blocks)
-
-        def stages(self, x):
-            x = self.relu(self.bn1(self.conv1(x)))
-            x = self.relu(self.bn2(self.conv2(x)))
-            x = self.maxpool(self.relu(self.bn3(self.conv3(x))))
-            feats = [x]
-            for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
-                feats.append(layer(feats[-1]))
-            return feats
-
-    return Net()
-
-
-def torch_van(embed_dims, depths, mlp_ratios=(8, 8, 4, 4), num_classes=1000):
-    """VAN as in the official classification code (LayerNorm on the flattened tokens, eps 1e-6)."""
-    import torch
-    import torch.nn as tnn
-
-    class DWConv(tnn.Module):
-        def __init__(self, dim):
-            super().__init__()
-            self.dwconv = tnn.Conv2d(dim, dim, 3, 1, 1, bias=True, groups=dim)
-
-        def forward(self, x):
-            return self.dwconv(x)
-
-    class Mlp(tnn.Module):
-        def __init__(self, dim, hidden):
-            super().__init__()
-            self.fc1 = tnn.Conv2d(dim, hidden, 1)
-            self.dwconv = DWConv(hidden)
-            self.act = tnn.GELU()
-            self.fc2 = tnn.Conv2d(hidden, dim, 1)
-
-        def forward(self, x):
-            return self.fc2(self.act(self.dwconv(self.fc1(x))))
-
-    class LKA(tnn.Module):
-        def __init__(self, dim):
-            super().__init__()
-            self.conv0 = tnn.Conv2d(dim, dim, 5, padding=2, groups=dim)
-            self.conv_spatial = tnn.Conv2d(dim, dim, 7, stride=1, padding=9, groups=dim, dilation=3)
-            self.conv1 = tnn.Conv2d(dim, dim, 1)
-
-        def forward(self, x):
-            return x * self.conv1(self.conv_spatial(self.conv0(x)))
-
-    class Attention(tnn.Module):
-        def __init__(self, dim):
-            super().__init__()
-            self.proj_1 = tnn.Conv2d(dim, dim, 1)
-            self.activation = tnn.GELU()
-            self.spatial_gating_unit = LKA(dim)
-            self.proj_2 = tnn.Conv2d(dim, dim, 1)
-
-        def forward(self, x):
-            return self.proj_2(self.spatial_gating_unit(self.activation(self.proj_1(x)))) + x
-
-    class Block(tnn.Module):
-        def __init__(self, dim, mlp_ratio):
-            super().__init__()
-            self.norm1 = tnn.BatchNorm2d(dim)
-            self.attn = Attention(dim)
-            self.norm2 = tnn.BatchNorm2d(dim)
-            self.mlp = Mlp(dim, int(dim * mlp_ratio))
-            self.layer_scale_1 = tnn.Parameter(1e-2 * torch.ones(dim))
-            self.layer_scale_2 = tnn.Parameter(1e-2 * torch.ones(dim))
-
-        def forward(self, x):
-            x = x + self.layer_scale_1.unsqueeze(-1).unsqueeze(-1) * self.attn(self.norm1(x))
-            return x + self.layer_scale_2.unsqueeze(-1).unsqueeze(-1) * self.mlp(self.norm2(x))
-
-    class OverlapPatchEmbed(tnn.Module):
-        def __init__(self, patch_size, stride, cin, dim):
-            super().__init__()
-            self.proj = tnn.Conv2d(cin, dim, patch_size, stride, patch_size // 2)
-            self.norm = tnn.BatchNorm2d(dim)
-
-        def forward(self, x):
-            x = self.proj(x)
-            _, _, h, w = x.shape
-            return self.norm(x), h, w
-
-    class Net(tnn.Module):
-        def __init__(self):
-            super().__init__()
-            for i in range(4):
-                cin = 3 if i == 0 else embed_dims[i - 1]
-                embed = OverlapPatchEmbed(7 if i == 0 else 3, 4 if i == 0 else 2, cin, embed_dims[i])
-                blocks = tnn.ModuleList([Block(embed_dims[i], mlp_ratios[i]) for _ in range(depths[i])])
-                setattr(self, f"patch_embed{i + 1}", embed)
-                setattr(self, f"block{i + 1}", blocks)
-                setattr(self, f"norm{i + 1}", tnn.LayerNorm(embed_dims[i], eps=1e-6))
-            self.head = tnn.Linear(embed_dims[3], num_classes)
-
-        def stages(self, x):
-            feats = []
-            for i in range(1, 5):
-                x, h, w = getattr(self, f"patch_embed{i}")(x)
-                for blk in getattr(self, f"block{i}"):
-                    x = blk(x)
-                x = getattr(self, f"norm{i}")(x.flatten(2).transpose(1, 2))
-                x = x.reshape(x.shape[0], h, w, -1).permute(0, 3, 1, 2).contiguous()
-                feats.append(x)
-            return feats
-
-    return Net()
-
-
-def randomise(net, seed=0):
-    """Random weights and BatchNorm statistics, so that no block is close to the identity."""
-    import torch
-
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, t in net.state_dict().items():
-            if name.endswith("num_batches_tracked"):
-                continue
-            if name.endswith("running_var"):
-                t.copy_(0.5 + torch.rand(t.shape, generator=gen))
-            elif t.ndim == 1:  # BN / LayerNorm scale around 1; shifts, means, layer scales around 0
-                t.copy_(float(name.endswith("weight")) + 0.2 * torch.randn(t.shape, generator=gen))
-            else:
-                t.copy_(torch.randn(t.shape, generator=gen) * math.sqrt(2.0 / t[0].numel()))
-    return net.eval()
-
-
 # ---------------------------------------------------------------------------------------- ResNet
 
 
@@ -240,11 +44,10 @@ def randomise(net, seed=0):
         ("bottleneck", [2, 1, 2, 1], (16, 16, 32), (8, 16, 24, 32)),
     ],
 )
-def test_resnet_matches_torch_twin(tmp_path, block, layers, stem, widths):
-    torch = pytest.importorskip("torch")
-    twin = randomise(torch_resnet(block, layers, stem, widths))
+def test_resnet_matches_torch_twin(tmp_path, torch_worker, block, layers, stem, widths):
     path = tmp_path / "resnet-imagenet.pth"
-    torch.save(twin.state_dict(), path)
+    x = np.random.default_rng(0).standard_normal((2, 3, 67, 61)).astype(np.float32)
+    ref = torch_worker(twins.resnet_reference, str(path), block, layers, stem, widths, x)
 
     ours = ResNet(BasicBlock if block == "basic" else Bottleneck, layers, stem=stem, widths=widths)
     report = load_backbone_weights(ours, str(path))
@@ -252,9 +55,6 @@ def test_resnet_matches_torch_twin(tmp_path, block, layers, stem, widths):
     assert {"fc.weight", "fc.bias"} <= set(report.dropped)
     ours.eval()
 
-    x = np.random.default_rng(0).standard_normal((2, 3, 67, 61)).astype(np.float32)
-    with torch.no_grad():
-        ref = [f.numpy() for f in twin.stages(torch.from_numpy(x))]
     h = ours.relu(ours.bn1(ours.conv1(jt.array(x))))
     h = ours.relu(ours.bn2(ours.conv2(h)))
     feats = [ours.maxpool(ours.relu(ours.bn3(ours.conv3(h))))]
@@ -294,12 +94,12 @@ def test_resnet101_parameter_count():
 # ------------------------------------------------------------------------------------------- VAN
 
 
-def test_van_matches_torch_twin(tmp_path):
-    torch = pytest.importorskip("torch")
+def test_van_matches_torch_twin(tmp_path, torch_worker):
     dims, depths = (32, 64, 160, 256), (1, 1, 2, 1)  # van_b0 widths, fewer blocks
-    twin = randomise(torch_van(dims, depths))
     path = tmp_path / "van_b0.pth.tar"
-    torch.save({"state_dict": twin.state_dict(), "epoch": 300}, path)
+    x = np.random.default_rng(1).standard_normal((2, 3, 64, 96)).astype(np.float32)
+    ref, logits, head_w, head_b = torch_worker(twins.van_reference, str(path), dims, depths, x)
+    assert "torch" not in sys.modules  # torch stays in the worker: beside Jittor it can crash the process
 
     ours = VANBackbone(dict(embed_dims=dims, depths=depths), drop_path=0.1)
     report = load_backbone_weights(ours, str(path))
@@ -307,9 +107,6 @@ def test_van_matches_torch_twin(tmp_path):
     assert sorted(k for k in report.dropped if k.startswith("head")) == ["head.bias", "head.weight"]
     ours.eval()
 
-    x = np.random.default_rng(1).standard_normal((2, 3, 64, 96)).astype(np.float32)
-    with torch.no_grad():
-        ref = [f.numpy() for f in twin.stages(torch.from_numpy(x))]
     feats = ours.van.forward_features(jt.array(x))
     for i, (a, b) in enumerate(zip(feats, ref)):
         assert a.shape == b.shape, f"stage {i + 1}"
@@ -320,12 +117,11 @@ def test_van_matches_torch_twin(tmp_path):
     assert tuple(out.shape) == (2, ours.out_channels, 8, 12)  # the RCCA head's input at stride 8
     assert (ours.aux_channels, ours.out_channels) == (160, 256)
 
-    with torch.no_grad():  # the classifier too: pooled stage 4 -> head
-        logits = twin.head(torch.from_numpy(ref[3]).mean((2, 3))).numpy()
+    # the classifier too: pooled stage 4 -> head
     clf = van("van_b0", depths=depths)
     load_backbone_weights(clf, str(path))
-    clf.head.weight.update(jt.array(twin.head.weight.detach().numpy()))
-    clf.head.bias.update(jt.array(twin.head.bias.detach().numpy()))
+    clf.head.weight.update(jt.array(head_w))
+    clf.head.bias.update(jt.array(head_b))
     clf.eval()
     assert rel_err(clf(jt.array(x)), logits) < 1e-4
 
@@ -336,12 +132,11 @@ def test_van_parameter_counts(name, millions):
     assert abs(count / 1e6 - millions) / millions < 0.01, count
 
 
-def test_van_twin_parameter_count_and_keys():
-    pytest.importorskip("torch")
-    twin = torch_van((32, 64, 160, 256), (3, 3, 5, 2))
+def test_van_twin_parameter_count_and_keys(torch_worker):
+    count, keys = torch_worker(twins.van_summary, (32, 64, 160, 256), (3, 3, 5, 2))
     ours = van("van_tiny")
-    assert n_params(ours) == sum(p.numel() for p in twin.parameters())
-    assert set(ours.state_dict()) == {k for k in twin.state_dict() if not k.endswith("num_batches_tracked")}
+    assert n_params(ours) == count
+    assert set(ours.state_dict()) == keys
 
 
 def test_van_registry_and_options():

@@ -8,6 +8,7 @@ import pickle
 import numpy as np
 import pytest
 
+import torch_twins as twins
 from ccnet import runtime
 
 jt = runtime.setup()
@@ -31,38 +32,20 @@ def assert_holds(module, state: dict):
         np.testing.assert_array_equal(own[k].numpy(), v, err_msg=k)
 
 
-def torch_save(obj, path, legacy=False):
-    torch = pytest.importorskip("torch")
-    torch.save(obj, path, _use_new_zipfile_serialization=not legacy)
-    return str(path)
-
-
-def as_torch(state: dict) -> dict:
-    import torch
-
-    return {k: torch.from_numpy(v) for k, v in state.items()}
+@pytest.fixture
+def torch_save(torch_worker):
+    """torch_save(obj, path, legacy=False): torch.save with NumPy arrays as tensors, done in the torch worker."""
+    return lambda obj, path, legacy=False: torch_worker(twins.torch_save, obj, str(path), legacy)
 
 
 # -------------------------------------------------------------------------------------- reading
 
 
 @pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
-def test_reads_torch_tensors_exactly(tmp_path, legacy):
-    torch = pytest.importorskip("torch")
-    base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
-    obj = {
-        "transposed": base.t(),  # non-contiguous
-        "slice": base[1:3, 2:],  # offset into a shared storage
-        "scalar": torch.tensor(5),
-        "int64": torch.tensor([2**40, -1]),
-        "half": torch.tensor([0.5, -2.0], dtype=torch.float16),
-        "bf16": torch.tensor([1.5, -3.0], dtype=torch.bfloat16),
-        "bool": torch.tensor([True, False]),
-        "param": torch.nn.Parameter(torch.ones(2, 2)),
-        "nested": {"list": [torch.zeros(3), 7, "text"]},
-    }
-    got = read_file(torch_save(obj, tmp_path / "t.pth", legacy))
-    ref = base.numpy()
+def test_reads_torch_tensors_exactly(tmp_path, torch_worker, legacy):
+    path = tmp_path / "t.pth"
+    ref = torch_worker(twins.save_awkward_tensors, str(path), legacy)
+    got = read_file(str(path))
     np.testing.assert_array_equal(got["transposed"], ref.T)
     np.testing.assert_array_equal(got["slice"], ref[1:3, 2:])
     assert got["scalar"].shape == () and got["scalar"] == 5
@@ -74,11 +57,11 @@ def test_reads_torch_tensors_exactly(tmp_path, legacy):
     assert got["nested"]["list"][1:] == [7, "text"] and got["nested"]["list"][0].shape == (3,)
 
 
-def test_unknown_classes_are_not_imported(tmp_path):
-    torch = pytest.importorskip("torch")
+def test_unknown_classes_are_not_imported(tmp_path, torch_save):
     import argparse
 
-    path = torch_save({"state_dict": {"w": torch.ones(1)}, "args": argparse.Namespace(lr=0.1)}, tmp_path / "a.pth")
+    obj = {"state_dict": {"w": np.ones(1, np.float32)}, "args": argparse.Namespace(lr=0.1)}
+    path = torch_save(obj, tmp_path / "a.pth")
     got = read_file(path)
     assert type(got["args"]).__module__ == "ccnet.weights.opaque"  # a placeholder, not argparse
     assert got["state_dict"]["w"].tolist() == [1.0]
@@ -88,16 +71,12 @@ def test_unknown_classes_are_not_imported(tmp_path):
 
 
 @pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
-def test_mit_resnet_file(tmp_path, caplog, legacy):
-    pytest.importorskip("torch")
-    import torch
-
+def test_mit_resnet_file(tmp_path, caplog, torch_save, legacy):
     model = build_backbone("resnet_tiny")
     state = numpy_state(model)
     extra = {"fc.weight": np.zeros((1000, 128), np.float32), "fc.bias": np.zeros(1000, np.float32)}
     nbt = {"bn1.num_batches_tracked": np.array(3)}
-    path = torch_save({**as_torch({**state, **extra}), **as_torch(nbt)}, tmp_path / "r.pth", legacy)
-    assert isinstance(torch.load(path)["bn1.num_batches_tracked"], torch.Tensor)
+    path = torch_save({**state, **extra, **nbt}, tmp_path / "r.pth", legacy)  # all as torch tensors
     with caplog.at_level(logging.INFO, logger="ccnet.weights"):
         report = load_backbone_weights(model, path)
     assert report.loaded == len(state) and not (report.missing or report.unexpected or report.mismatched)
@@ -107,13 +86,12 @@ def test_mit_resnet_file(tmp_path, caplog, legacy):
     assert_holds(model, state)
 
 
-def test_van_file_goes_into_the_inner_van(tmp_path):
-    pytest.importorskip("torch")
+def test_van_file_goes_into_the_inner_van(tmp_path, torch_save):
     model = VANBackbone(TINY_VAN)
     state = numpy_state(model.van)
     neck_before = {k: v.numpy().copy() for k, v in model.state_dict().items() if not k.startswith("van.")}
     head = {"head.weight": np.zeros((1000, 32), np.float32), "head.bias": np.zeros(1000, np.float32)}
-    path = torch_save({"state_dict": as_torch({**state, **head}), "epoch": 1}, tmp_path / "van_b0.pth.tar")
+    path = torch_save({"state_dict": {**state, **head}, "epoch": 1}, tmp_path / "van_b0.pth.tar")
     report = load_backbone_weights(model, path)
     assert report.loaded == len(state) and report.target == "VAN" and report.family == "van"
     assert_holds(model.van, state)
@@ -136,11 +114,10 @@ def test_own_checkpoint_loads_the_whole_backbone(tmp_path):
         load_backbone_weights(build_backbone("resnet_tiny"), str(path))
 
 
-def test_convert_once_then_load(tmp_path, capsys):
-    pytest.importorskip("torch")
+def test_convert_once_then_load(tmp_path, capsys, torch_save):
     model = build_backbone("resnet_tiny")
     state = numpy_state(model, seed=3)
-    src = torch_save(as_torch({**state, "fc.bias": np.zeros(10, np.float32)}), tmp_path / "r.pth", legacy=True)
+    src = torch_save({**state, "fc.bias": np.zeros(10, np.float32)}, tmp_path / "r.pth", legacy=True)
     dst = tmp_path / "out" / "r.pkl"
     assert main(["convert", src, str(dst), "--family", "resnet"]) == 0
     assert "wrote" in capsys.readouterr().out
@@ -160,14 +137,13 @@ def test_convert_once_then_load(tmp_path, capsys):
 # ---------------------------------------------------------------------------- mismatches and bad files
 
 
-def test_missing_and_misshaped_tensors(tmp_path, caplog):
-    pytest.importorskip("torch")
+def test_missing_and_misshaped_tensors(tmp_path, caplog, torch_save):
     model = build_backbone("resnet_tiny")
     state = numpy_state(model)
     state.pop("layer2.0.conv1.weight")
     state["layer3.0.bn1.weight"] = np.ones(7, np.float32)
     state["extra.weight"] = np.ones(1, np.float32)
-    path = torch_save(as_torch(state), tmp_path / "r.pth")
+    path = torch_save(state, tmp_path / "r.pth")
 
     with pytest.raises(WeightsError) as err:
         load_backbone_weights(model, path)
@@ -184,21 +160,19 @@ def test_missing_and_misshaped_tensors(tmp_path, caplog):
     np.testing.assert_array_equal(model.state_dict()["layer2.0.conv1.weight"].numpy(), before)
 
 
-def test_wrong_family(tmp_path):
-    pytest.importorskip("torch")
-    van_file = torch_save({"state_dict": as_torch(numpy_state(VANBackbone(TINY_VAN).van))}, tmp_path / "v.pth.tar")
+def test_wrong_family(tmp_path, torch_save):
+    van_file = torch_save({"state_dict": numpy_state(VANBackbone(TINY_VAN).van)}, tmp_path / "v.pth.tar")
     with pytest.raises(WeightsError, match="holds van weights, but the backbone is resnet") as err:
         load_backbone_weights(build_backbone("resnet_tiny"), van_file)
     assert err.value.path == van_file
-    resnet_file = torch_save(as_torch(numpy_state(build_backbone("resnet_tiny"))), tmp_path / "r.pth")
+    resnet_file = torch_save(numpy_state(build_backbone("resnet_tiny")), tmp_path / "r.pth")
     with pytest.raises(WeightsError, match="holds resnet weights, but the backbone is van"):
         load_backbone_weights(VANBackbone(TINY_VAN), resnet_file)
 
 
 @pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
-def test_truncated_torch_file(tmp_path, legacy):
-    pytest.importorskip("torch")
-    path = torch_save(as_torch(numpy_state(build_backbone("resnet_tiny"))), tmp_path / "r.pth", legacy)
+def test_truncated_torch_file(tmp_path, torch_save, legacy):
+    path = torch_save(numpy_state(build_backbone("resnet_tiny")), tmp_path / "r.pth", legacy)
     data = open(path, "rb").read()
     cut = tmp_path / "cut.pth"
     cut.write_bytes(data[: len(data) // 2])

@@ -1,0 +1,282 @@
+"""PyTorch twins and torch-side helpers, run in a separate worker process (never beside Jittor).
+
+Jittor and PyTorch in one process can crash: Jittor loads its ops with RTLD_DEEPBIND (its own
+`jt.dirty_fix_pytorch_runtime_error` admits the clash) and CI hit a segfault in the VAN twin test. So the tests
+send these functions to a spawned worker that imports torch and never Jittor (conftest's `torch_worker`); only
+NumPy arrays, paths and plain Python objects cross the process boundary.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def torch_resnet(block: str, layers, stem, widths):
+    """Deep-stem dilated ResNet (output stride 8) with the MIT CSAIL key names."""
+    import torch.nn as tnn
+
+    class Basic(tnn.Module):
+        expansion = 1
+
+        def __init__(self, cin, planes, stride, dilation, downsample):
+            super().__init__()
+            self.conv1 = tnn.Conv2d(cin, planes, 3, stride, dilation, dilation, bias=False)
+            self.bn1 = tnn.BatchNorm2d(planes)
+            self.conv2 = tnn.Conv2d(planes, planes, 3, 1, dilation, dilation, bias=False)
+            self.bn2 = tnn.BatchNorm2d(planes)
+            self.relu = tnn.ReLU()
+            self.downsample = downsample
+
+        def forward(self, x):
+            out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+            return self.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+    class Bottle(tnn.Module):
+        expansion = 4
+
+        def __init__(self, cin, planes, stride, dilation, downsample):
+            super().__init__()
+            self.conv1 = tnn.Conv2d(cin, planes, 1, bias=False)
+            self.bn1 = tnn.BatchNorm2d(planes)
+            self.conv2 = tnn.Conv2d(planes, planes, 3, stride, dilation, dilation, bias=False)
+            self.bn2 = tnn.BatchNorm2d(planes)
+            self.conv3 = tnn.Conv2d(planes, planes * 4, 1, bias=False)
+            self.bn3 = tnn.BatchNorm2d(planes * 4)
+            self.relu = tnn.ReLU()
+            self.downsample = downsample
+
+        def forward(self, x):
+            out = self.relu(self.bn1(self.conv1(x)))
+            out = self.bn3(self.conv3(self.relu(self.bn2(self.conv2(out)))))
+            return self.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+    Block = Bottle if block == "bottleneck" else Basic
+
+    class Net(tnn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = tnn.Conv2d(3, stem[0], 3, 2, 1, bias=False)
+            self.bn1 = tnn.BatchNorm2d(stem[0])
+            self.conv2 = tnn.Conv2d(stem[0], stem[1], 3, 1, 1, bias=False)
+            self.bn2 = tnn.BatchNorm2d(stem[1])
+            self.conv3 = tnn.Conv2d(stem[1], stem[2], 3, 1, 1, bias=False)
+            self.bn3 = tnn.BatchNorm2d(stem[2])
+            self.relu = tnn.ReLU()
+            self.maxpool = tnn.MaxPool2d(3, 2, 1, ceil_mode=True)
+            self.cin = stem[2]
+            self.layer1 = self.make(widths[0], layers[0], 1, 1)
+            self.layer2 = self.make(widths[1], layers[1], 2, 1)
+            self.layer3 = self.make(widths[2], layers[2], 1, 2)
+            self.layer4 = self.make(widths[3], layers[3], 1, 4)
+            self.fc = tnn.Linear(widths[3] * Block.expansion, 1000)
+
+        def make(self, planes, n, stride, dilation):
+            out = planes * Block.expansion
+            down = None
+            if stride != 1 or self.cin != out:
+                down = tnn.Sequential(tnn.Conv2d(self.cin, out, 1, stride, bias=False), tnn.BatchNorm2d(out))
+            blocks = [Block(self.cin, planes, stride, dilation, down)]
+            self.cin = out
+            blocks += [Block(out, planes, 1, dilation, None) for _ in range(1, n)]
+            return tnn.Sequential(*blocks)
+
+        def stages(self, x):
+            x = self.relu(self.bn1(self.conv1(x)))
+            x = self.relu(self.bn2(self.conv2(x)))
+            x = self.maxpool(self.relu(self.bn3(self.conv3(x))))
+            feats = [x]
+            for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+                feats.append(layer(feats[-1]))
+            return feats
+
+    return Net()
+
+
+def torch_van(embed_dims, depths, mlp_ratios=(8, 8, 4, 4), num_classes=1000):
+    """VAN as in the official classification code (LayerNorm on the flattened tokens, eps 1e-6)."""
+    import torch
+    import torch.nn as tnn
+
+    class DWConv(tnn.Module):
+        def __init__(self, dim):
+            super().__init__()
+            self.dwconv = tnn.Conv2d(dim, dim, 3, 1, 1, bias=True, groups=dim)
+
+        def forward(self, x):
+            return self.dwconv(x)
+
+    class Mlp(tnn.Module):
+        def __init__(self, dim, hidden):
+            super().__init__()
+            self.fc1 = tnn.Conv2d(dim, hidden, 1)
+            self.dwconv = DWConv(hidden)
+            self.act = tnn.GELU()
+            self.fc2 = tnn.Conv2d(hidden, dim, 1)
+
+        def forward(self, x):
+            return self.fc2(self.act(self.dwconv(self.fc1(x))))
+
+    class LKA(tnn.Module):
+        def __init__(self, dim):
+            super().__init__()
+            self.conv0 = tnn.Conv2d(dim, dim, 5, padding=2, groups=dim)
+            self.conv_spatial = tnn.Conv2d(dim, dim, 7, stride=1, padding=9, groups=dim, dilation=3)
+            self.conv1 = tnn.Conv2d(dim, dim, 1)
+
+        def forward(self, x):
+            return x * self.conv1(self.conv_spatial(self.conv0(x)))
+
+    class Attention(tnn.Module):
+        def __init__(self, dim):
+            super().__init__()
+            self.proj_1 = tnn.Conv2d(dim, dim, 1)
+            self.activation = tnn.GELU()
+            self.spatial_gating_unit = LKA(dim)
+            self.proj_2 = tnn.Conv2d(dim, dim, 1)
+
+        def forward(self, x):
+            return self.proj_2(self.spatial_gating_unit(self.activation(self.proj_1(x)))) + x
+
+    class Block(tnn.Module):
+        def __init__(self, dim, mlp_ratio):
+            super().__init__()
+            self.norm1 = tnn.BatchNorm2d(dim)
+            self.attn = Attention(dim)
+            self.norm2 = tnn.BatchNorm2d(dim)
+            self.mlp = Mlp(dim, int(dim * mlp_ratio))
+            self.layer_scale_1 = tnn.Parameter(1e-2 * torch.ones(dim))
+            self.layer_scale_2 = tnn.Parameter(1e-2 * torch.ones(dim))
+
+        def forward(self, x):
+            x = x + self.layer_scale_1.unsqueeze(-1).unsqueeze(-1) * self.attn(self.norm1(x))
+            return x + self.layer_scale_2.unsqueeze(-1).unsqueeze(-1) * self.mlp(self.norm2(x))
+
+    class OverlapPatchEmbed(tnn.Module):
+        def __init__(self, patch_size, stride, cin, dim):
+            super().__init__()
+            self.proj = tnn.Conv2d(cin, dim, patch_size, stride, patch_size // 2)
+            self.norm = tnn.BatchNorm2d(dim)
+
+        def forward(self, x):
+            x = self.proj(x)
+            _, _, h, w = x.shape
+            return self.norm(x), h, w
+
+    class Net(tnn.Module):
+        def __init__(self):
+            super().__init__()
+            for i in range(4):
+                cin = 3 if i == 0 else embed_dims[i - 1]
+                embed = OverlapPatchEmbed(7 if i == 0 else 3, 4 if i == 0 else 2, cin, embed_dims[i])
+                blocks = tnn.ModuleList([Block(embed_dims[i], mlp_ratios[i]) for _ in range(depths[i])])
+                setattr(self, f"patch_embed{i + 1}", embed)
+                setattr(self, f"block{i + 1}", blocks)
+                setattr(self, f"norm{i + 1}", tnn.LayerNorm(embed_dims[i], eps=1e-6))
+            self.head = tnn.Linear(embed_dims[3], num_classes)
+
+        def stages(self, x):
+            feats = []
+            for i in range(1, 5):
+                x, h, w = getattr(self, f"patch_embed{i}")(x)
+                for blk in getattr(self, f"block{i}"):
+                    x = blk(x)
+                x = getattr(self, f"norm{i}")(x.flatten(2).transpose(1, 2))
+                x = x.reshape(x.shape[0], h, w, -1).permute(0, 3, 1, 2).contiguous()
+                feats.append(x)
+            return feats
+
+    return Net()
+
+
+def randomise(net, seed=0):
+    """Random weights and BatchNorm statistics, so that no block is close to the identity."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in net.state_dict().items():
+            if name.endswith("num_batches_tracked"):
+                continue
+            if name.endswith("running_var"):
+                t.copy_(0.5 + torch.rand(t.shape, generator=gen))
+            elif t.ndim == 1:  # BN / LayerNorm scale around 1; shifts, means, layer scales around 0
+                t.copy_(float(name.endswith("weight")) + 0.2 * torch.randn(t.shape, generator=gen))
+            else:
+                t.copy_(torch.randn(t.shape, generator=gen) * math.sqrt(2.0 / t[0].numel()))
+    return net.eval()
+
+
+# ---------------------------------------------------------------------------- jobs for the worker
+
+
+def resnet_reference(path, block, layers, stem, widths, x):
+    """Save a randomised ResNet twin as the MIT .pth file at `path`; return its five stage outputs on `x`."""
+    import torch
+
+    twin = randomise(torch_resnet(block, layers, stem, widths))
+    torch.save(twin.state_dict(), path)
+    with torch.no_grad():
+        return [f.numpy() for f in twin.stages(torch.from_numpy(x))]
+
+
+def van_reference(path, embed_dims, depths, x):
+    """Save a randomised VAN twin as the official .pth.tar at `path`; return its stage outputs on `x`, the
+    classifier's logits on the pooled last stage, and the classifier's weight and bias."""
+    import torch
+
+    twin = randomise(torch_van(embed_dims, depths))
+    torch.save({"state_dict": twin.state_dict(), "epoch": 300}, path)
+    with torch.no_grad():
+        feats = twin.stages(torch.from_numpy(x))
+        logits = twin.head(feats[3].mean((2, 3)))
+    head = twin.head
+    return [f.numpy() for f in feats], logits.numpy(), head.weight.detach().numpy(), head.bias.detach().numpy()
+
+
+def van_summary(embed_dims, depths):
+    """(trainable parameter count, state-dict keys without num_batches_tracked) of a VAN twin."""
+    twin = torch_van(embed_dims, depths)
+    keys = {k for k in twin.state_dict() if not k.endswith("num_batches_tracked")}
+    return sum(p.numel() for p in twin.parameters()), keys
+
+
+def _to_torch(obj):
+    import torch
+
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(obj))
+    if isinstance(obj, dict):
+        return {k: _to_torch(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_torch(v) for v in obj)
+    return obj
+
+
+def torch_save(obj, path, legacy=False):
+    """torch.save `obj` with every NumPy array turned into a tensor (zip format, or the pre-1.6 one)."""
+    import torch
+
+    torch.save(_to_torch(obj), path, _use_new_zipfile_serialization=not legacy)
+    return str(path)
+
+
+def save_awkward_tensors(path, legacy=False):
+    """Views, offsets, odd dtypes and a Parameter, as real checkpoints hold them; returns the base array."""
+    import torch
+
+    base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
+    obj = {
+        "transposed": base.t(),  # non-contiguous
+        "slice": base[1:3, 2:],  # offset into a shared storage
+        "scalar": torch.tensor(5),
+        "int64": torch.tensor([2**40, -1]),
+        "half": torch.tensor([0.5, -2.0], dtype=torch.float16),
+        "bf16": torch.tensor([1.5, -3.0], dtype=torch.bfloat16),
+        "bool": torch.tensor([True, False]),
+        "param": torch.nn.Parameter(torch.ones(2, 2)),
+        "nested": {"list": [torch.zeros(3), 7, "text"]},
+    }
+    torch.save(obj, path, _use_new_zipfile_serialization=not legacy)
+    return base.numpy()
