@@ -170,6 +170,9 @@ def setup(device: str = "auto", verbose: bool = False):
     # Idle OpenMP threads sleep instead of spinning: with spinning, two jobs on one machine (a parallel
     # sweep, a benchmark beside a run) slowed each other down 10-50x here. Set OMP_WAIT_POLICY to override.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # Where torch is installed, Jittor imports it at import time and reloads it with RTLD_DEEPBIND ("fix
+    # torch error"): seconds of start-up, ~1 GB of address space, and a segfault in our CI. We never need it.
+    os.environ.setdefault("FIX_TORCH_ERROR", "0")
     if not verbose:
         os.environ.setdefault("log_silent", "1")
         hide_compile_progress()
