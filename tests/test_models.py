@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from ccnet.models import CCNet
+from ccnet.models.ccnet import upsample_to
 from ccnet.models.heads import RCCAHead
 from ccnet.models.losses import cross_entropy, ohem_cross_entropy
 from ccnet.models.registry import build_backbone
@@ -17,6 +18,46 @@ def test_logits_have_the_input_size_for_odd_inputs(size):
     x = jt.array(np.random.default_rng(0).standard_normal((2, 3) + size).astype(np.float32))
     logits, aux = model(x, with_aux=True)
     assert logits.shape == (2, 5) + size and aux.shape == (2, 5) + size
+
+
+def bilinear_align_corners_reference(x: np.ndarray, size) -> np.ndarray:
+    """Per output pixel, in float64: the four neighbours of (y (h-1)/(H-1), x (w-1)/(W-1)), weighted."""
+    _, _, h, w = x.shape
+    out = np.zeros(x.shape[:2] + tuple(size))
+    for oy in range(size[0]):
+        sy = oy * (h - 1) / (size[0] - 1) if size[0] > 1 else 0.0
+        y0 = min(int(np.floor(sy)), max(h - 2, 0))
+        fy = sy - y0
+        for ox in range(size[1]):
+            sx = ox * (w - 1) / (size[1] - 1) if size[1] > 1 else 0.0
+            x0 = min(int(np.floor(sx)), max(w - 2, 0))
+            fx = sx - x0
+            y1, x1 = min(y0 + 1, h - 1), min(x0 + 1, w - 1)
+            out[:, :, oy, ox] = (1 - fy) * ((1 - fx) * x[:, :, y0, x0] + fx * x[:, :, y0, x1]) + fy * (
+                (1 - fx) * x[:, :, y1, x0] + fx * x[:, :, y1, x1]
+            )
+    return out
+
+
+@pytest.mark.parametrize(
+    "shape, size", [((2, 3, 9, 8), (67, 61)), ((1, 2, 4, 5), (9, 7)), ((1, 2, 1, 5), (4, 9)), ((1, 4, 6, 6), (6, 6))]
+)
+def test_upsample_is_bilinear_with_aligned_corners(shape, size):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(shape)
+    out = upsample_to(jt.array(x.astype(np.float32)), size).numpy()
+    expected = bilinear_align_corners_reference(x, size)
+    assert out.shape == expected.shape
+    np.testing.assert_allclose(out, expected, rtol=0, atol=1e-5)
+    if x.size > 150:
+        return
+    # its gradient is the transpose: <up(x), g> = <x, up^T(g)> for the float64 reference map
+    g = rng.standard_normal(expected.shape)
+    xv = jt.array(x.astype(np.float32))
+    grad = jt.grad((upsample_to(xv, size) * jt.array(g.astype(np.float32))).sum(), xv).numpy()
+    basis = np.eye(x.size).reshape((x.size,) + shape)
+    transpose = np.array([(bilinear_align_corners_reference(e, size) * g).sum() for e in basis]).reshape(shape)
+    np.testing.assert_allclose(grad, transpose, rtol=0, atol=1e-4)
 
 
 def test_resnet_output_stride_is_8_with_dilated_layers():

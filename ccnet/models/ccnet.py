@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+
+import jittor as jt
+import numpy as np
 from jittor import nn
 
 from .heads import DSNHead, RCCAHead
@@ -9,8 +13,36 @@ from .losses import cross_entropy, segmentation_loss
 from .registry import build_backbone
 
 
+@functools.lru_cache(maxsize=32)
+def bilinear_weights(n_out: int, n_in: int) -> np.ndarray:
+    """(n_in, n_out) float32 matrix of 1-D bilinear interpolation with align_corners=True (float64 maths)."""
+    weights = np.zeros((n_out, n_in))
+    if n_in == 1 or n_out == 1:
+        weights[:, 0] = 1.0
+        return weights.T.astype(np.float32)
+    src = np.arange(n_out) * (n_in - 1) / (n_out - 1)
+    left = np.minimum(np.floor(src).astype(np.int64), n_in - 2)
+    frac = src - left
+    weights[np.arange(n_out), left] += 1.0 - frac
+    weights[np.arange(n_out), left + 1] += frac
+    return weights.T.astype(np.float32)
+
+
 def upsample_to(logits, size):
-    return nn.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=True)
+    """Bilinear resize (align_corners=True) of (B, C, h, w) to `size`, as two 2-D matmuls (rows, then columns).
+
+    Same maths as nn.interpolate; on the CPU Jittor's gather-based interpolation, forward and backward, took
+    ~0.3 s of a 9 s ResNet-50 step at 512x512 (two 19-class maps, 64 -> 512); these matmuls take ~30 ms.
+    """
+    b, c, h, w = logits.shape
+    out_h, out_w = int(size[0]), int(size[1])
+    if (out_h, out_w) == (h, w):
+        return logits
+    rows = jt.array(bilinear_weights(out_h, h))  # (h, out_h)
+    cols = jt.array(bilinear_weights(out_w, w))  # (w, out_w)
+    x = nn.matmul(logits.transpose(0, 1, 3, 2).reshape(b * c * w, h), rows)  # (b c w, out_h)
+    x = x.reshape(b, c, w, out_h).transpose(0, 1, 3, 2).reshape(b * c * out_h, w)
+    return nn.matmul(x, cols).reshape(b, c, out_h, out_w)
 
 
 class CCNet(nn.Module):
