@@ -11,6 +11,7 @@ import numpy as np
 from jittor import nn
 
 from .cca import CrissCrossAttention
+from .norm import BatchNorm2d
 
 
 def activation(name: str) -> nn.Module:
@@ -23,7 +24,7 @@ def activation(name: str) -> nn.Module:
 
 def conv_bn_act(cin: int, cout: int, kernel: int, act: str, bias: bool = False) -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=bias), nn.BatchNorm2d(cout), activation(act)
+        nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=bias), BatchNorm2d(cout), activation(act)
     )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from jittor import nn
 
+from .norm import BatchNorm2d
 from .registry import register_backbone
 
 
@@ -22,9 +23,9 @@ class BasicBlock(nn.Module):
     def __init__(self, inplanes, planes, stride=1, dilation=1, downsample=None):
         super().__init__()
         self.conv1 = conv3x3(inplanes, planes, stride, dilation)
-        self.bn1 = nn.BatchNorm2d(planes)
+        self.bn1 = BatchNorm2d(planes)
         self.conv2 = conv3x3(planes, planes, 1, dilation)
-        self.bn2 = nn.BatchNorm2d(planes)
+        self.bn2 = BatchNorm2d(planes)
         self.relu = nn.ReLU()
         self.downsample = downsample
 
@@ -41,11 +42,11 @@ class Bottleneck(nn.Module):
     def __init__(self, inplanes, planes, stride=1, dilation=1, downsample=None):
         super().__init__()
         self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
+        self.bn1 = BatchNorm2d(planes)
         self.conv2 = conv3x3(planes, planes, stride, dilation)  # stride on the 3x3, as the authors do
-        self.bn2 = nn.BatchNorm2d(planes)
+        self.bn2 = BatchNorm2d(planes)
         self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(planes * 4)
+        self.bn3 = BatchNorm2d(planes * 4)
         self.relu = nn.ReLU()
         self.downsample = downsample
 
@@ -61,11 +62,11 @@ class ResNet(nn.Module):
     def __init__(self, block, layers, stem=(64, 64, 128), widths=(64, 128, 256, 512)):
         super().__init__()
         self.conv1 = nn.Conv2d(3, stem[0], 3, stride=2, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(stem[0])
+        self.bn1 = BatchNorm2d(stem[0])
         self.conv2 = nn.Conv2d(stem[0], stem[1], 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(stem[1])
+        self.bn2 = BatchNorm2d(stem[1])
         self.conv3 = nn.Conv2d(stem[1], stem[2], 3, padding=1, bias=False)
-        self.bn3 = nn.BatchNorm2d(stem[2])
+        self.bn3 = BatchNorm2d(stem[2])
         self.relu = nn.ReLU()
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True)
         self.inplanes = stem[2]
@@ -81,7 +82,7 @@ class ResNet(nn.Module):
         if stride != 1 or self.inplanes != planes * block.expansion:
             downsample = nn.Sequential(
                 nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride=stride, bias=False),
-                nn.BatchNorm2d(planes * block.expansion),
+                BatchNorm2d(planes * block.expansion),
             )
         layers = [block(self.inplanes, planes, stride, dilation, downsample)]
         self.inplanes = planes * block.expansion

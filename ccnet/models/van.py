@@ -15,6 +15,7 @@ import jittor as jt
 import numpy as np
 from jittor import init, nn
 
+from .norm import BatchNorm2d
 from .registry import register_backbone
 
 VAN_ARCHS = {
@@ -105,9 +106,9 @@ class Mlp(nn.Module):
 class Block(nn.Module):
     def __init__(self, dim: int, mlp_ratio: float, drop_path: float = 0.0, layer_scale: float = 1e-2):
         super().__init__()
-        self.norm1 = nn.BatchNorm2d(dim)
+        self.norm1 = BatchNorm2d(dim)
         self.attn = Attention(dim)
-        self.norm2 = nn.BatchNorm2d(dim)
+        self.norm2 = BatchNorm2d(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = DropPath(drop_path)
         self.layer_scale_1 = jt.full((dim,), layer_scale)
@@ -122,7 +123,7 @@ class OverlapPatchEmbed(nn.Module):
     def __init__(self, cin: int, dim: int, patch_size: int, stride: int):
         super().__init__()
         self.proj = nn.Conv2d(cin, dim, patch_size, stride=stride, padding=patch_size // 2)
-        self.norm = nn.BatchNorm2d(dim)
+        self.norm = BatchNorm2d(dim)
 
     def execute(self, x):
         return self.norm(self.proj(x))
@@ -185,7 +186,7 @@ def _init_weights(m):
 
 
 def conv_bn_relu(cin: int, cout: int, k: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), BatchNorm2d(cout), nn.ReLU())
 
 
 class VANBackbone(nn.Module):
