@@ -15,6 +15,7 @@ from ccnet.models.cca import (
     get_cca_impl,
 )
 from ccnet.models.cca_fused import (
+    _CPU_SOURCE,
     _CUDA_SOURCE,
     attention_map,
     criss_cross_attention_fused,
@@ -196,3 +197,48 @@ def test_cuda_kernels_emulated_on_cpu(tmp_path):
     expected = grads(criss_cross_attention, q, k, v, weight)
     for name, a, b in zip(["out", "dq", "dk", "dv"], emulated, expected):
         assert relative_error(a.reshape(b.shape), b) < 1e-5, name
+
+
+# The CPU kernels compiled as plain C++ with AddressSanitizer, on the benchmark's shapes and awkward ones:
+# any read or write outside the exact-size buffers (inputs, maps, outputs, per-thread scratch) aborts it.
+ASAN_DRIVER = r"""
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <vector>
+#include "cca_cpu.h"
+int main(int argc, char** argv) {
+    int b = atoi(argv[1]), cq = atoi(argv[2]), c = atoi(argv[3]), h = atoi(argv[4]), w = atoi(argv[5]);
+    size_t hw = (size_t)h * w, map = (size_t)b * (h + w) * hw;
+    std::mt19937 gen(0);
+    std::normal_distribution<float> normal;
+    auto random = [&](size_t n) { std::vector<float> v(n); for (auto& x : v) x = normal(gen); return v; };
+    auto q = random(b * cq * hw), k = random(b * cq * hw), v = random(b * c * hw), g = random(b * c * hw);
+    std::vector<float> attn(map), grad_e(map), out(v.size()), dq(q.size()), dk(k.size()), dv(v.size());
+    cca_cpu::affinity(q.data(), k.data(), attn.data(), nullptr, b, cq, h, w);
+    cca_cpu::aggregate(attn.data(), v.data(), out.data(), b, c, h, w);
+    cca_cpu::affinity(g.data(), v.data(), grad_e.data(), attn.data(), b, c, h, w);
+    cca_cpu::aggregate(grad_e.data(), k.data(), dq.data(), b, cq, h, w);
+    cca_cpu::aggregate_transposed(grad_e.data(), q.data(), dk.data(), b, cq, h, w);
+    cca_cpu::aggregate_transposed(attn.data(), g.data(), dv.data(), b, c, h, w);
+    double sum = 0;
+    for (float x : attn) sum += x;
+    printf("%.6f\n", sum / hw / b);  // every pixel's attention sums to 1
+}
+"""
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
+def test_cpu_kernels_stay_inside_their_buffers(tmp_path):
+    (tmp_path / "cca_cpu.h").write_text(_CPU_SOURCE)
+    (tmp_path / "driver.cc").write_text(ASAN_DRIVER)
+    flags = ["-std=c++17", "-O1", "-g", "-fopenmp", "-march=native", "-fsanitize=address", "-fno-omit-frame-pointer"]
+    built = subprocess.run(["g++", *flags, "driver.cc", "-o", "driver"], cwd=tmp_path, capture_output=True, text=True)
+    if built.returncode and "asan" in built.stderr.lower():
+        pytest.skip("g++ has no AddressSanitizer runtime here")
+    assert built.returncode == 0, built.stderr
+    env = {"OMP_NUM_THREADS": "2", "ASAN_OPTIONS": "detect_leaks=0", "PATH": "/usr/bin:/bin"}
+    for shape in [(1, 64, 512, 64, 64), (2, 64, 512, 33, 97), (1, 3, 5, 7, 11), (2, 5, 9, 13, 29), (1, 8, 16, 1, 17)]:
+        run = subprocess.run(["./driver", *map(str, shape)], cwd=tmp_path, capture_output=True, text=True, env=env)
+        assert run.returncode == 0, f"{shape}: {run.stderr[-3000:]}"
+        assert abs(float(run.stdout) - 1.0) < 1e-4, shape
