@@ -42,13 +42,13 @@ inline void channel_sums(const float* a, const float* b, double* sa, double* sab
 
 def channel_sums(a: jt.Var, b: jt.Var) -> tuple[jt.Var, jt.Var]:
     """Per-channel float64 (sum a, sum a * b) over every axis but 1 of two equal (B, C, ...) float32 tensors."""
-    inner = math.prod(a.shape[2:])
+    flat = [x.reshape(x.shape[0], x.shape[1], -1) for x in (a, b)]  # sizes from shapes: one compile for all
     sums = jt.code(
         [(a.shape[1],), (a.shape[1],)],
         ["float64", "float64"],
-        [a, b],
+        flat,
         cpu_header=_SUMS_SOURCE,
-        cpu_src=f"bn_cpu::channel_sums(in0_p, in1_p, out0_p, out1_p, in0_shape0, in0_shape1, {inner});",
+        cpu_src="bn_cpu::channel_sums(in0_p, in1_p, out0_p, out1_p, in0_shape0, in0_shape1, in0_shape2);",
     )
     return sums[0], sums[1]
 
