@@ -4,7 +4,11 @@ On a machine with a CUDA GPU, Jittor and (optionally) PyTorch with CUDA:
   python benchmarks/gpu_check_cca.py [--repeats 20] [--quick]    (--device cpu --quick: a dry run without GPU)
 1. correctness: fused vs plain Jittor ops (and vs PyTorch einsum on the GPU when available): output and the
    grads of q, k, v, relative error max|a - b| / max|b|, on small odd shapes and on the paper's 2x512x97x97;
-2. speed: forward + backward median time of each implementation at B = 1, 2 and 64x64, 97x97.
+2. float16: the __half kernels against the float32 fused op on the same (half-rounded) inputs (must stay under
+   --half-tolerance, default 5e-3), and against PyTorch einsum in float16 (for information: its energies and
+   softmax round to half as well);
+3. speed: forward + backward median time of each implementation at B = 1, 2 and 64x64, 97x97, in float32 and
+   (fused and PyTorch only) in float16.
 Prints Markdown tables; exit status 1 if any relative error exceeds --tolerance (default 1e-4).
 """
 
@@ -44,18 +48,21 @@ def torch_cca(torch, q, k, v):
     return out + torch.einsum("bchj,bhwj->bchw", v, attn[..., h:])
 
 
-def jittor_result(jt, op, arrays):
-    """Output and the grads of sum(out * g) w.r.t. q, k, v, as NumPy arrays."""
-    q, k, v, g = (jt.array(a) for a in arrays)
+def jittor_result(jt, op, arrays, dtype="float32"):
+    """Output and the grads of sum(out * g) w.r.t. q, k, v, as float32 NumPy arrays."""
+    q, k, v, g = (jt.array(a).cast(dtype) for a in arrays)
     out = op(q, k, v)
-    return [t.numpy() for t in [out] + jt.grad((out * g).sum(), [q, k, v])]
+    assert out.dtype == dtype, f"{dtype} in, {out.dtype} out"
+    return [t.float32().numpy() for t in [out] + jt.grad((out * g).sum(), [q, k, v])]
 
 
-def torch_result(torch, arrays):
-    q, k, v = (torch.tensor(a, device="cuda", requires_grad=True) for a in arrays[:3])
+def torch_result(torch, arrays, dtype="float32"):
+    q, k, v, g = (torch.tensor(a, device="cuda", dtype=getattr(torch, dtype)) for a in arrays)
+    for t in (q, k, v):
+        t.requires_grad_()
     out = torch_cca(torch, q, k, v)
-    (out * torch.tensor(arrays[3], device="cuda")).sum().backward()
-    return [t.detach().cpu().numpy() for t in (out, q.grad, k.grad, v.grad)]
+    (out * g).sum().backward()
+    return [t.detach().float().cpu().numpy() for t in (out, q.grad, k.grad, v.grad)]
 
 
 def relative_error(a, b):
@@ -74,8 +81,8 @@ def median_ms(step, sync, repeats):
     return 1e3 * statistics.median(times)
 
 
-def time_jittor(jt, op, arrays, repeats):
-    q, k, v, g = (jt.array(a) for a in arrays)
+def time_jittor(jt, op, arrays, repeats, dtype="float32"):
+    q, k, v, g = (jt.array(a).cast(dtype) for a in arrays)
 
     def step():
         jt.sync(jt.grad((op(q, k, v) * g).sum(), [q, k, v]))
@@ -83,9 +90,10 @@ def time_jittor(jt, op, arrays, repeats):
     return median_ms(step, lambda: jt.sync_all(True), repeats)
 
 
-def time_torch(torch, arrays, repeats):
-    q, k, v = (torch.tensor(a, device="cuda", requires_grad=True) for a in arrays[:3])
-    g = torch.tensor(arrays[3], device="cuda")
+def time_torch(torch, arrays, repeats, dtype="float32"):
+    q, k, v, g = (torch.tensor(a, device="cuda", dtype=getattr(torch, dtype)) for a in arrays)
+    for t in (q, k, v):
+        t.requires_grad_()
 
     def step():
         q.grad = k.grad = v.grad = None
@@ -98,6 +106,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--tolerance", type=float, default=1e-4)
+    parser.add_argument("--half-tolerance", type=float, default=5e-3)
     parser.add_argument("--quick", action="store_true", help="skip the 97x97 cases")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a dry run of this script")
     args = parser.parse_args()
@@ -110,15 +119,22 @@ def main() -> int:
         print(f"no GPU: {error}")
         return 2
     from ccnet.models.cca import CCA_IMPLS, criss_cross_affinity
-    from ccnet.models.cca_fused import CrissCrossAttentionFunction, attention_map, fused_available
+    from ccnet.models.cca_fused import (
+        CrissCrossAttentionFunction,
+        attention_map,
+        criss_cross_attention_fused,
+        fused_available,
+    )
 
     torch = torch_cuda() if args.device == "cuda" else None
     print(f"{runtime.describe()}; PyTorch CUDA: {torch.__version__ if torch else 'not available'}")
     fused_ok = fused_available()  # compiles the CUDA kernels and runs the built-in self-test
-    print(f"fused kernels compiled and passed the self-test: {fused_ok}\n")
+    # float16 kernels exist on CUDA only; the CPU dry run goes through the same code, cast to float32 inside
+    half_ok = fused_available("float16") if args.device == "cuda" else True
+    print(f"fused kernels compiled and passed the self-test: float32 {fused_ok}, float16 {half_ok}\n")
     fused, ops = CrissCrossAttentionFunction.apply, CCA_IMPLS["ops"]
 
-    failed = not fused_ok
+    failed = not fused_ok or not half_ok
     print("| B, Cq, C, H, W | vs | out | dq | dk | dv | attention map |")
     print("|---|---|---|---|---|---|---|")
     rng = np.random.default_rng(0)
@@ -137,9 +153,28 @@ def main() -> int:
             cells = " | ".join(f"{e:.1e}" for e in errors)
             print(f"| {shape} | {name} | {cells} | {map_error:.1e} |")
 
+    if half_ok:
+        print("\nfloat16 kernels, relative error on half-rounded inputs\n")
+        print("| B, Cq, C, H, W | vs | out | dq | dk | dv |")
+        print("|---|---|---|---|---|---|")
+        fused_op = criss_cross_attention_fused
+        for shape in CHECK_SHAPES if not args.quick else CHECK_SHAPES[:-1]:
+            b, cq, c, h, w = shape
+            sizes = [(b, cq, h, w)] * 2 + [(b, c, h, w)] * 2
+            arrays = [rng.standard_normal(s).astype(np.float16).astype(np.float32) for s in sizes]
+            mine = jittor_result(jt, fused_op, arrays, "float16")
+            references = [("fused float32", jittor_result(jt, fused_op, arrays))]
+            if torch:
+                references.append(("PyTorch einsum float16", torch_result(torch, arrays, "float16")))
+            for name, ref in references:
+                errors = [relative_error(a, r) for a, r in zip(mine, ref)]
+                if name == "fused float32":  # same inputs: only the half outputs' rounding differs
+                    failed |= max(errors) > args.half_tolerance
+                print(f"| {shape} | {name} | " + " | ".join(f"{e:.1e}" for e in errors) + " |")
+
     print("\nforward + backward, median ms (Cq = 64, C = 512)\n")
-    print("| B | size | fused | Jittor ops | PyTorch einsum | fused vs ops | fused vs PyTorch |")
-    print("|---|---|---|---|---|---|---|")
+    print("| B | size | fused | Jittor ops | PyTorch | fused vs ops | fused vs PyTorch | fused fp16 | PyTorch fp16 |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for b, size in SPEED_CASES if not args.quick else SPEED_CASES[:2]:
         arrays = [
             rng.standard_normal(s).astype(np.float32) for s in [(b, 64, size, size)] * 2 + [(b, 512, size, size)] * 2
@@ -147,12 +182,17 @@ def main() -> int:
         timings = {name: time_jittor(jt, op, arrays, args.repeats) for name, op in (("fused", fused), ("ops", ops))}
         if torch:
             timings["torch"] = time_torch(torch, arrays, args.repeats)
+        if half_ok:
+            timings["fused16"] = time_jittor(jt, criss_cross_attention_fused, arrays, args.repeats, "float16")
+        if half_ok and torch:
+            timings["torch16"] = time_torch(torch, arrays, args.repeats, "float16")
         t_torch = timings.get("torch")
-        torch_cell = f"{t_torch:.2f}" if t_torch else "-"
         vs_torch = f"{t_torch / timings['fused']:.2f}x" if t_torch else "-"
+        cells = [f"{timings[n]:.2f}" if n in timings else "-" for n in ("fused", "ops", "torch")]
+        half_cells = [f"{timings[n]:.2f}" if n in timings else "-" for n in ("fused16", "torch16")]
         print(
-            f"| {b} | {size}x{size} | {timings['fused']:.2f} | {timings['ops']:.2f} | {torch_cell} | "
-            f"{timings['ops'] / timings['fused']:.2f}x | {vs_torch} |"
+            f"| {b} | {size}x{size} | {' | '.join(cells)} | {timings['ops'] / timings['fused']:.2f}x | {vs_torch} | "
+            f"{' | '.join(half_cells)} |"
         )
     print("\nRESULT:", "FAIL" if failed else "OK")
     return 1 if failed else 0

@@ -596,9 +596,13 @@ inline void aggregate_transposed(const float* a, const float* g, float* grad_v, 
 }  // namespace cca_cpu
 """
 
-# CUDA kernels: plain map layout, one thread per output element (see the comment below).
+# CUDA kernels: plain map layout, one thread per output element (see the comment below). Feature tensors (q, k, v
+# and their grads) are float or __half (T); sums, the softmax and the attention map are float.
 _CUDA_SOURCE = r"""
 #include <cfloat>
+#ifdef __CUDACC__
+#include <cuda_fp16.h>
+#endif
 
 // Launch helper: kernels below use grid-stride loops, so any grid size covers all n items.
 #ifndef CCA_LAUNCH
@@ -614,18 +618,25 @@ namespace cca_cuda {
 #define CCA_FOR_EACH(t, n) \
     for (long t = blockIdx.x * (long)blockDim.x + threadIdx.x; t < (n); t += (long)gridDim.x * blockDim.x)
 
+// Feature values in and out: float stays float, __half is widened on load and rounded once on store.
+__device__ inline float load(float x) { return x; }
+__device__ inline float load(__half x) { return __half2float(x); }
+__device__ inline void store(float* p, float x) { *p = x; }
+__device__ inline void store(__half* p, float x) { *p = __float2half(x); }
+
 // E[b, i, y, x] = P(:, y, x) . Q(:, i, x), E[b, H + j, y, x] = P(:, y, x) . Q(:, y, j)
-__global__ void energy(const float* __restrict__ p, const float* __restrict__ q, float* __restrict__ e,
-                       int batch, int d, int h, int w) {
+template <class T>
+__global__ void energy(const T* __restrict__ p, const T* __restrict__ q, float* __restrict__ e, int batch, int d,
+                       int h, int w) {
     const long hw = (long)h * w, positions = h + w;
     CCA_FOR_EACH(t, batch * positions * hw) {
         const int x = t % w, y = t / w % h, k = t / hw % positions;
         const long b = t / (hw * positions);
-        const float* pp = p + b * d * hw + (long)y * w + x;
-        const float* qq = q + b * d * hw + (k < h ? (long)k * w + x : (long)y * w + (k - h));
+        const T* pp = p + b * d * hw + (long)y * w + x;
+        const T* qq = q + b * d * hw + (k < h ? (long)k * w + x : (long)y * w + (k - h));
         float sum = 0.f;
         for (int c = 0; c < d; c++)
-            sum += pp[c * hw] * qq[c * hw];
+            sum += load(pp[c * hw]) * load(qq[c * hw]);
         e[t] = sum;
     }
 }
@@ -666,20 +677,21 @@ __global__ void softmax_grad(const float* __restrict__ a, float* __restrict__ g,
 }
 
 // out[b, c, y, x] = sum_i A[b, i, y, x] V[b, c, i, x] + sum_j A[b, H + j, y, x] V[b, c, y, j]
-__global__ void aggregate(const float* __restrict__ a, const float* __restrict__ v, float* __restrict__ out,
-                          int batch, int d, int h, int w) {
+template <class T>
+__global__ void aggregate(const float* __restrict__ a, const T* __restrict__ v, T* __restrict__ out, int batch,
+                          int d, int h, int w) {
     const long hw = (long)h * w;
     CCA_FOR_EACH(t, batch * d * hw) {
         const int x = t % w, y = t / w % h;
         const long b = t / (d * hw);
         const float* ap = a + b * (h + w) * hw + (long)y * w + x;
-        const float* vc = v + t / hw * hw;
+        const T* vc = v + t / hw * hw;
         float sum = 0.f;
         for (int i = 0; i < h; i++)
-            sum += ap[i * hw] * vc[(long)i * w + x];
+            sum += ap[i * hw] * load(vc[(long)i * w + x]);
         for (int j = 0; j < w; j++)
-            sum += ap[(h + j) * hw] * vc[(long)y * w + j];
-        out[t] = sum;
+            sum += ap[(h + j) * hw] * load(vc[(long)y * w + j]);
+        store(out + t, sum);
     }
 }
 
@@ -696,47 +708,50 @@ __global__ void transpose_rows(const float* __restrict__ a, float* __restrict__ 
 
 // The transpose of aggregate: grad_v[b, c, p, q] = sum_y A[b, p, y, q] G[b, c, y, q]
 //                                                + sum_x A[b, H + q, p, x] G[b, c, p, x]
-__global__ void aggregate_t(const float* __restrict__ a, const float* __restrict__ a_t,
-                            const float* __restrict__ g, float* __restrict__ grad_v, int batch, int d, int h,
-                            int w) {
+template <class T>
+__global__ void aggregate_t(const float* __restrict__ a, const float* __restrict__ a_t, const T* __restrict__ g,
+                            T* __restrict__ grad_v, int batch, int d, int h, int w) {
     const long hw = (long)h * w;
     CCA_FOR_EACH(t, batch * d * hw) {
         const int q = t % w, p = t / w % h;
         const long b = t / (d * hw);
-        const float* gc = g + t / hw * hw;
+        const T* gc = g + t / hw * hw;
         const float* col = a + (b * (h + w) + p) * hw + q;       // A[b, p, y, q] at col[y * w]
         const float* row = a_t + (b * h + p) * (long)w * w + q;  // A[b, H + q, p, x] at row[x * w]
         float sum = 0.f;
         for (int y = 0; y < h; y++)
-            sum += col[(long)y * w] * gc[(long)y * w + q];
+            sum += col[(long)y * w] * load(gc[(long)y * w + q]);
         for (int x = 0; x < w; x++)
-            sum += row[(long)x * w] * gc[(long)p * w + x];
-        grad_v[t] = sum;
+            sum += row[(long)x * w] * load(gc[(long)p * w + x]);
+        store(grad_v + t, sum);
     }
 }
 
-// Host side, one call per op (inputs and outputs are device pointers).
-inline void attention(const float* query, const float* key, float* attn, int batch, int d, int h, int w) {
+// Host side, one call per op (inputs and outputs are device pointers; T is float or __half).
+template <class T>
+inline void attention(const T* query, const T* key, float* attn, int batch, int d, int h, int w) {
     long n = (long)batch * (h + w) * h * w;
-    CCA_LAUNCH(energy, n, query, key, attn, batch, d, h, w);
+    CCA_LAUNCH(energy<T>, n, query, key, attn, batch, d, h, w);
     CCA_LAUNCH(softmax, (long)batch * h * w, attn, batch, h, w);
 }
 
-inline void energy_grad(const float* grad_out, const float* value, const float* attn, float* grad_e,
-                        int batch, int d, int h, int w) {
+template <class T>
+inline void energy_grad(const T* grad_out, const T* value, const float* attn, float* grad_e, int batch, int d,
+                        int h, int w) {
     long n = (long)batch * (h + w) * h * w;
-    CCA_LAUNCH(energy, n, grad_out, value, grad_e, batch, d, h, w);
+    CCA_LAUNCH(energy<T>, n, grad_out, value, grad_e, batch, d, h, w);
     CCA_LAUNCH(softmax_grad, (long)batch * h * w, attn, grad_e, batch, h, w);
 }
 
-inline void aggregate_op(const float* a, const float* v, float* out, int batch, int d, int h, int w) {
-    CCA_LAUNCH(aggregate, (long)batch * d * h * w, a, v, out, batch, d, h, w);
+template <class T>
+inline void aggregate_op(const float* a, const T* v, T* out, int batch, int d, int h, int w) {
+    CCA_LAUNCH(aggregate<T>, (long)batch * d * h * w, a, v, out, batch, d, h, w);
 }
 
-inline void aggregate_t_op(const float* a, const float* g, float* grad_v, float* a_t, int batch, int d, int h,
-                           int w) {
+template <class T>
+inline void aggregate_t_op(const float* a, const T* g, T* grad_v, float* a_t, int batch, int d, int h, int w) {
     CCA_LAUNCH(transpose_rows, (long)batch * h * w * w, a, a_t, batch, h, w);
-    CCA_LAUNCH(aggregate_t, (long)batch * d * h * w, a, a_t, g, grad_v, batch, d, h, w);
+    CCA_LAUNCH(aggregate_t<T>, (long)batch * d * h * w, a, a_t, g, grad_v, batch, d, h, w);
 }
 
 #undef CCA_FOR_EACH
@@ -760,12 +775,12 @@ def _map_shape(x: jt.Var) -> list[int]:
     return [b, h + w, h, w]
 
 
-def _code(shapes, inputs, cpu_call: str, cuda_call: str) -> jt.Var:
+def _code(shapes, dtypes, inputs, cpu_call: str, cuda_call: str) -> jt.Var:
     """One custom op, first output; SIZES in a call stands for B, D (the first input's channels), H, W."""
     sizes = "in0_shape0, in0_shape1, in0_shape2, in0_shape3"
     return jt.code(
         shapes,
-        ["float32"] * len(shapes),
+        dtypes,
         inputs,
         cpu_header=_CPU_SOURCE,
         cpu_src=cpu_call.replace("SIZES", sizes) + ";",
@@ -778,6 +793,7 @@ def attention(query: jt.Var, key: jt.Var) -> jt.Var:
     """The attention map (B, H + W, H, W) in the kernels' layout (chunked on the CPU, plain on the GPU)."""
     return _code(
         [_map_shape(query)],
+        ["float32"],
         [query, key],
         "cca_cpu::affinity(in0_p, in1_p, out0_p, nullptr, SIZES)",
         "cca_cuda::attention(in0_p, in1_p, out0_p, SIZES)",
@@ -788,6 +804,7 @@ def energy_grad(grad_out: jt.Var, value: jt.Var, attn: jt.Var) -> jt.Var:
     """dL/dE from dL/dout through the aggregation and the softmax, in the map layout of `attn`."""
     return _code(
         [_map_shape(grad_out)],
+        ["float32"],
         [grad_out, value, attn],
         "cca_cpu::affinity(in0_p, in1_p, out0_p, in2_p, SIZES)",
         "cca_cuda::energy_grad(in0_p, in1_p, in2_p, out0_p, SIZES)",
@@ -798,6 +815,7 @@ def aggregate(value: jt.Var, attn: jt.Var) -> jt.Var:
     """out[b, c, y, x] = sum over the criss-cross positions of attn * value."""
     return _code(
         [value.shape],
+        [value.dtype],
         [value, attn],
         "cca_cpu::aggregate(in1_p, in0_p, out0_p, SIZES)",
         "cca_cuda::aggregate_op(in1_p, in0_p, out0_p, SIZES)",
@@ -807,9 +825,10 @@ def aggregate(value: jt.Var, attn: jt.Var) -> jt.Var:
 def aggregate_transposed(grad: jt.Var, attn: jt.Var) -> jt.Var:
     """The transpose of `aggregate` with respect to its value input."""
     b, _, h, w = grad.shape
-    shapes = [grad.shape] + ([[b, h, w, w]] if _on_gpu() else [])  # GPU: scratch for the transposed row part
+    scratch = [[b, h, w, w]] if _on_gpu() else []  # GPU: the transposed row part of attn
     return _code(
-        shapes,
+        [grad.shape] + scratch,
+        [grad.dtype] + ["float32"] * len(scratch),
         [grad, attn],
         "cca_cpu::aggregate_transposed(in1_p, in0_p, out0_p, SIZES)",
         "cca_cuda::aggregate_t_op(in1_p, in0_p, out0_p, out1_p, SIZES)",
@@ -846,7 +865,7 @@ def _cpu_vector_width() -> int:
 
 
 class CrissCrossAttentionFunction(jt.Function):
-    """The fused op with its hand-written backward; float32 in and out."""
+    """The fused op with its hand-written backward; float32 in and out (float16 too on CUDA)."""
 
     def execute(self, query: jt.Var, key: jt.Var, value: jt.Var) -> jt.Var:
         attn = attention(query, key)
@@ -865,48 +884,62 @@ class CrissCrossAttentionFunction(jt.Function):
         )
 
 
-_working: dict[str, bool] = {}  # device -> the kernels compiled and passed the self-test
+_working: dict[tuple[str, str], bool] = {}  # (device, dtype) -> the kernels compiled and passed the self-test
 
 
-def _self_test() -> None:
-    """Compile every kernel and compare with the plain ops on a small problem (H != W, a tail chunk)."""
+def _self_test(dtype: str) -> None:
+    """Compile every kernel and compare with the plain float32 ops on a small problem (H != W, a tail chunk)."""
     rng = np.random.default_rng(0)
-    q, k, v = (jt.array(rng.standard_normal(s).astype(np.float32)) for s in [(2, 3, 5, 19)] * 2 + [(2, 4, 5, 19)])
-    weight = jt.array(rng.standard_normal((2, 4, 5, 19)).astype(np.float32))
+    shapes = [(2, 3, 5, 19)] * 2 + [(2, 4, 5, 19)] * 2
+    q, k, v, weight = (jt.array(rng.standard_normal(s).astype(dtype).astype(np.float32)) for s in shapes)
     with jt.enable_grad():
-        results = []
-        for out in (CrissCrossAttentionFunction.apply(q, k, v), criss_cross_attention(q, k, v)):
-            results.append([out] + jt.grad((out * weight).sum(), [q, k, v]))
-    for name, fused, plain in zip(("out", "dq", "dk", "dv"), *results):
-        fused, plain = fused.numpy(), plain.numpy()
-        if not np.allclose(fused, plain, rtol=1e-4, atol=1e-5):
-            raise RuntimeError(f"{name} differs from the plain ops by {np.abs(fused - plain).max():.3g}")
+        inputs = [q, k, v] if dtype == "float32" else [x.cast(dtype) for x in (q, k, v)]
+        fused = CrissCrossAttentionFunction.apply(*inputs)
+        fused = [fused] + jt.grad((fused.float32() * weight).sum(), inputs)
+        plain = criss_cross_attention(q, k, v)
+        plain = [plain] + jt.grad((plain * weight).sum(), [q, k, v])
+    for name, a, b in zip(("out", "dq", "dk", "dv"), fused, plain):
+        if a.dtype != dtype:
+            raise RuntimeError(f"{name} came out as {a.dtype}, expected {dtype}")
+        a, b = a.float32().numpy(), b.numpy()
+        close = np.allclose(a, b, rtol=1e-4, atol=1e-5) if dtype == "float32" else np.allclose(a, b, 5e-3, 5e-3)
+        if not close:
+            raise RuntimeError(f"{name} differs from the plain ops by {np.abs(a - b).max():.3g} in {dtype}")
 
 
-def fused_available() -> bool:
-    """True when the fused kernels work on the current device (checked once per device)."""
+def _kernel_dtype(*xs: jt.Var) -> str:
+    """float16 when all inputs are float16 on the GPU (the CUDA kernels take __half), else float32."""
+    return "float16" if _on_gpu() and all(x.dtype == "float16" for x in xs) else "float32"
+
+
+def fused_available(dtype: str = "float32") -> bool:
+    """True when the fused kernels work on the current device for `dtype` (checked once per device and dtype)."""
     device = "cuda" if _on_gpu() else "cpu"
-    if device not in _working:
+    if (device, dtype) not in _working:
         try:
-            _self_test()
-            _working[device] = True
+            _self_test(dtype)
+            _working[device, dtype] = True
         except Exception as error:  # a compiler or driver failure must not stop training: use the plain ops
-            _working[device] = False
+            _working[device, dtype] = False
             warnings.warn(
-                f"fused criss-cross attention does not work on {device} ({error}); using the plain ops",
+                f"fused criss-cross attention does not work on {device} in {dtype} ({error}); using the plain ops",
                 stacklevel=3,
             )
-    return _working[device]
+    return _working[device, dtype]
 
 
 def criss_cross_attention_fused(query: jt.Var, key: jt.Var, value: jt.Var) -> jt.Var:
-    """(B, Cq, H, W), (B, Cq, H, W), (B, C, H, W) -> (B, C, H, W): `criss_cross_attention` in fused kernels."""
+    """(B, Cq, H, W), (B, Cq, H, W), (B, C, H, W) -> (B, C, H, W): `criss_cross_attention` in fused kernels.
+
+    float32 kernels on the CPU and the GPU; float16 kernels on the GPU when all three inputs are float16 (sums and
+    the softmax in float32 there). Other dtypes are computed in float32 and cast back to value's dtype."""
     _check_shapes(query, key, value)
-    if not fused_available():
+    dtype = _kernel_dtype(query, key, value)
+    if not fused_available(dtype):
         return criss_cross_attention(query, key, value)
-    as_float32 = [x if x.dtype == "float32" else x.float32() for x in (query, key, value)]
-    out = CrissCrossAttentionFunction.apply(*as_float32)
-    return out if value.dtype == "float32" else out.cast(value.dtype)
+    inputs = [x if x.dtype == dtype else x.cast(dtype) for x in (query, key, value)]
+    out = CrissCrossAttentionFunction.apply(*inputs)
+    return out if out.dtype == value.dtype else out.cast(value.dtype)
 
 
 CCA_IMPLS["fused"] = criss_cross_attention_fused
