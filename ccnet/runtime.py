@@ -58,9 +58,18 @@ def _link(src: Path, dst: Path) -> None:
     dst.symlink_to(src)
 
 
+def _prepend_env_path(name: str, path: Path) -> None:
+    parts = [p for p in os.environ.get(name, "").split(os.pathsep) if p]
+    if str(path) not in parts:
+        os.environ[name] = os.pathsep.join([str(path), *parts])
+
+
 def setup_onednn() -> str:
     """Make Jittor's oneDNN folder point at an installed oneDNN 2.x. Returns a short status."""
     lib_file = JITTOR_DNNL_DIR / "lib" / "libmkldnn.so"
+    # Our own oneDNN op (ccnet/models/conv.py) includes <dnnl.hpp>; Jittor passes that -I to its own oneDNN ops
+    # only. The compiler reads this variable; it is not part of Jittor's cache keys, so nothing recompiles.
+    _prepend_env_path("CPLUS_INCLUDE_PATH", JITTOR_DNNL_DIR / "include")
     if lib_file.is_file() and not lib_file.is_symlink():
         return f"oneDNN: Jittor's own copy in {JITTOR_DNNL_DIR}"  # a real download from elsewhere: keep it
     found = _find_onednn()

@@ -10,6 +10,8 @@ from __future__ import annotations
 import jittor as jt
 from jittor import nn
 
+from .conv import Conv2d
+
 
 def _column_mask(h: int) -> jt.Var:
     """(1, H, 1, H) additive mask: -inf where the column position i equals the row y of the pixel."""
@@ -61,9 +63,9 @@ class CrissCrossAttention(nn.Module):
 
     def __init__(self, in_channels: int, impl: str = "auto"):
         super().__init__()
-        self.query_conv = nn.Conv2d(in_channels, max(1, in_channels // 8), 1)
-        self.key_conv = nn.Conv2d(in_channels, max(1, in_channels // 8), 1)
-        self.value_conv = nn.Conv2d(in_channels, in_channels, 1)
+        self.query_conv = Conv2d(in_channels, max(1, in_channels // 8), 1)
+        self.key_conv = Conv2d(in_channels, max(1, in_channels // 8), 1)
+        self.value_conv = Conv2d(in_channels, in_channels, 1)
         self.gamma = jt.zeros(1)
         self.impl = impl
 

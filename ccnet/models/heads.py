@@ -11,6 +11,7 @@ import numpy as np
 from jittor import nn
 
 from .cca import CrissCrossAttention
+from .conv import Conv2d
 from .norm import BatchNorm2d
 
 
@@ -23,9 +24,7 @@ def activation(name: str) -> nn.Module:
 
 
 def conv_bn_act(cin: int, cout: int, kernel: int, act: str, bias: bool = False) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=bias), BatchNorm2d(cout), activation(act)
-    )
+    return nn.Sequential(Conv2d(cin, cout, kernel, padding=kernel // 2, bias=bias), BatchNorm2d(cout), activation(act))
 
 
 class ChannelDropout(nn.Module):
@@ -55,7 +54,7 @@ class RCCAHead(nn.Module):
         self.convb = conv_bn_act(channels, channels, 3, act)
         self.bottleneck = conv_bn_act(in_channels + channels, channels, 3, act)
         self.dropout = ChannelDropout(dropout)
-        self.classifier = nn.Conv2d(channels, num_classes, 1)
+        self.classifier = Conv2d(channels, num_classes, 1)
 
     def execute(self, x):
         out = self.conva(x)
@@ -81,7 +80,7 @@ class DSNHead(nn.Module):
         super().__init__()
         self.conv = conv_bn_act(in_channels, channels, 3, act, bias=True)
         self.dropout = ChannelDropout(dropout)
-        self.classifier = nn.Conv2d(channels, num_classes, 1)
+        self.classifier = Conv2d(channels, num_classes, 1)
 
     def execute(self, x):
         return self.classifier(self.dropout(self.conv(x)))

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from jittor import nn
 
+from .conv import Conv2d
 from .norm import BatchNorm2d
 from .registry import register_backbone
 
 
 def conv3x3(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(cin, cout, 3, stride=stride, padding=dilation, dilation=dilation, bias=False)
+    return Conv2d(cin, cout, 3, stride=stride, padding=dilation, dilation=dilation, bias=False)
 
 
 class BasicBlock(nn.Module):
@@ -41,11 +42,11 @@ class Bottleneck(nn.Module):
 
     def __init__(self, inplanes, planes, stride=1, dilation=1, downsample=None):
         super().__init__()
-        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.conv1 = Conv2d(inplanes, planes, 1, bias=False)
         self.bn1 = BatchNorm2d(planes)
         self.conv2 = conv3x3(planes, planes, stride, dilation)  # stride on the 3x3, as the authors do
         self.bn2 = BatchNorm2d(planes)
-        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+        self.conv3 = Conv2d(planes, planes * 4, 1, bias=False)
         self.bn3 = BatchNorm2d(planes * 4)
         self.relu = nn.ReLU()
         self.downsample = downsample
@@ -61,11 +62,11 @@ class Bottleneck(nn.Module):
 class ResNet(nn.Module):
     def __init__(self, block, layers, stem=(64, 64, 128), widths=(64, 128, 256, 512)):
         super().__init__()
-        self.conv1 = nn.Conv2d(3, stem[0], 3, stride=2, padding=1, bias=False)
+        self.conv1 = Conv2d(3, stem[0], 3, stride=2, padding=1, bias=False)
         self.bn1 = BatchNorm2d(stem[0])
-        self.conv2 = nn.Conv2d(stem[0], stem[1], 3, padding=1, bias=False)
+        self.conv2 = Conv2d(stem[0], stem[1], 3, padding=1, bias=False)
         self.bn2 = BatchNorm2d(stem[1])
-        self.conv3 = nn.Conv2d(stem[1], stem[2], 3, padding=1, bias=False)
+        self.conv3 = Conv2d(stem[1], stem[2], 3, padding=1, bias=False)
         self.bn3 = BatchNorm2d(stem[2])
         self.relu = nn.ReLU()
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True)
@@ -81,7 +82,7 @@ class ResNet(nn.Module):
         downsample = None
         if stride != 1 or self.inplanes != planes * block.expansion:
             downsample = nn.Sequential(
-                nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride=stride, bias=False),
+                Conv2d(self.inplanes, planes * block.expansion, 1, stride=stride, bias=False),
                 BatchNorm2d(planes * block.expansion),
             )
         layers = [block(self.inplanes, planes, stride, dilation, downsample)]

@@ -15,6 +15,7 @@ import jittor as jt
 import numpy as np
 from jittor import init, nn
 
+from .conv import Conv2d
 from .norm import BatchNorm2d
 from .registry import register_backbone
 
@@ -62,9 +63,9 @@ class LKA(nn.Module):
 
     def __init__(self, dim: int):
         super().__init__()
-        self.conv0 = nn.Conv2d(dim, dim, 5, padding=2, groups=dim)
-        self.conv_spatial = nn.Conv2d(dim, dim, 7, padding=9, dilation=3, groups=dim)
-        self.conv1 = nn.Conv2d(dim, dim, 1)
+        self.conv0 = Conv2d(dim, dim, 5, padding=2, groups=dim)
+        self.conv_spatial = Conv2d(dim, dim, 7, padding=9, dilation=3, groups=dim)
+        self.conv1 = Conv2d(dim, dim, 1)
 
     def execute(self, x):
         return x * self.conv1(self.conv_spatial(self.conv0(x)))
@@ -73,10 +74,10 @@ class LKA(nn.Module):
 class Attention(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
-        self.proj_1 = nn.Conv2d(dim, dim, 1)
+        self.proj_1 = Conv2d(dim, dim, 1)
         self.activation = nn.GELU()
         self.spatial_gating_unit = LKA(dim)
-        self.proj_2 = nn.Conv2d(dim, dim, 1)
+        self.proj_2 = Conv2d(dim, dim, 1)
 
     def execute(self, x):
         return self.proj_2(self.spatial_gating_unit(self.activation(self.proj_1(x)))) + x
@@ -85,7 +86,7 @@ class Attention(nn.Module):
 class DWConv(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
-        self.dwconv = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        self.dwconv = Conv2d(dim, dim, 3, padding=1, groups=dim)
 
     def execute(self, x):
         return self.dwconv(x)
@@ -94,10 +95,10 @@ class DWConv(nn.Module):
 class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.fc1 = nn.Conv2d(dim, hidden, 1)
+        self.fc1 = Conv2d(dim, hidden, 1)
         self.dwconv = DWConv(hidden)
         self.act = nn.GELU()
-        self.fc2 = nn.Conv2d(hidden, dim, 1)
+        self.fc2 = Conv2d(hidden, dim, 1)
 
     def execute(self, x):
         return self.fc2(self.act(self.dwconv(self.fc1(x))))
@@ -122,7 +123,7 @@ class Block(nn.Module):
 class OverlapPatchEmbed(nn.Module):
     def __init__(self, cin: int, dim: int, patch_size: int, stride: int):
         super().__init__()
-        self.proj = nn.Conv2d(cin, dim, patch_size, stride=stride, padding=patch_size // 2)
+        self.proj = Conv2d(cin, dim, patch_size, stride=stride, padding=patch_size // 2)
         self.norm = BatchNorm2d(dim)
 
     def execute(self, x):
@@ -186,7 +187,7 @@ def _init_weights(m):
 
 
 def conv_bn_relu(cin: int, cout: int, k: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), BatchNorm2d(cout), nn.ReLU())
+    return nn.Sequential(Conv2d(cin, cout, k, padding=k // 2, bias=False), BatchNorm2d(cout), nn.ReLU())
 
 
 class VANBackbone(nn.Module):
@@ -207,7 +208,7 @@ class VANBackbone(nn.Module):
         self.out_channels = dims[-1] if fuse == "none" else width
         if fuse == "none":  # the earlier ports' choice: the head on stage 4 at stride 32 (kept for comparison)
             return
-        self.lateral = nn.ModuleList([nn.Conv2d(d, width, 1) for d in dims[1:]])
+        self.lateral = nn.ModuleList([Conv2d(d, width, 1) for d in dims[1:]])
         self.fuse = conv_bn_relu(width * (3 if fuse == "concat" else 1), width, 3)
 
     def execute(self, x):
