@@ -117,3 +117,20 @@ def test_bad_input_is_named():
         conv(jt.zeros((1, 3, 8, 8)))
     with pytest.raises(ValueError, match="too small"):
         conv(jt.zeros((1, 4, 2, 2)))
+
+
+def test_falls_back_to_jittor_conv_with_a_warning(monkeypatch):
+    from ccnet.models import conv as conv_module
+
+    def broken():
+        raise RuntimeError("dnnl.hpp: No such file or directory")
+
+    monkeypatch.setattr(conv_module, "_working", [])
+    monkeypatch.setattr(conv_module, "_self_test", broken)
+    ours, theirs = Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 3, padding=1)
+    theirs.load_state_dict(ours.state_dict())
+    x = jt.array(np.random.default_rng(2).standard_normal((1, 3, 6, 6)).astype(np.float32))
+    with pytest.warns(UserWarning, match="dnnl.hpp"):
+        y = ours(x)
+    np.testing.assert_allclose(y.numpy(), theirs(x).numpy(), rtol=1e-6, atol=1e-6)
+    assert conv_module._working == [False]

@@ -11,6 +11,8 @@ direct kernels. Grouped convolutions, other dtypes, the GPU and Jittor without o
 
 from __future__ import annotations
 
+import warnings
+
 import jittor as jt
 import numpy as np
 from jittor import nn
@@ -95,9 +97,36 @@ class _OneDNNConv(jt.Function):
         return grad_x, grad_w
 
 
+_working: list[bool] = []  # [] until the first check, then [whether the op compiled and passed its self-test]
+
+
+def _self_test() -> None:
+    """Compile the op and compare forward and grads with Jittor's conv on a small strided, dilated case."""
+    rng = np.random.default_rng(0)
+    x, w, g = (jt.array(rng.standard_normal(s).astype(np.float32)) for s in [(2, 3, 9, 8), (4, 3, 3, 3), (2, 4, 5, 4)])
+    with jt.enable_grad():
+        mine = _OneDNNConv.apply(x, w, (2, 2), (2, 1), (2, 1))
+        theirs = nn.conv2d(x, w, None, (2, 2), (2, 1), (2, 1))
+        results = [[y] + jt.grad((y * g).sum(), [x, w]) for y in (mine, theirs)]
+    for name, a, b in zip(("y", "dx", "dw"), *results):
+        a, b = a.numpy(), b.numpy()
+        if a.shape != b.shape or not np.allclose(a, b, rtol=1e-4, atol=1e-4):
+            raise RuntimeError(f"{name} differs from Jittor's conv")
+
+
 def onednn_forward_available() -> bool:
-    """True where this module's CPU forward can run: Jittor built its oneDNN ops and we are on the CPU."""
-    return not jt.flags.use_cuda and getattr(jt.compile_extern, "mkl_ops", None) is not None
+    """True where this module's CPU forward runs: on the CPU, Jittor built its oneDNN ops, and our op compiled
+    and agreed with Jittor's conv (checked once; if not, a warning and Jittor's conv from then on)."""
+    if jt.flags.use_cuda or getattr(jt.compile_extern, "mkl_ops", None) is None:
+        return False
+    if not _working:
+        try:
+            _self_test()
+            _working.append(True)
+        except Exception as error:  # e.g. <dnnl.hpp> not found: ccnet.runtime.setup() puts it on the path
+            _working.append(False)
+            warnings.warn(f"oneDNN conv forward does not work here ({error}); using Jittor's conv", stacklevel=3)
+    return _working[0]
 
 
 class Conv2d(nn.Conv2d):
