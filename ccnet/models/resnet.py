@@ -12,6 +12,7 @@ from jittor import nn
 from .conv import Conv2d
 from .norm import BatchNorm2d
 from .registry import register_backbone
+from .relu import ReLU
 
 
 def conv3x3(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Conv2d:
@@ -27,7 +28,7 @@ class BasicBlock(nn.Module):
         self.bn1 = BatchNorm2d(planes)
         self.conv2 = conv3x3(planes, planes, 1, dilation)
         self.bn2 = BatchNorm2d(planes)
-        self.relu = nn.ReLU()
+        self.relu = ReLU()
         self.downsample = downsample
 
     def execute(self, x):
@@ -48,7 +49,7 @@ class Bottleneck(nn.Module):
         self.bn2 = BatchNorm2d(planes)
         self.conv3 = Conv2d(planes, planes * 4, 1, bias=False)
         self.bn3 = BatchNorm2d(planes * 4)
-        self.relu = nn.ReLU()
+        self.relu = ReLU()
         self.downsample = downsample
 
     def execute(self, x):
@@ -68,7 +69,7 @@ class ResNet(nn.Module):
         self.bn2 = BatchNorm2d(stem[1])
         self.conv3 = Conv2d(stem[1], stem[2], 3, padding=1, bias=False)
         self.bn3 = BatchNorm2d(stem[2])
-        self.relu = nn.ReLU()
+        self.relu = ReLU()
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True)
         self.inplanes = stem[2]
         self.layer1 = self._make_layer(block, widths[0], layers[0])
