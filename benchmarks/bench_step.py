@@ -16,8 +16,10 @@ Each case (framework, backbone, cca impl, batch, train/eval) runs in its own sub
 Every case runs with OMP_NUM_THREADS=--threads and OMP_WAIT_POLICY=PASSIVE (a shared machine). Prints a
 Markdown table (ratio = Jittor time / PyTorch time, <= 1.0: ours is at least as fast) and writes
 benchmarks/results/step_<date>.json.
-Batch-2 cases run last; a case that would start after --budget-s seconds is skipped (and listed so).
+Batch-2 cases run last; a case that would start after --budget-s seconds is skipped (and listed so). With
+--rounds N the whole list runs N times; each case reports its median round (the range of the rounds beside it).
     python benchmarks/bench_step.py [--backbones resnet50 resnet101] [--batches 1 2] [--size 512] [--budget-s 600]
+                                    [--rounds 3]
 """
 
 from __future__ import annotations
@@ -265,6 +267,14 @@ def machine() -> dict:
     return {"lscpu": info, "cores": os.cpu_count(), "python": platform.python_version()}
 
 
+def median_round(case: dict, runs: list[dict]) -> dict:
+    """One case over the rounds: the round with the median step time, and every round's time beside it."""
+    done = sorted((r for r in runs if "error" not in r), key=lambda r: r["step_s"])
+    if not done:
+        return runs[0]
+    return dict(done[(len(done) - 1) // 2], rounds_step_s=[r["step_s"] for r in runs if "error" not in r])
+
+
 def label(case: dict) -> str:
     return "PyTorch" if case["framework"] == "torch" else f"Jittor ({case['impl']})"
 
@@ -289,8 +299,10 @@ def table(results: list[dict]) -> str:
             None,
         )
         ratio = f"{r['step_s'] / twin['step_s']:.2f}" if twin and r["framework"] == "jittor" else "-"
+        spread = r.get("rounds_step_s", [])
+        time_cell = f"{r['step_s']:.2f}" + (f" ({min(spread):.2f}-{max(spread):.2f})" if len(spread) > 1 else "")
         rows.append(
-            f"| {r['backbone']} | {r['mode']} | {r['batch']} | {label(r)} | {r['step_s']:.2f} | "
+            f"| {r['backbone']} | {r['mode']} | {r['batch']} | {label(r)} | {time_cell} | "
             f"{r['images_per_s']:.3f} | {ratio} | {r['peak_mib']:.0f} |"
         )
     return "\n".join(rows)
@@ -306,6 +318,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--torch-warmup", type=int, default=1, help="PyTorch compiles nothing: one step warms it")
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="run the whole case list this many times; report the median round"
+    )
     parser.add_argument("--budget-s", type=float, default=600, help="skip the cases that would start after this")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip", nargs="*", default=[], help="backbone:batch train cases to leave out")
@@ -339,11 +354,12 @@ def main() -> None:
     cases += last  # the long cases (batch 2) last, so that --budget-s drops them first
 
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), OMP_WAIT_POLICY="PASSIVE")
-    results, started = [], time.time()
+    runs, started = [], time.time()
     load_before = os.getloadavg()
-    for case in cases:
+    # Rounds repeat the whole list, so that a slow spell of a shared machine hits both frameworks alike
+    for round_index, case in ((r, c) for r in range(args.rounds) for c in cases):
         if time.time() - started > args.budget_s:
-            results.append(dict(case, size=args.size, error="skipped (time budget)"))
+            runs.append(dict(case, size=args.size, round=round_index, error="skipped (time budget)"))
             continue
         warmup = args.warmup if case["framework"] == "jittor" else args.torch_warmup
         cmd = [sys.executable, __file__, "--case", "--size", str(args.size), "--threads", str(args.threads)]
@@ -354,11 +370,12 @@ def main() -> None:
         done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
         sys.stderr.write(done.stderr[-2000:] if done.returncode else "")
         line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
-        result = dict(case, size=args.size, wall_s=time.time() - t0, load_after=os.getloadavg())
+        result = dict(case, size=args.size, round=round_index, wall_s=time.time() - t0, load_after=os.getloadavg())
         result.update(json.loads(line[7:]) if line else {"error": f"failed (exit {done.returncode})"})
         print(f"  -> {result.get('step_s', result.get('error'))}", file=sys.stderr, flush=True)
-        results.append(result)
+        runs.append(result)
 
+    results = [median_round(case, [r for r in runs if all(r[k] == v for k, v in case.items())]) for case in cases]
     text = table(results)
     print(text)
     date = datetime.date.today().isoformat()
@@ -375,7 +392,9 @@ def main() -> None:
         "load_before": load_before,
         "load_after": os.getloadavg(),
         "total_wall_s": time.time() - started,
+        "rounds": args.rounds,
         "results": results,
+        "runs": runs,
         "table": text,
     }
     out.write_text(json.dumps(payload, indent=2) + "\n")
