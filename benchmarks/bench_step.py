@@ -268,11 +268,15 @@ def machine() -> dict:
 
 
 def median_round(case: dict, runs: list[dict]) -> dict:
-    """One case over the rounds: the round with the median step time, and every round's time beside it."""
+    """One case over the rounds: the round with the median step time, every round's time beside it, and the
+    median peak memory (a process's peak varies by up to 1.7x between identical runs, with the allocator's caching)."""
     done = sorted((r for r in runs if "error" not in r), key=lambda r: r["step_s"])
     if not done:
         return runs[0]
-    return dict(done[(len(done) - 1) // 2], rounds_step_s=[r["step_s"] for r in runs if "error" not in r])
+    peak = statistics.median(r["peak_mib"] for r in done)
+    return dict(
+        done[(len(done) - 1) // 2], peak_mib=peak, rounds_step_s=[r["step_s"] for r in runs if "error" not in r]
+    )
 
 
 def label(case: dict) -> str:
@@ -312,6 +316,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbones", nargs="+", default=["resnet50", "resnet101"], choices=sorted(LAYERS))
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 2])
+    parser.add_argument("--modes", nargs="+", default=["train", "eval"], choices=["train", "eval"])
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--impls", nargs="+", default=["fused", "ops"], help="Jittor cca_impl values")
     parser.add_argument("--ops-cases", default="resnet50:1", help="backbone:batch train cases also run with 'ops'")
@@ -342,15 +347,16 @@ def main() -> None:
     cases, last = [], []
     for backbone in args.backbones:
         for batch in args.batches:
-            if f"{backbone}:{batch}" in args.skip:
+            if f"{backbone}:{batch}" in args.skip or "train" not in args.modes:
                 continue
             group = [dict(framework="torch", impl="einsum", backbone=backbone, batch=batch, mode="train")]
             for impl in args.impls:
                 if impl == "fused" or f"{backbone}:{batch}" in args.ops_cases.split(","):
                     group.append(dict(framework="jittor", impl=impl, backbone=backbone, batch=batch, mode="train"))
             (cases if batch == 1 else last).extend(group)
-        cases.append(dict(framework="torch", impl="einsum", backbone=backbone, batch=1, mode="eval"))
-        cases.append(dict(framework="jittor", impl="fused", backbone=backbone, batch=1, mode="eval"))
+        if "eval" in args.modes:
+            cases.append(dict(framework="torch", impl="einsum", backbone=backbone, batch=1, mode="eval"))
+            cases.append(dict(framework="jittor", impl="fused", backbone=backbone, batch=1, mode="eval"))
     cases += last  # the long cases (batch 2) last, so that --budget-s drops them first
 
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), OMP_WAIT_POLICY="PASSIVE")
