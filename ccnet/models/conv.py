@@ -1,12 +1,13 @@
 """Conv2d whose CPU forward asks oneDNN for its training kernels (the same module and weights as Jittor's).
 
 Jittor's CPU convolution forward creates its oneDNN primitive with `prop_kind::forward_inference`, for which
-oneDNN 2.6 picks its brgemm kernels; with `forward_training` it picks the direct JIT kernels, and those are
-faster on this machine's AVX-512 cores (2 threads, measured with a C++ harness): 3x3 dilated 256->256 at 64x64
-27.8 vs 32.4 ms, 1x1 1024->256 11.4 vs 18.3 ms, 3x3 dilated 512->512 82.7 vs 166.9 ms. PyTorch asks for
-`forward_training` too. Here the forward is one small custom op calling oneDNN with `forward_training`; the
-backward is Jittor's own oneDNN ops (`mkl_conv_backward_x`, `mkl_conv_backward_w`), which already use the
-direct kernels. Grouped convolutions, other dtypes, the GPU and Jittor without oneDNN take Jittor's path.
+oneDNN 2.6 picks its brgemm kernels; with `forward_training` it picks the direct JIT kernels, which PyTorch gets
+too and which are faster on this machine's AVX-512 cores (2 threads, a C++ harness, prop kind the only
+difference): 3x3 dilation 4 512->512 at 64x64 82-85 vs 116-123 ms, 1x1 1024->256 11.4 vs 18.3 ms; a ResNet-50
+step's forward convolutions 2.16 s vs 2.75 s. Here the forward is one small custom op calling oneDNN with
+`forward_training`; the backward is Jittor's own oneDNN ops (`mkl_conv_backward_x`, `mkl_conv_backward_w`),
+which already use the direct kernels. Grouped convolutions, other dtypes, the GPU and Jittor without oneDNN
+take Jittor's path.
 """
 
 from __future__ import annotations
