@@ -121,11 +121,12 @@ def test_bad_input_is_named():
 
 def test_falls_back_to_jittor_conv_with_a_warning(monkeypatch):
     from ccnet.models import conv as conv_module
+    from ccnet.models import fallback
 
     def broken():
         raise RuntimeError("dnnl.hpp: No such file or directory")
 
-    monkeypatch.setattr(conv_module, "_working", [])
+    monkeypatch.setattr(fallback, "_results", {})
     monkeypatch.setattr(conv_module, "_self_test", broken)
     ours, theirs = Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 3, padding=1)
     theirs.load_state_dict(ours.state_dict())
@@ -133,4 +134,4 @@ def test_falls_back_to_jittor_conv_with_a_warning(monkeypatch):
     with pytest.warns(UserWarning, match="dnnl.hpp"):
         y = ours(x)
     np.testing.assert_allclose(y.numpy(), theirs(x).numpy(), rtol=1e-6, atol=1e-6)
-    assert conv_module._working == [False]
+    assert fallback._results[("conv",)] is False

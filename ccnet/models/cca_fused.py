@@ -16,12 +16,12 @@ plain ops on a small self-test, `criss_cross_attention_fused` warns once and run
 from __future__ import annotations
 
 import functools
-import warnings
 
 import jittor as jt
 import numpy as np
 
 from .cca import CCA_IMPLS, criss_cross_attention
+from .fallback import passes_self_test
 
 # CPU kernels. The (B, H + W, H, W) maps are stored in x chunks of one vector register there (see the comment
 # below), so only these kernels can read them; `attention_map` converts one to the usual layout.
@@ -884,9 +884,6 @@ class CrissCrossAttentionFunction(jt.Function):
         )
 
 
-_working: dict[tuple[str, str], bool] = {}  # (device, dtype) -> the kernels compiled and passed the self-test
-
-
 def _self_test(dtype: str) -> None:
     """Compile every kernel and compare with the plain float32 ops on a small problem (H != W, a tail chunk)."""
     rng = np.random.default_rng(0)
@@ -915,17 +912,8 @@ def _kernel_dtype(*xs: jt.Var) -> str:
 def fused_available(dtype: str = "float32") -> bool:
     """True when the fused kernels work on the current device for `dtype` (checked once per device and dtype)."""
     device = "cuda" if _on_gpu() else "cpu"
-    if (device, dtype) not in _working:
-        try:
-            _self_test(dtype)
-            _working[device, dtype] = True
-        except Exception as error:  # a compiler or driver failure must not stop training: use the plain ops
-            _working[device, dtype] = False
-            warnings.warn(
-                f"fused criss-cross attention does not work on {device} in {dtype} ({error}); using the plain ops",
-                stacklevel=3,
-            )
-    return _working[device, dtype]
+    what = f"fused criss-cross attention on {device} in {dtype}"
+    return passes_self_test(("cca", device, dtype), lambda: _self_test(dtype), what, "the plain ops")
 
 
 def criss_cross_attention_fused(query: jt.Var, key: jt.Var, value: jt.Var) -> jt.Var:

@@ -12,11 +12,11 @@ take Jittor's path.
 
 from __future__ import annotations
 
-import warnings
-
 import jittor as jt
 import numpy as np
 from jittor import nn
+
+from .fallback import passes_self_test
 
 _FORWARD_SOURCE = r"""
 #include <dnnl.hpp>
@@ -98,9 +98,6 @@ class _OneDNNConv(jt.Function):
         return grad_x, grad_w
 
 
-_working: list[bool] = []  # [] until the first check, then [whether the op compiled and passed its self-test]
-
-
 def _self_test() -> None:
     """Compile the op and compare forward and grads with Jittor's conv on a small strided, dilated case."""
     rng = np.random.default_rng(0)
@@ -117,17 +114,11 @@ def _self_test() -> None:
 
 def onednn_forward_available() -> bool:
     """True where this module's CPU forward runs: on the CPU, Jittor built its oneDNN ops, and our op compiled
-    and agreed with Jittor's conv (checked once; if not, a warning and Jittor's conv from then on)."""
+    and agreed with Jittor's conv (checked once; if not, a warning and Jittor's conv from then on). <dnnl.hpp> is
+    found through the include path that ccnet.runtime.setup() sets."""
     if jt.flags.use_cuda or getattr(jt.compile_extern, "mkl_ops", None) is None:
         return False
-    if not _working:
-        try:
-            _self_test()
-            _working.append(True)
-        except Exception as error:  # e.g. <dnnl.hpp> not found: ccnet.runtime.setup() puts it on the path
-            _working.append(False)
-            warnings.warn(f"oneDNN conv forward does not work here ({error}); using Jittor's conv", stacklevel=3)
-    return _working[0]
+    return passes_self_test(("conv",), _self_test, "oneDNN conv forward", "Jittor's conv")
 
 
 class Conv2d(nn.Conv2d):
