@@ -13,8 +13,23 @@ from omegaconf import OmegaConf
 
 from ccnet.engine.checkpoint import CheckpointError, load_checkpoint, load_model_state, resolve_checkpoint
 from ccnet.models import build_model
+from ccnet.models.ccnet import BACKBONE_COMMON_KEYS
+from ccnet.registry import BACKBONES
 
 from .common import prepare_run_dir
+
+
+def known_keys(section, saved) -> dict:
+    """The saved section's keys that this version's schema has (checkpoints of earlier versions carry keys that
+    have moved since, e.g. model.cca_impl, now kernels.cca: a run-time choice, not part of the architecture)."""
+    return {key: value for key, value in saved.items() if key in section}
+
+
+def saved_backbone(saved) -> dict:
+    """The saved backbone section, keeping only the settings its backbone takes (earlier versions saved drop_path
+    and neck for every backbone; they never changed a ResNet)."""
+    takes = BACKBONES.get(saved.name).parameters()
+    return {key: value for key, value in saved.items() if key in BACKBONE_COMMON_KEYS or key in takes}
 
 
 def restore_model(cfg, run_dir: Path, adopt_dataset: bool = False):
@@ -27,12 +42,12 @@ def restore_model(cfg, run_dir: Path, adopt_dataset: bool = False):
     path = resolve_checkpoint(cfg.checkpoint)
     state = load_checkpoint(path)
     saved = OmegaConf.create(state["config"])
-    cfg.backbone = OmegaConf.merge(cfg.backbone, saved.backbone)
-    cfg.model = OmegaConf.merge(cfg.model, saved.model)
+    cfg.backbone = OmegaConf.merge(cfg.backbone, saved_backbone(saved.backbone))
+    cfg.model = OmegaConf.merge(cfg.model, known_keys(cfg.model, saved.model))
     cfg.backbone.pretrained = None  # the checkpoint holds every weight
     if adopt_dataset:
         root = cfg.dataset.root
-        cfg.dataset = OmegaConf.merge(cfg.dataset, saved.dataset)
+        cfg.dataset = OmegaConf.merge(cfg.dataset, known_keys(cfg.dataset, saved.dataset))
         if not Path(cfg.dataset.root).expanduser().exists():  # trained elsewhere: this run's data folder
             cfg.dataset.root = root
     if saved.dataset.num_classes != cfg.dataset.num_classes:
