@@ -30,7 +30,8 @@ class Served:
     drop_after: int | None = None  # close the connection after this many body bytes ...
     drops: int = 0  # ... in this many responses
     statuses: list = field(default_factory=list)  # error statuses for the first requests, e.g. [503]
-    stall: threading.Event | None = None  # wait for this before answering
+    stall: threading.Event | None = None  # wait for this, then close without an answer
+    gate: threading.Event | None = None  # wait for this before answering
     ranges: list = field(default_factory=list)
     sent: list = field(default_factory=list)
 
@@ -47,6 +48,8 @@ class _Handler(BaseHTTPRequestHandler):
         if served.stall is not None:
             served.stall.wait(10)
             return
+        if served.gate is not None:
+            served.gate.wait(10)
         if served.statuses:
             self.send_error(served.statuses.pop(0))
             return
@@ -245,6 +248,23 @@ def test_a_stalled_server_times_out(server, tmp_path):
     thread.start()
     thread.join(10)  # bounded: a missing timeout would hang here (the server waits 10 s)
     assert not thread.is_alive() and "timed out" in result[0] and len(server.served.ranges) == 2
+
+
+def test_concurrent_fetches_download_once(server, tmp_path):
+    """Several ranks of one job asking for the same file: one downloads, the others wait and use its file."""
+    server.served.gate = threading.Event()
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(fetch(server, tmp_path))) for _ in range(2)]
+    threads[0].start()
+    while not server.served.ranges:  # the first request is in and held at the gate
+        threading.Event().wait(0.01)
+    threads[1].start()
+    threading.Event().wait(0.3)  # time for a second request, if the second fetch did not wait for the first
+    server.served.gate.set()
+    for thread in threads:
+        thread.join(10)
+    assert results == [tmp_path / NAME] * 2 and (tmp_path / NAME).read_bytes() == DATA
+    assert server.served.ranges == [None]
 
 
 def test_bad_arguments_and_unwritable_cache(server, tmp_path):
