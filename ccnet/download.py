@@ -85,7 +85,7 @@ def fetch_file(
     """
     name = file_name or urllib.parse.unquote(urllib.parse.urlparse(url).path.rsplit("/", 1)[-1])
     if not name or name in (".", "..") or "/" in name or os.sep in name:
-        raise DownloadError(f"{url}: no file name in the URL; give file_name")
+        raise DownloadError(f"{url}: file name {name!r} is not a plain file name; give file_name")
     expected = None
     if sha256_prefix is not None:
         expected = sha256_prefix.lower()

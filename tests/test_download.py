@@ -274,8 +274,10 @@ def test_bad_arguments_and_unwritable_cache(server, tmp_path):
     blocker.write_bytes(b"")
     with pytest.raises(DownloadError, match=f"cannot create the cache folder {blocker}"):
         fetch(server, blocker / "sub")
-    with pytest.raises(DownloadError, match="no file name"):
+    with pytest.raises(DownloadError, match="file name '' is not a plain file name"):
         fetch_file(server.url.rsplit("/", 1)[0] + "/", None, tmp_path, progress=False)
+    with pytest.raises(DownloadError, match="file name '../x.pth' is not a plain file name"):
+        fetch_file(server.url, None, tmp_path, "../x.pth", progress=False)
     assert server.served.ranges == []
 
 
