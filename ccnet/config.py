@@ -12,6 +12,7 @@ from typing import Any, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
+from ccnet.run_dirs import claim_dir
 from ccnet.runtime import launch_time, mpi_rank
 from ccnet.sweep import job_dirname
 
@@ -66,11 +67,11 @@ class ScheduleConfig:
     scale_range: List[float] = field(default_factory=lambda: [0.75, 1.5])
     scale_step: float = 0.0  # 0: continuous scales; 0.1: the authors' grid
     mirror: bool = True
-    checkpoint_every: int = 1000
+    checkpoint_every: int = 1000  # 0: only at the end (and at evaluations)
     keep_checkpoints: int = 3  # newest iter_*.pkl kept (plus last.pkl and best.pkl); 0 keeps all
     max_bad_steps: int = 3  # consecutive non-finite losses (steps skipped) before the run stops
     eval_every: int = 0  # 0: evaluate once, at the end
-    log_every: int = 20
+    log_every: int = 20  # 0: only at the end
 
 
 @dataclass
@@ -97,6 +98,7 @@ class Config:
     point: Optional[List[int]] = None  # job=visualize: [y, x] in image pixels (default: on an object)
     input: Optional[str] = None  # job=predict: an image file or a folder of images
     resume: Any = None  # true: this run directory's last checkpoint (hydra.run.dir=RUN); or a file / run dir
+    overwrite: bool = False  # hydra.run.dir=RUN (or sweep.dir) of an earlier run: delete its files and start anew
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
@@ -119,6 +121,7 @@ def hydra_output_subdir():
 
 def register_configs() -> None:
     OmegaConf.register_new_resolver("run_stamp", run_stamp, use_cache=True, replace=True)
+    OmegaConf.register_new_resolver("claim_dir", claim_dir, use_cache=True, replace=True)
     OmegaConf.register_new_resolver("hydra_output_subdir", hydra_output_subdir, replace=True)
     OmegaConf.register_new_resolver("job_dirname", job_dirname, replace=True)
     cs = ConfigStore.instance()

@@ -43,6 +43,13 @@ def job_dirname(override_dirname: str, limit: int = 120) -> str:
     return name
 
 
+def record_status(run_dir: Path, **status) -> None:
+    """status.json: {status: ok | failed, error, result, seconds}; the summary reads it."""
+    if mpi_rank() == 0:  # MPI ranks share the run folder
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "status.json").write_text(json.dumps(status, indent=2) + "\n")
+
+
 def run_recorded(job, cfg, run_dir: Path, multirun: bool, reraise=()):
     """job(cfg, run_dir) with status.json written either way; a failure raises unless multirun.
 
@@ -51,10 +58,7 @@ def run_recorded(job, cfg, run_dir: Path, multirun: bool, reraise=()):
     start = time.time()
 
     def record(**status):
-        if mpi_rank() == 0:  # MPI ranks share the run folder
-            run_dir.mkdir(parents=True, exist_ok=True)
-            status["seconds"] = round(time.time() - start, 2)
-            (run_dir / "status.json").write_text(json.dumps(status, indent=2) + "\n")
+        record_status(run_dir, **status, seconds=round(time.time() - start, 2))
 
     try:
         result = job(cfg, run_dir)
