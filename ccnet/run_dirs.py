@@ -18,7 +18,7 @@ import shutil
 import time
 from pathlib import Path
 
-from ccnet.runtime import launch_alive, launch_identity, mpi_rank
+from ccnet.runtime import launch_alive, launch_identity, launched_by_local_mpirun, mpi_rank
 
 CLAIM = ".claim"
 RUN_MARKERS = ("config.yaml", "checkpoints", "metrics.json")  # a folder with any of these holds a run
@@ -69,9 +69,16 @@ def write_claim(folder: Path, identity: str, exclusive: bool) -> bool:
 
 def claim(path: Path, identity: str, rank: int = 0, wait_s: float = 60.0) -> Path:
     """Rank 0: the first of PATH, PATH-1, PATH-2, ... that this call creates. Ranks > 0: the one that rank 0 of
-    the same launch (same identity) created, waiting up to wait_s for it."""
+    the same launch (same identity) created, waiting up to wait_s for it; else PATH as it is (ranks > 0 write
+    nothing into their run folder, so a guess is harmless: the case of ranks on other machines or under srun)."""
     if rank != 0:
-        return find_claimed(path, identity, rank, wait_s)
+        found = find_claimed(path, identity, wait_s)
+        if found is None:
+            _notices.append(
+                f"MPI rank {rank}: no folder {path}[-N] claimed by this launch ({identity}) here; using {path} (on"
+                " several machines, name one shared folder with hydra.run.dir=DIR)"
+            )
+        return found or path
     path.parent.mkdir(parents=True, exist_ok=True)
     for n in itertools.count():
         folder = suffixed(path, n)
@@ -85,7 +92,7 @@ def claim(path: Path, identity: str, rank: int = 0, wait_s: float = 60.0) -> Pat
         return folder
 
 
-def find_claimed(path: Path, identity: str, rank: int, wait_s: float) -> Path:
+def find_claimed(path: Path, identity: str, wait_s: float) -> Path | None:
     deadline = time.monotonic() + wait_s
     while True:
         for n in itertools.count():
@@ -94,18 +101,17 @@ def find_claimed(path: Path, identity: str, rank: int, wait_s: float) -> Path:
                 break
             if read_claim(folder) == identity:
                 return folder
-        if time.monotonic() > deadline:
-            raise RunDirRefused(
-                f"MPI rank {rank}: found no folder {path}[-N] claimed by this launch ({identity}) within "
-                f"{wait_s:.0f} s; on several machines, name one shared folder with hydra.run.dir=DIR"
-            )
+        if time.monotonic() >= deadline:
+            return None
         time.sleep(0.1)
 
 
 def claim_dir(path: str) -> str:
     """Resolver `${claim_dir:PATH}`: PATH or PATH-N, claimed for this launch; once per path and process."""
     if path not in _claimed:
-        _claimed[path] = str(claim(Path(path), launch_identity(), mpi_rank()))
+        rank = mpi_rank()
+        wait_s = 60.0 if rank == 0 or launched_by_local_mpirun() else 0.0  # else rank 0 is not on this machine
+        _claimed[path] = str(claim(Path(path), launch_identity(), rank, wait_s))
     return _claimed[path]
 
 

@@ -228,8 +228,12 @@ def _process_start(pid: int | str = "self") -> int | None:
         return None
 
 
-def _mpi_launcher() -> tuple[int, int] | None:
-    """(pid, start ticks) of the mpirun (or OpenMPI daemon) above this process, or None."""
+MPIRUNS = ("mpirun", "mpiexec", "orterun", "prterun", "prte")
+MPI_DAEMONS = ("orted", "prted")  # what starts the ranks on the other machines
+
+
+def _mpi_launcher() -> tuple[int, int, str] | None:
+    """(pid, start ticks, name) of the mpirun (or OpenMPI daemon) above this process, or None."""
     if mpi_rank() == 0 and "OMPI_COMM_WORLD_SIZE" not in os.environ:
         return None
     try:
@@ -239,8 +243,8 @@ def _mpi_launcher() -> tuple[int, int] | None:
                 fields = f.read().rsplit(")", 1)[1].split()
             with open(f"/proc/{pid}/comm") as f:
                 name = f.read().strip()
-            if name in ("mpirun", "mpiexec", "orterun", "prterun", "prte", "orted", "prted"):
-                return pid, int(fields[19])
+            if name in MPIRUNS + MPI_DAEMONS:
+                return pid, int(fields[19]), name
             pid = int(fields[1])
     except (OSError, ValueError, IndexError):
         pass
@@ -266,8 +270,15 @@ def launch_identity() -> str:
     """`host:pid:start` of the launch: mpirun's for every MPI rank on a machine, else this process's own."""
     import socket
 
-    pid, start = _mpi_launcher() or (os.getpid(), _process_start())
+    pid, start, _ = _mpi_launcher() or (os.getpid(), _process_start(), "")
     return f"{socket.gethostname()}:{pid}:{start}"
+
+
+def launched_by_local_mpirun() -> bool:
+    """Whether mpirun itself (not a daemon on another machine, not srun) started this process: then rank 0 of
+    the same launch runs on this machine."""
+    launcher = _mpi_launcher()
+    return launcher is not None and launcher[2] in MPIRUNS
 
 
 def launch_alive(identity: str) -> bool:
