@@ -49,13 +49,15 @@ def check_folder(config, key: str, sweep: bool) -> None:
         if mpi_rank() == 0 and not run_dirs.claimed_here(folder):
             resume = resumes(config.get("resume"), folder)
             run_dirs.take_over(folder, launch_identity(), resume, bool(config.get("overwrite")), key, sweep)
-    except Exception as err:
-        cause = err if isinstance(err, run_dirs.RunDirRefused) else err.__cause__
+    except Exception as err:  # a callback's exception would only be a warning: say it and stop here
+        cause = err
+        while cause.__cause__ or cause.__context__:  # OmegaConf wraps what the resolver raised
+            cause = cause.__cause__ or cause.__context__
         if isinstance(cause, run_dirs.RunDirRefused):
             refuse(str(cause))
-        if isinstance(err, OSError) or isinstance(cause, OSError):
-            refuse(f"{key}: cannot create the folder: {cause or err}")
-        raise
+        if isinstance(cause, OSError):
+            refuse(f"{key}: cannot create the folder: {cause}")
+        refuse(f"{key}: {str(err).splitlines()[0]}")
 
 
 class Preflight(Callback):

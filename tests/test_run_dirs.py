@@ -288,3 +288,19 @@ def test_two_sweeps_started_together_get_their_own_folders(tmp_path, data_home):
         assert [(int(r["seed"]), r["status"]) for r in rows] == [(s, "ok") for s in seeds]
         seen.append(seeds)
     assert sorted(seen) == [[1, 2], [3, 4]]
+
+
+@pytest.mark.parametrize("folder", ["${{claim_dir:{f}/run}}", "{f}/run"])
+def test_a_folder_that_cannot_be_made_is_one_line(tmp_path, folder):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder\n")
+    proc = subprocess.run(
+        [sys.executable, "run.py", f"hydra.run.dir={folder.format(f=blocker)}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr + proc.stdout
+    assert proc.stderr.startswith("hydra.run.dir: cannot create the folder: [Errno ") and str(blocker) in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
