@@ -156,6 +156,8 @@ def take_over(folder: Path, identity: str, resume: bool, overwrite: bool, key: s
     Refused while the launch named in its `.claim` still runs (whatever the options), and when it holds a run
     (a sweep: job folders or a summary) unless resume or overwrite; overwrite deletes the old run's files.
     """
+    if resume and overwrite:
+        raise RunDirRefused(f"{key}={folder}: resume=true continues its run, overwrite=true deletes it; pick one")
     folder.mkdir(parents=True, exist_ok=True)
     owner = read_claim(folder)
     if owner is not None and owner != identity and launch_alive(owner):

@@ -129,6 +129,8 @@ def test_a_folder_holding_a_run_is_refused_unless_resume_or_overwrite(tmp_path):
     assert "resume=true" in str(err.value) and "overwrite=true" in str(err.value)
     assert snapshot(folder) == before  # nothing written, not even the claim
 
+    with pytest.raises(RunDirRefused, match="pick one"):
+        take_over(folder, me, resume=True, overwrite=True, key="hydra.run.dir")
     take_over(folder, me, resume=True, overwrite=False, key="hydra.run.dir")
     assert {k: v for k, v in snapshot(folder).items() if k != ".claim"} == before
 
