@@ -39,7 +39,8 @@ def resumes(resume, folder: Path) -> bool:
         return True
     if resume in (None, False) or str(resume).lower() in ("", "false"):
         return False
-    return folder.resolve() in [Path(str(resume)).expanduser().resolve(), *Path(str(resume)).resolve().parents]
+    named = Path(str(resume)).expanduser().resolve()
+    return folder.resolve() in (named, *named.parents)
 
 
 def check_folder(config, key: str, sweep: bool) -> None:
