@@ -24,7 +24,8 @@ log = logging.getLogger("ccnet")
 
 
 def resume_command(run_dir: Path) -> str:
-    keep = [o for o in HydraConfig.get().overrides.task if not o.startswith(("resume=", "hydra.run.dir="))]
+    drop = ("resume=", "overwrite=", "hydra.run.dir=")  # overwrite=true again would delete what it resumes
+    keep = [o for o in HydraConfig.get().overrides.task if not o.startswith(drop)]
     return shlex.join(["python", "run.py", *keep, f"hydra.run.dir={run_dir}", "resume=true"])
 
 
@@ -35,7 +36,20 @@ def main(cfg) -> float | None:
         for handler in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
             root.removeHandler(handler)
         root.setLevel(logging.WARNING)
-    runtime.setup(cfg.device, cfg.verbose)  # before anything imports Jittor
+    from ccnet.summary import record_status
+    from ccnet.validate import ConfigValueError, check
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    try:  # every value before any work (a single run was checked already, before its folder was made)
+        check(cfg)  # device first: Jittor is set up for it here, before anything imports it
+    except ConfigValueError as err:
+        if not multirun:
+            log.error("%s", err)
+            sys.exit(1)
+        log.error("%s\njob failed; the sweep goes on", err)
+        record_status(run_dir, status="failed", error=f"ConfigValueError: {err}", seconds=0.0)
+        return float("-inf")  # this job is recorded as failed; the sweep goes on
     from ccnet.data.datasets import DataError
     from ccnet.engine.checkpoint import CheckpointError
     from ccnet.engine.trainer import NonFiniteLossError, TrainingInterrupted
@@ -43,9 +57,7 @@ def main(cfg) -> float | None:
     from ccnet.jobs.common import RunDirError
     from ccnet.registry import RegistryError
 
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:  # status.json either way; under multirun a failed job returns -inf and the sweep goes on
-        multirun = HydraConfig.get().mode == RunMode.MULTIRUN
         return run_job(cfg, run_dir, multirun, reraise=(TrainingInterrupted,))
     except TrainingInterrupted as stop:
         log.warning(
@@ -61,7 +73,7 @@ def main(cfg) -> float | None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(130 if stop.signal_name == "SIGINT" else 143)
-    except (DataError, CheckpointError, RunDirError, NonFiniteLossError, RegistryError) as err:
+    except (ConfigValueError, DataError, CheckpointError, RunDirError, NonFiniteLossError, RegistryError) as err:
         log.error("%s", err)
         sys.exit(1)
 

@@ -16,6 +16,7 @@ from typing import Any, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
+from ccnet.run_dirs import claim_dir
 from ccnet.runtime import launch_time, mpi_rank
 
 
@@ -84,11 +85,11 @@ class ScheduleConfig:  # conf/schedule/
     scale_range: List[float] = MISSING
     scale_step: float = 0.0  # 0: continuous scales; 0.1: the authors' grid
     mirror: bool = True
-    checkpoint_every: int = MISSING
+    checkpoint_every: int = MISSING  # 0: only at the end (and at evaluations)
     keep_checkpoints: int = 3  # newest iter_*.pkl kept (plus last.pkl and best.pkl); 0 keeps all
     max_bad_steps: int = 3  # consecutive non-finite losses (steps skipped) before the run stops
     eval_every: int = 0  # 0: evaluate once, at the end
-    log_every: int = MISSING
+    log_every: int = MISSING  # 0: only at the end
 
 
 @dataclass
@@ -116,6 +117,7 @@ class Config:
     input: Optional[str] = None  # job=predict: an image file or a folder of images
     resume: Any = None  # true: this run directory's last checkpoint (hydra.run.dir=RUN); or a file / run dir
     paths: PathsConfig = field(default_factory=PathsConfig)
+    overwrite: bool = False  # hydra.run.dir=RUN (or sweep.dir) of an earlier run: delete its files and start anew
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
@@ -154,6 +156,7 @@ def job_dirname(override_dirname: str, limit: int = 120) -> str:
 
 def register_configs() -> None:
     OmegaConf.register_new_resolver("run_stamp", run_stamp, use_cache=True, replace=True)
+    OmegaConf.register_new_resolver("claim_dir", claim_dir, use_cache=True, replace=True)
     OmegaConf.register_new_resolver("hydra_output_subdir", hydra_output_subdir, replace=True)
     OmegaConf.register_new_resolver("job_dirname", job_dirname, replace=True)
     ConfigStore.instance().store(name="config_schema", node=Config)

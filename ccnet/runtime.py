@@ -20,6 +20,7 @@ import warnings
 from pathlib import Path
 
 _state: dict = {}
+DEVICES = ("auto", "cpu", "cuda")
 
 # Where Jittor looks for oneDNN (compile_extern.setup_mkl); the folder name is fixed in Jittor.
 JITTOR_DNNL_DIR = Path.home() / ".cache" / "jittor" / "mkl" / "dnnl_lnx_2.2.0_cpu_gomp"
@@ -171,7 +172,7 @@ def hide_compile_progress() -> None:
 def setup(device: str = "auto", verbose: bool = False):
     """Prepare the environment, import Jittor and return it. Safe to call more than once; a second call asking
     for another device than the first set up is an error (Jittor cannot switch once imported)."""
-    if device not in ("auto", "cpu", "cuda"):
+    if device not in DEVICES:
         raise ValueError(f"device={device!r}: expected auto, cpu or cuda")
     if "jt" in _state:
         if device != "auto" and device != _state["device"]:
@@ -226,28 +227,84 @@ def mpi_rank() -> int:
     return 0
 
 
-def launch_time() -> float:
-    """When this job was launched: mpirun's start time for every MPI rank on a machine (so that all ranks
-    agree on one run folder), else now."""
-    import time
+def mpi_world_size() -> int:
+    """The number of MPI ranks (1 without mpirun), read before Jittor is imported."""
+    for name in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
+        if name in os.environ:
+            return int(os.environ[name])
+    return 1
 
-    if mpi_rank() == 0 and "OMPI_COMM_WORLD_SIZE" not in os.environ:
-        return time.time()
+
+def _process_start(pid: int | str = "self") -> int | None:
+    """A process's start time in clock ticks since boot (with its pid, it names the process uniquely)."""
     try:
-        ticks = os.sysconf("SC_CLK_TCK")
-        boot = next(float(line.split()[1]) for line in open("/proc/stat") if line.startswith("btime"))
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+MPIRUNS = ("mpirun", "mpiexec", "orterun", "prterun", "prte")
+MPI_DAEMONS = ("orted", "prted")  # what starts the ranks on the other machines
+
+
+def _mpi_launcher() -> tuple[int, int, str] | None:
+    """(pid, start ticks, name) of the mpirun (or OpenMPI daemon) above this process, or None."""
+    if mpi_rank() == 0 and "OMPI_COMM_WORLD_SIZE" not in os.environ:
+        return None
+    try:
         pid = os.getppid()
         while pid > 1:
             with open(f"/proc/{pid}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
             with open(f"/proc/{pid}/comm") as f:
                 name = f.read().strip()
-            if name in ("mpirun", "mpiexec", "orterun", "prterun", "prte", "orted", "prted"):
-                return boot + int(fields[19]) / ticks
+            if name in MPIRUNS + MPI_DAEMONS:
+                return pid, int(fields[19]), name
             pid = int(fields[1])
-    except (OSError, StopIteration, ValueError, IndexError):
+    except (OSError, ValueError, IndexError):
         pass
-    return time.time()
+    return None
+
+
+def launch_time() -> float:
+    """When this job was launched: mpirun's start time for every MPI rank on a machine (so that all ranks
+    agree on one run folder), else now."""
+    import time
+
+    launcher = _mpi_launcher()
+    if launcher is None:
+        return time.time()
+    try:
+        boot = next(float(line.split()[1]) for line in open("/proc/stat") if line.startswith("btime"))
+        return boot + launcher[1] / os.sysconf("SC_CLK_TCK")
+    except (OSError, StopIteration, ValueError):
+        return time.time()
+
+
+def launch_identity() -> str:
+    """`host:pid:start` of the launch: mpirun's for every MPI rank on a machine, else this process's own."""
+    import socket
+
+    pid, start, _ = _mpi_launcher() or (os.getpid(), _process_start(), "")
+    return f"{socket.gethostname()}:{pid}:{start}"
+
+
+def launched_by_local_mpirun() -> bool:
+    """Whether mpirun itself (not a daemon on another machine, not srun) started this process: then rank 0 of
+    the same launch runs on this machine."""
+    launcher = _mpi_launcher()
+    return launcher is not None and launcher[2] in MPIRUNS
+
+
+def launch_alive(identity: str) -> bool:
+    """Whether the launch an identity names still runs (False when it ran on another machine: unknowable)."""
+    import socket
+
+    host, pid, start = (identity.rsplit(":", 2) + ["", ""])[:3]
+    if host != socket.gethostname() or not pid.isdigit() or not start.isdigit():
+        return False
+    return str(_process_start(int(pid))) == start
 
 
 def describe() -> str:

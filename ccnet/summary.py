@@ -19,7 +19,17 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
+from ccnet.runtime import mpi_rank
+
 log = logging.getLogger(__name__)
+
+
+def record_status(run_dir: Path, **status) -> None:
+    """status.json: {status: ok | failed, error, result, seconds}, which the summary reads (rank 0 only: MPI ranks
+    share the run folder)."""
+    if mpi_rank() == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "status.json").write_text(json.dumps(status, indent=2) + "\n")
 
 
 def read_scalars(tb_dir: Path, tag: str) -> list[tuple[int, float]]:

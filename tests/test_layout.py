@@ -15,8 +15,11 @@ PACKAGE = ROOT / "ccnet"
 MAY_IMPORT = {
     "runtime": set(),
     "registry": set(),
-    "config": {"runtime"},
-    "summary": set(),
+    "config": {"runtime", "run_dirs"},
+    "run_dirs": {"runtime"},
+    "validate": {"runtime", "registry", "ops", "models"},
+    "preflight": {"runtime", "run_dirs", "validate"},
+    "summary": {"runtime"},
     "weights": {"registry", "runtime"},
     "download": set(),
     "testing": set(),
@@ -24,7 +27,7 @@ MAY_IMPORT = {
     "data": {"registry"},
     "models": {"runtime", "registry", "ops", "weights"},
     "engine": {"runtime", "data", "models", "ops", "weights"},
-    "jobs": {"runtime", "registry", "ops", "data", "engine", "models", "weights", "summary", "download"},
+    "jobs": {"runtime", "registry", "ops", "data", "engine", "models", "weights", "summary", "download", "validate"},
     "api": {"runtime", "registry", "ops", "data", "engine", "models", "weights", "jobs", "config", "download"},
 }
 

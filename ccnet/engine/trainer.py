@@ -139,7 +139,7 @@ def train(
             jt.sync_all()
             images_per_s = len(images) / max(time.time() - tick, 1e-9)
             bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", img_s=f"{images_per_s:.1f}")
-            if step % s.log_every == 0 or step == s.iters:
+            if (s.log_every and step % s.log_every == 0) or step == s.iters:
                 main_value, aux_value = main.item(), aux.item()
                 for tag, value in [
                     ("loss", loss_value),
@@ -168,7 +168,7 @@ def train(
                 improved = metrics["mIoU"] > best["mIoU"]
                 if improved:
                     best = {"mIoU": metrics["mIoU"], "iteration": step}
-            if step % s.checkpoint_every == 0 or step == s.iters or evaluate_now:
+            if (s.checkpoint_every and step % s.checkpoint_every == 0) or step == s.iters or evaluate_now:
                 path = save(step)
                 if improved and is_main:
                     link_as(path, ckpt_dir / "best.pkl")

@@ -6,7 +6,6 @@ is defined with `@JOBS.register("<name>")` (ccnet.registry); every module of thi
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import traceback
@@ -14,6 +13,7 @@ from pathlib import Path
 
 from ccnet import ops, runtime
 from ccnet.registry import JOBS
+from ccnet.summary import record_status
 
 runtime.ensure_setup()  # the jobs import Jittor: set it up first (a no-op after run.py's own set-up)
 
@@ -33,10 +33,7 @@ def run_job(cfg, run_dir: Path, multirun: bool, reraise=()):
     start = time.time()
 
     def record(**status):
-        if runtime.mpi_rank() == 0:  # MPI ranks share the run folder
-            run_dir.mkdir(parents=True, exist_ok=True)
-            status["seconds"] = round(time.time() - start, 2)
-            (run_dir / "status.json").write_text(json.dumps(status, indent=2) + "\n")
+        record_status(run_dir, **status, seconds=round(time.time() - start, 2))
 
     try:
         ops.select(**cfg.kernels)

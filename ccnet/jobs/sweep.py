@@ -6,10 +6,13 @@ from pathlib import Path
 
 from ccnet.registry import JOBS
 from ccnet.summary import summarize
+from ccnet.validate import ConfigValueError
 
 
 @JOBS.register("sweep")
 def run(cfg, run_dir: Path) -> None:
-    if not cfg.sweep_dir:
-        raise ValueError("job=sweep needs sweep_dir=PATH (a multirun folder, e.g. multirun_sweeps/<date>/<time>)")
+    if not cfg.sweep_dir or not Path(cfg.sweep_dir).expanduser().is_dir():
+        raise ConfigValueError(
+            f"sweep_dir={cfg.sweep_dir}: expected a multirun folder (e.g. multirun_sweeps/<date>/<time>)"
+        )
     summarize(Path(cfg.sweep_dir).expanduser())

@@ -30,6 +30,7 @@ from ccnet.engine.evaluate import evaluate
 from ccnet.engine.trainer import train
 from ccnet.models import build_model
 from ccnet.registry import JOBS
+from ccnet.validate import check_batch_fits
 
 from .common import NullWriter, log_eval_to_tensorboard, log_hparams, prepare_run_dir, write_metrics
 
@@ -68,8 +69,9 @@ def run(cfg, run_dir: Path) -> float:
     config_dict = prepare_run_dir(cfg, run_dir, write=is_main)
     jt.set_global_seed(cfg.seed, different_seed_for_mpi=False)  # same initial weights on every MPI rank
     train_set, val_set = load_splits(cfg)
-    model = build_model(cfg)
     s = cfg.schedule
+    check_batch_fits(s.batch_size, len(train_set), cfg.dataset.train_split)  # the other values: ccnet/validate.py
+    model = build_model(cfg)
     optimizer = nn.SGD(model.parameters(), s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
     start_iter, best = 0, None
     resume_from = resume_checkpoint(cfg.resume, run_dir)
@@ -91,8 +93,6 @@ def run(cfg, run_dir: Path) -> float:
         len(val_set),
         jt.world_size,
     )
-    if s.batch_size % jt.world_size:
-        raise ValueError(f"schedule.batch_size={s.batch_size} must be divisible by the {jt.world_size} MPI ranks")
     batches = train_batches(
         train_set,
         lambda im, lb, rng: train_transform(im, lb, rng, cfg.dataset, s),

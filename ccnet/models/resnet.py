@@ -114,19 +114,20 @@ def convert_mit_resnet_state_dict(state_dict: dict) -> tuple[dict, list]:
 
 
 MIT_RESNET = PretrainedWeights("resnet", "layer1.0.conv1.weight", convert_mit_resnet_state_dict, ResNet)
+# min_input: the smallest input side (measured): the stem leaves ceil(s / 2) pixels and the 3x3 max-pool needs 4
 
 
-@BACKBONES.register("resnet50", weights=MIT_RESNET)
+@BACKBONES.register("resnet50", weights=MIT_RESNET, min_input=7)
 def resnet50():
     return ResNet(Bottleneck, [3, 4, 6, 3])
 
 
-@BACKBONES.register("resnet101", weights=MIT_RESNET)
+@BACKBONES.register("resnet101", weights=MIT_RESNET, min_input=7)
 def resnet101():
     return ResNet(Bottleneck, [3, 4, 23, 3])
 
 
-@BACKBONES.register("resnet_tiny", weights=MIT_RESNET)
+@BACKBONES.register("resnet_tiny", weights=MIT_RESNET, min_input=7)
 def resnet_tiny():
     """A small ResNet-style backbone (basic blocks, same stem and dilations) that trains in minutes on a CPU."""
     return ResNet(BasicBlock, [1, 1, 1, 1], stem=(16, 16, 32), widths=(32, 64, 96, 128))

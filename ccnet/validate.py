@@ -1,0 +1,239 @@
+"""Every config value checked before any work starts: one table of rules keyed by dotted config path.
+
+`problems(cfg)` lists one line per bad value, naming the key, the value and what is allowed; `check(cfg)` raises
+`ConfigValueError` with them. ccnet/preflight.py calls it before Hydra creates the run folder (run.py again for
+each job of a sweep), so a bad value fails in seconds with exit code 1, and a sweep records the job as failed.
+`device` is checked first and Jittor set up for it, since the names of backbones, losses and activations come from
+their registries (ccnet/registry.py), which import the models. Conditions only known at work time (the data
+set's size, files that must exist) are checked by the jobs, in the same one-line style.
+
+A renamed key is a one-line edit of RULES (tests/test_validate.py checks that every key exists).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, NamedTuple
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from ccnet import runtime
+from ccnet.registry import ACTIVATIONS, BACKBONES, DATASETS, JOBS, LOSSES
+from ccnet.runtime import DEVICES, mpi_world_size
+
+
+class ConfigValueError(ValueError):
+    """A config value the run cannot use; the message names the key, the value and what is allowed."""
+
+
+class Rule(NamedTuple):
+    test: Callable[[Any, Any], bool]  # (value, whole config) -> fine?
+    expected: str | Callable[[Any], str]  # what is allowed (text, or a function of the config)
+
+
+EVAL_MODES = ("whole", "slide")  # ccnet/engine/inference.py predict()
+
+
+def kernel_choices() -> list[str]:
+    from ccnet.ops import CHOICES
+
+    return list(CHOICES)
+
+
+def van_necks() -> list[str]:
+    from ccnet.models.van import VAN_NECKS
+
+    return list(VAN_NECKS)
+
+
+def is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def is_list(v, n=None) -> bool:
+    return isinstance(v, (list, tuple, ListConfig)) and (n is None or len(v) == n)
+
+
+def integer(low: int) -> Rule:
+    return Rule(lambda v, cfg: is_int(v) and v >= low, f"an integer >= {low}")
+
+
+def number(low: float, high: float = math.inf, low_open=False, high_open=False) -> Rule:
+    """A finite number in the interval; e.g. number(0, 1, high_open=True) is [0, 1)."""
+
+    def test(v, cfg):
+        return is_number(v) and (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
+
+    if high == math.inf:
+        return Rule(test, f"a finite number {'>' if low_open else '>='} {low:g}")
+    return Rule(test, f"a number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}")
+
+
+def one_of(names: tuple | Callable[[], list], optional: bool = False) -> Rule:
+    """One of the names (a tuple, or a function giving them, e.g. a registry's); null too when optional."""
+    choices = names if callable(names) else (lambda: names)
+    return Rule(lambda v, cfg: (optional and v is None) or v in choices(), lambda cfg: f"one of {', '.join(choices())}")
+
+
+def backbone_takes(cfg) -> list[str]:
+    name = cfg.backbone.name
+    return BACKBONES.get(name).parameters() if name in BACKBONES.names() else []
+
+
+def backbone_setting(key: str, rule: Rule) -> Rule:
+    """backbone.<key>, a setting of some backbones only (null: the backbone's own default): when set, the named
+    backbone must take it, and the value must pass `rule`."""
+
+    def expected(cfg):
+        inner = rule.expected(cfg) if callable(rule.expected) else rule.expected
+        takes = ", ".join(backbone_takes(cfg)) or "no settings"
+        return f"null, or {inner} for a backbone that takes {key} ({cfg.backbone.name} takes {takes})"
+
+    return Rule(lambda v, cfg: v is None or (key in backbone_takes(cfg) and rule.test(v, cfg)), expected)
+
+
+def needed_by(*jobs: str) -> Rule:
+    return Rule(lambda v, cfg: cfg.job not in jobs or bool(v), f"a path (job={'|'.join(jobs)} needs one)")
+
+
+def min_input(cfg) -> int:
+    """The smallest input side the backbone takes, as it declares at registration (measured; default 1)."""
+    name = str(OmegaConf.select(cfg, "backbone.name", default=""))
+    return BACKBONES.get(name).info.get("min_input", 1) if name in BACKBONES.names() else 1
+
+
+def size_pair(v, cfg) -> bool:
+    return is_list(v, 2) and all(is_int(s) and s >= min_input(cfg) for s in v)
+
+
+CROP = Rule(size_pair, lambda cfg: f"2 integers >= {min_input(cfg)} (the smallest input side for {cfg.backbone.name})")
+EVAL_CROP = Rule(
+    lambda v, cfg: (v is None and cfg.eval.mode != "slide") or size_pair(v, cfg),
+    lambda cfg: f"2 integers >= {min_input(cfg)} (eval.mode=slide needs a window)",
+)
+
+
+def batch_ok(v, cfg) -> bool:
+    return is_int(v) and v >= 1 and v % mpi_world_size() == 0
+
+
+def batch_expected(cfg) -> str:
+    ranks = mpi_world_size()
+    return "an integer >= 1" + (f", divisible by the {ranks} MPI ranks" if ranks > 1 else "")
+
+
+def stride_ok(v, cfg) -> bool:
+    if v is None and cfg.eval.mode != "slide":
+        return True
+    crop_size = OmegaConf.select(cfg, "eval.crop_size", default=None)
+    limits = crop_size if size_pair(crop_size, cfg) else (math.inf, math.inf)  # a bad crop is named on its own
+    return is_list(v, 2) and all(is_int(s) and 1 <= s <= c for s, c in zip(v, limits))
+
+
+RULES: dict[str, Rule] = {
+    "job": one_of(JOBS.names),
+    "device": one_of(DEVICES),
+    "seed": integer(0),  # NumPy's seeded generators take no negative seeds
+    "checkpoint": needed_by("eval", "visualize", "predict"),
+    "sweep_dir": needed_by("sweep"),
+    "input": needed_by("predict"),
+    "point": Rule(
+        lambda v, cfg: v is None or (is_list(v, 2) and all(is_int(x) and x >= 0 for x in v)),
+        "null or [y, x], 2 integers >= 0",
+    ),
+    "backbone.name": one_of(BACKBONES.names),
+    "backbone.neck": backbone_setting("neck", one_of(van_necks)),
+    "backbone.drop_path": backbone_setting("drop_path", number(0, 1, high_open=True)),
+    "backbone.head_channels": integer(1),
+    "model.recurrence": integer(0),
+    "model.act": one_of(ACTIVATIONS.names),
+    "model.dropout": number(0, 1, high_open=True),
+    "model.aux_weight": number(0),
+    "model.loss": one_of(LOSSES.names),
+    "model.ohem_thresh": number(0, 1, low_open=True),
+    "model.ohem_min_kept": integer(1),
+    "dataset.name": one_of(DATASETS.names),
+    "dataset.num_classes": integer(1),
+    "dataset.mean": Rule(lambda v, cfg: is_list(v, 3) and all(is_number(x) for x in v), "3 finite numbers"),
+    "dataset.std": Rule(lambda v, cfg: is_list(v, 3) and all(is_number(x) and x > 0 for x in v), "3 numbers > 0"),
+    "dataset.num_workers": integer(0),
+    "schedule.iters": Rule(lambda v, cfg: is_int(v) and (v >= 1 or cfg.job != "train"), "an integer >= 1 (job=train)"),
+    "schedule.batch_size": Rule(batch_ok, batch_expected),
+    "schedule.lr": number(0, low_open=True),
+    "schedule.momentum": number(0, 1, high_open=True),
+    "schedule.weight_decay": number(0),
+    "schedule.poly_power": number(0),
+    "schedule.crop_size": CROP,
+    "schedule.scale_range": Rule(
+        lambda v, cfg: is_list(v, 2) and all(is_number(x) for x in v) and 0 < v[0] <= v[1],
+        "[low, high], 0 < low <= high",
+    ),
+    "schedule.scale_step": number(0),
+    "schedule.checkpoint_every": integer(0),
+    "schedule.keep_checkpoints": integer(0),
+    "schedule.max_bad_steps": integer(1),
+    "schedule.eval_every": integer(0),
+    "schedule.log_every": integer(0),
+    "eval.mode": one_of(EVAL_MODES),
+    "eval.crop_size": EVAL_CROP,
+    "eval.stride": Rule(stride_ok, "2 integers, 1 <= stride <= eval.crop_size (eval.mode=slide needs them)"),
+    "eval.scales": Rule(
+        lambda v, cfg: is_list(v) and len(v) > 0 and all(is_number(x) and x > 0 for x in v), "numbers > 0"
+    ),
+    "eval.num_vis": integer(0),
+    "eval.max_images": integer(0),
+    **{f"kernels.{op}": one_of(kernel_choices) for op in ("cca", "conv", "batch_norm", "relu")},
+}
+
+
+def show(value) -> str:
+    if isinstance(value, (DictConfig, ListConfig)):
+        value = OmegaConf.to_container(value, resolve=True)
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def problems(cfg, keys=None) -> list[str]:
+    """One line per bad value (of `keys`, default all): `key=value: expected ...`; empty when all are usable."""
+    lines = []
+    for key, rule in RULES.items():
+        if keys is not None and key not in keys:
+            continue
+        parent_key, _, leaf = key.rpartition(".")
+        parent = OmegaConf.select(cfg, parent_key) if parent_key else cfg
+        if not isinstance(parent, DictConfig) or leaf not in parent.keys():  # `in` is False for ???
+            lines.append(f"{key}: not in the config (a rule in ccnet/validate.py names it)")
+            continue
+        expected = rule.expected(cfg) if callable(rule.expected) else rule.expected
+        if OmegaConf.is_missing(parent, leaf):
+            lines.append(f"{key}: no value given; expected {expected}")
+            continue
+        value = parent[leaf]
+        if not rule.test(value, cfg):
+            lines.append(f"{key}={show(value)}: expected {expected}")
+    return lines
+
+
+def validate(cfg, keys=None) -> None:
+    found = problems(cfg, keys)
+    if found:
+        raise ConfigValueError("\n".join(found))
+
+
+def check(cfg) -> None:
+    """`device` first, Jittor set up for it (the registries of backbones, losses and activations import the models),
+    then every value."""
+    validate(cfg, keys=("device",))
+    runtime.setup(cfg.device, cfg.verbose)
+    validate(cfg)
+
+
+def check_batch_fits(batch_size: int, split_size: int, split: str) -> None:
+    """Called by job=train once the data are read: a global batch must fit in one pass over the split."""
+    if batch_size > split_size:
+        raise ConfigValueError(
+            f"schedule.batch_size={batch_size}: expected at most the {split_size} images of the {split} split"
+        )
