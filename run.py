@@ -23,6 +23,15 @@ register_configs()
 log = logging.getLogger("ccnet")
 
 
+def report_error(err: Exception) -> None:
+    """Bad input ends in one line: on stderr for the user, and into run.log (not twice on the terminal)."""
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, "%s", (err,), None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+    print(f"error: {err}", file=sys.stderr)
+
+
 def resume_command(run_dir: Path) -> str:
     keep = [o for o in HydraConfig.get().overrides.task if not o.startswith(("resume=", "hydra.run.dir="))]
     return shlex.join(["python", "run.py", *keep, f"hydra.run.dir={run_dir}", "resume=true"])
@@ -39,6 +48,7 @@ def main(cfg) -> float | None:
     from ccnet.data.datasets import DataError
     from ccnet.engine.checkpoint import CheckpointError
     from ccnet.engine.trainer import NonFiniteLossError, TrainingInterrupted
+    from ccnet.fileio import FileError
     from ccnet.jobs import get_job
     from ccnet.jobs.common import RunDirError
     from ccnet.sweep import run_recorded
@@ -61,8 +71,8 @@ def main(cfg) -> float | None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(130 if stop.signal_name == "SIGINT" else 143)
-    except (DataError, CheckpointError, RunDirError, NonFiniteLossError) as err:
-        log.error("%s", err)
+    except (DataError, CheckpointError, FileError, RunDirError, NonFiniteLossError) as err:
+        report_error(err)
         sys.exit(1)
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
+from ccnet.fileio import atomic_file
 from ccnet.runtime import mpi_rank
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,8 @@ def run_recorded(job, cfg, run_dir: Path, multirun: bool, reraise=()):
         if mpi_rank() == 0:  # MPI ranks share the run folder
             run_dir.mkdir(parents=True, exist_ok=True)
             status["seconds"] = round(time.time() - start, 2)
-            (run_dir / "status.json").write_text(json.dumps(status, indent=2) + "\n")
+            with atomic_file(run_dir / "status.json") as f:  # a kill never leaves half of it
+                f.write((json.dumps(status, indent=2) + "\n").encode())
 
     try:
         result = job(cfg, run_dir)
