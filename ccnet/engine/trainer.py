@@ -34,6 +34,13 @@ class TrainingInterrupted(Exception):
         self.iteration, self.checkpoint, self.signal_name = iteration, checkpoint, signal_name
 
 
+def flush_logs(writer) -> None:
+    """What the run logged so far onto disk (TensorBoard events, run.log), so a kill -9 cannot lose it."""
+    writer.flush()
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+
+
 def poly_lr(base_lr: float, iteration: int, max_iters: int, power: float = 0.9) -> float:
     return base_lr * (1 - iteration / max_iters) ** power
 
@@ -96,6 +103,7 @@ def train(
     def save(step):
         path = ckpt_dir / f"iter_{step:06d}.pkl"
         if is_main:
+            flush_logs(writer)  # first: once a checkpoint exists, every event logged before it is on disk
             save_checkpoint(path, model, step, config_dict, optimizer, {"best": best})
             link_as(path, ckpt_dir / "last.pkl")
             prune_checkpoints(ckpt_dir, s.keep_checkpoints)
@@ -127,10 +135,11 @@ def train(
                 bad_steps += 1
                 log.warning("iteration %d: loss is %s, step skipped (%d in a row)", step, loss_value, bad_steps)
                 if bad_steps >= s.max_bad_steps:
+                    last = ckpt_dir / "last.pkl"
+                    kept = f"The last good checkpoint is {last}" if last.is_file() else "No checkpoint was written"
                     raise NonFiniteLossError(
                         f"loss was not finite ({loss_value}) for {bad_steps} iterations in a row, the last at "
-                        f"iteration {step}; stopped. The last good checkpoint is {ckpt_dir / 'last.pkl'}. Lower "
-                        f"schedule.lr or check the data."
+                        f"iteration {step}; stopped. {kept}. Lower schedule.lr or check the data."
                     )
                 continue
             bad_steps = 0
