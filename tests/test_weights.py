@@ -13,9 +13,9 @@ from ccnet import runtime
 
 jt = runtime.setup()
 
+from ccnet.fileio import FileError, UnsafeFileError  # noqa: E402
 from ccnet.models.registry import build_backbone  # noqa: E402
 from ccnet.models.van import VANBackbone  # noqa: E402
-from ccnet.fileio import FileError, UnsafeFileError  # noqa: E402
 from ccnet.weights import WeightsError, load_backbone_weights, main, read_file  # noqa: E402
 
 TINY_VAN = dict(embed_dims=(8, 16, 24, 32), depths=(1, 1, 1, 1))
