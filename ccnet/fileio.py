@@ -20,6 +20,7 @@ the file runs. Every failure (missing, empty, truncated, foreign, refused) is a 
 
 from __future__ import annotations
 
+import _compat_pickle
 import collections
 import contextlib
 import functools
@@ -278,7 +279,10 @@ class _Unpickler(pickle.Unpickler):
         self.path, self.load_storage = path, load_storage
 
     def find_class(self, module, name):
-        full = f"{'builtins' if module == '__builtin__' else module}.{name}"
+        if (module, name) in _compat_pickle.NAME_MAPPING:  # Python 2 names (protocol 2), as pickle maps them
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+        full = f"{module}.{name}"
         if full in _ALLOWED:
             found = _ALLOWED[full]  # our functions wrapped afresh: BUILD on one cannot touch the function itself
             return functools.partial(found) if isinstance(found, types.FunctionType) else found

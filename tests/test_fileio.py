@@ -37,7 +37,8 @@ def test_planted_commands_never_run(tmp_path, fmt, kind):
         assert "object and structured arrays are refused" in message
     else:
         assert isinstance(err.value, UnsafeFileError)
-        assert err.value.name.split(".")[-1] == kind.split(".")[-1] and "nothing from the file was run" in message
+        assert err.value.name == ("posix.system" if kind == "os.system" else kind)  # named as Python would import it
+        assert "nothing from the file was run" in message
 
 
 @pytest.mark.parametrize("fmt", sorted(set(pf.FORMATS) - {"numpy_object_array"}))
@@ -70,7 +71,7 @@ def test_real_torch_file_with_a_planted_tensor_attribute(tmp_path, torch_worker,
     with pytest.raises(UnsafeFileError) as err:
         read_file(path)
     assert_never_ran(marker, kind)
-    assert err.value.path == path and err.value.name.split(".")[-1] == kind.split(".")[-1]
+    assert err.value.path == path and err.value.name == ("posix.system" if kind == "os.system" else kind)
 
 
 def test_a_tensor_reaching_beyond_its_storage_is_refused(tmp_path):
