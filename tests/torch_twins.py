@@ -357,3 +357,108 @@ def torch_load_arrays(path):
     import torch
 
     return _to_numpy(torch.load(path, weights_only=True))
+
+
+def torch_ccnet(block, layers, stem, widths, num_classes, channels, recurrence, act="relu", align_corners=True):
+    """The whole CCNet as the paper describes it, with our key names: the dilated ResNet above (backbone.*),
+    the RCCA head (head.*: conva 3x3 -> criss-cross attention R times with shared weights -> convb 3x3 ->
+    concat with the backbone feature -> bottleneck 3x3 -> dropout -> 1x1 classifier) and the DSN head on layer3
+    (aux_head.*: 3x3 conv with bias -> dropout -> 1x1); every 3x3 conv followed by BN and the activation;
+    logits upsampled bilinearly to the input size."""
+    import torch
+    import torch.nn as tnn
+    import torch.nn.functional as F
+
+    def activation():
+        return tnn.ReLU() if act == "relu" else tnn.LeakyReLU(0.01)
+
+    def conv_bn_act(cin, cout, bias=False):
+        return tnn.Sequential(tnn.Conv2d(cin, cout, 3, padding=1, bias=bias), tnn.BatchNorm2d(cout), activation())
+
+    class CrissCrossAttention(tnn.Module):
+        """Query/key 1x1 to C/8, value 1x1 to C; for each pixel one softmax over its column (its own position
+        left out there, so it is counted once) and its row; gamma * aggregated values + x."""
+
+        def __init__(self, c):
+            super().__init__()
+            self.query_conv = tnn.Conv2d(c, c // 8, 1)
+            self.key_conv = tnn.Conv2d(c, c // 8, 1)
+            self.value_conv = tnn.Conv2d(c, c, 1)
+            self.gamma = tnn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            h = x.shape[2]
+            q, k, v = self.query_conv(x), self.key_conv(x), self.value_conv(x)
+            e_col = torch.einsum("bchw,bcgw->bhwg", q, k)
+            e_col = e_col.masked_fill(torch.eye(h, dtype=torch.bool).view(h, 1, h), float("-inf"))
+            e_row = torch.einsum("bchw,bchg->bhwg", q, k)
+            att = F.softmax(torch.cat([e_col, e_row], dim=-1), dim=-1)
+            out = torch.einsum("bhwg,bcgw->bchw", att[..., :h], v) + torch.einsum("bhwg,bchg->bchw", att[..., h:], v)
+            return self.gamma * out + x
+
+    class RCCAHead(tnn.Module):
+        def __init__(self, cin):
+            super().__init__()
+            self.conva = conv_bn_act(cin, channels)
+            self.cca = CrissCrossAttention(channels)
+            self.convb = conv_bn_act(channels, channels)
+            self.bottleneck = conv_bn_act(cin + channels, channels)
+            self.dropout = tnn.Dropout2d(0.1)
+            self.classifier = tnn.Conv2d(channels, num_classes, 1)
+
+        def forward(self, x):
+            out = self.conva(x)
+            for _ in range(recurrence):
+                out = self.cca(out)
+            out = self.bottleneck(torch.cat([x, self.convb(out)], 1))
+            return self.classifier(self.dropout(out))
+
+    class DSNHead(tnn.Module):
+        def __init__(self, cin):
+            super().__init__()
+            self.conv = conv_bn_act(cin, channels, bias=True)
+            self.dropout = tnn.Dropout2d(0.1)
+            self.classifier = tnn.Conv2d(channels, num_classes, 1)
+
+        def forward(self, x):
+            return self.classifier(self.dropout(self.conv(x)))
+
+    expansion = 4 if block == "bottleneck" else 1
+
+    class Net(tnn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = torch_resnet(block, layers, stem, widths)
+            self.backbone.fc = None  # a segmentation backbone: no classifier
+            self.head = RCCAHead(widths[3] * expansion)
+            self.aux_head = DSNHead(widths[2] * expansion)
+
+        def forward(self, x, with_aux=False):
+            feats = self.backbone.stages(x)
+
+            def up(t):
+                return F.interpolate(t, size=x.shape[2:], mode="bilinear", align_corners=align_corners)
+
+            logits = up(self.head(feats[4]))
+            return (logits, up(self.aux_head(feats[3]))) if with_aux else logits
+
+    return Net()
+
+
+def ccnet_logits_from_export(path, block, layers, stem, widths, x):
+    """torch.load(path, weights_only=True) of an exported file -> the twin built from its meta, its weights
+    loaded -> (main and DSN logits on x, missing keys, unexpected keys, meta without the config text)."""
+    import torch
+
+    payload = torch.load(path, weights_only=True)
+    meta = payload["meta"]
+    twin = torch_ccnet(
+        block, layers, stem, widths, meta["num_classes"], meta["head_channels"], meta["recurrence"], meta["act"],
+        meta["align_corners"],
+    )  # fmt: skip
+    missing, unexpected = twin.load_state_dict(payload["state_dict"], strict=False)
+    twin.eval()
+    with torch.no_grad():
+        logits, aux = twin(torch.from_numpy(x), with_aux=True)
+    summary = {k: v for k, v in meta.items() if k != "config"}
+    return logits.numpy(), aux.numpy(), list(missing), list(unexpected), summary
