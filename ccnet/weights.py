@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "ccnet-checkpoint-v1"  # the trainer's checkpoints (ccnet.engine.checkpoint)
 BACKBONE_FORMAT = "ccnet-backbone-v1"  # what `convert` writes: one family's converted state dict
+EXPORT_FORMAT = "ccnet-export-v1"  # meta["format"] of what `export --format torch` writes (ccnet/export.py)
 SIGNATURES = {"resnet": "layer1.0.conv1.weight", "van": "patch_embed1.proj.weight"}
 
 
@@ -74,8 +75,10 @@ def read_state_dict(path, family: str | None = None) -> StateDict:
     if not isinstance(obj, dict):
         raise WeightsError(path, f"not a checkpoint: holds a {type(obj).__name__}, not a dict of tensors")
     fmt = obj.get("format")
-    if fmt == CHECKPOINT_FORMAT:
-        model = obj.get("model") if isinstance(obj.get("model"), dict) else {}
+    exported = isinstance(obj.get("meta"), dict) and obj["meta"].get("format") == EXPORT_FORMAT
+    if fmt == CHECKPOINT_FORMAT or exported:  # ours, or what `export` made of ours: the whole model's keys
+        model = obj.get("state_dict" if exported else "model")
+        model = model if isinstance(model, dict) else {}
         tensors = {k[len("backbone.") :]: v for k, v in _arrays(model).items() if k.startswith("backbone.")}
         if not tensors:
             raise WeightsError(path, "a ccnet checkpoint without backbone.* tensors")

@@ -103,6 +103,18 @@ def test_eval_and_predict_from_the_exported_file(source, compose, tmp_path, data
     assert len(np.unique(np.concatenate([a.ravel() for a in results["out"][1]]))) > 1
 
 
+def test_exported_file_as_pretrained_backbone(source):
+    """backbone.pretrained= takes an exported file like our checkpoint: its backbone.* tensors."""
+    from ccnet.models.registry import build_backbone
+    from ccnet.weights import load_backbone_weights
+
+    backbone = build_backbone("resnet_tiny")
+    report = load_backbone_weights(backbone, source["out"])
+    assert report.loaded == len(backbone.state_dict()) and report.target == "ResNet"
+    for key, var in backbone.state_dict().items():
+        np.testing.assert_array_equal(var.numpy(), source["weights"][f"backbone.{key}"], err_msg=key)
+
+
 def test_mmseg_layout_is_refused_for_our_variants(source, tmp_path, capsys):
     out = tmp_path / "mmseg.pth"
     out.write_bytes(b"an earlier export")
