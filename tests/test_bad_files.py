@@ -85,6 +85,11 @@ def with_weights(good, weights):
     return {**good["state"], "model": weights}
 
 
+def with_config(good, **sections):
+    config = {**good["state"]["config"], **{k: {**good["state"]["config"][k], **v} for k, v in sections.items()}}
+    return {**good["state"], "config": config}
+
+
 def van_like(good):
     """Our checkpoint of a resnet_tiny config whose backbone tensors are a VAN's."""
     weights = {k: v for k, v in good["state"]["model"].items() if not k.startswith("backbone.")}
@@ -142,6 +147,17 @@ CATALOGUE = {
             **{p: "shape mismatch (1): backbone.layer1.0.conv1.weight" for p in ("eval", "predict", "visualize")},
             "resume": "shape mismatch (1): backbone.layer1.0.conv1.weight",
             "pretrained": "does not fit the ResNet backbone: shape mismatch (1): layer1.0.conv1.weight",
+        },
+    ),
+    "config_of_another_version": (
+        lambda d, g: saved(d / "newer.pkl", with_config(g, backbone={"name": "resnet_tiny", "future_key": 1})),
+        {p: "its config does not fit this version of ccnet" for p in ("eval", "predict", "visualize")},
+    ),
+    "unknown_backbone": (
+        lambda d, g: saved(d / "unknown.pkl", with_config(g, backbone={"name": "resnet_999"})),
+        {
+            p: "its config cannot build a model here: backbone.name='resnet_999'"
+            for p in ("eval", "predict", "visualize")
         },
     ),
     "export_for_resume": (lambda d, g: g["dir"] / "good.pth", {"resume": "holds no optimizer state"}),

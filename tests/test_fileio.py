@@ -83,6 +83,14 @@ def test_a_tensor_reaching_beyond_its_storage_is_refused(tmp_path):
         read_file(path)
 
 
+def test_a_zip_missing_a_storage_is_named_corrupt(tmp_path):
+    path = tmp_path / "nodata.pth"
+    with open(path, "wb") as f:
+        pf.write_torch_zip(f, pf.crafted({"w": pf.tensor("0", (2, 3))}), [])
+    with pytest.raises(FileError, match="corrupt PyTorch file: data.pkl names archive/data/0, which is missing"):
+        read_file(path)
+
+
 def test_build_cannot_change_the_allowed_helpers(tmp_path):
     """BUILD on an allowed global (here numpy.ndarray's stand-in, then numpy's _reconstruct) is refused and
     changes nothing for the next file."""
