@@ -49,14 +49,14 @@ def main(cfg) -> float | None:
     from ccnet.engine.checkpoint import CheckpointError
     from ccnet.engine.trainer import NonFiniteLossError, TrainingInterrupted
     from ccnet.fileio import FileError
-    from ccnet.jobs import get_job
+    from ccnet.jobs import run_job
     from ccnet.jobs.common import RunDirError
-    from ccnet.sweep import run_recorded
+    from ccnet.registry import RegistryError
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:  # status.json either way; under multirun a failed job returns -inf and the sweep goes on
         multirun = HydraConfig.get().mode == RunMode.MULTIRUN
-        return run_recorded(get_job(cfg.job), cfg, run_dir, multirun, reraise=(TrainingInterrupted,))
+        return run_job(cfg, run_dir, multirun, reraise=(TrainingInterrupted,))
     except TrainingInterrupted as stop:
         log.warning(
             "%s: stopped at iteration %d, checkpoint %s\nresume with:\n  %s",
@@ -71,7 +71,7 @@ def main(cfg) -> float | None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(130 if stop.signal_name == "SIGINT" else 143)
-    except (DataError, CheckpointError, FileError, RunDirError, NonFiniteLossError) as err:
+    except (DataError, CheckpointError, FileError, RunDirError, NonFiniteLossError, RegistryError) as err:
         report_error(err)
         sys.exit(1)
 

@@ -1,9 +1,12 @@
 """A/B of one of our faster CPU paths inside one process: the same model, the path switched on and off between steps.
 
 Not a test. On a machine whose speed drifts by 10-30 % within minutes, two separate runs cannot resolve a few per
-cent; alternating steps in one process can (both sides see the same drift). Switches:
-  conv  ccnet.models.conv.Conv2d.onednn_forward  (our oneDNN training forward vs Jittor's conv forward)
-  relu  ccnet.models.relu.ReLU.threaded          (our OpenMP ReLU vs Jittor's)
+cent; alternating steps in one process can (both sides see the same drift). The switch is one of our kernels
+(ccnet/ops/, config kernels.<name>): new = ours (fused), old = Jittor's ops:
+  cca         fused criss-cross attention vs plain Jittor ops
+  conv        our oneDNN training forward vs Jittor's conv forward
+  batch_norm  our one-pass float64 statistics vs Jittor's BatchNorm
+  relu        our OpenMP ReLU vs Jittor's
 Each pair of measurements runs A then B, the next pair B then A; the first `--warmup` pairs are dropped (Jittor
 compiles in them). Prints the median time per step of each side, their ratio (new / old) and the pairwise ratios,
 and writes benchmarks/results/ab_<switch>_<backbone>_<mode>_B<batch>_<date>.json.
@@ -24,12 +27,11 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--switch", choices=["conv", "relu"], required=True)
+    parser.add_argument("--switch", choices=["cca", "conv", "batch_norm", "relu"], required=True)
     parser.add_argument("--backbone", default="resnet50")
     parser.add_argument("--mode", choices=["train", "eval"], default="train")
     parser.add_argument("--batch", type=int, default=1)
@@ -45,14 +47,11 @@ def main() -> None:
     from ccnet import runtime
 
     jt = runtime.setup("cpu")
-    from ccnet.models.ccnet import CCNet
-    from ccnet.models.conv import Conv2d
-    from ccnet.models.registry import build_backbone
-    from ccnet.models.relu import ReLU
+    from ccnet import ops
+    from ccnet.models import CCNet, build_backbone
 
-    owner, attribute = {"conv": (Conv2d, "onednn_forward"), "relu": (ReLU, "threaded")}[args.switch]
     head = args.head_channels or (64 if args.backbone == "resnet_tiny" else 512)
-    model = CCNet(build_backbone(args.backbone), args.classes, head, 2, cca_impl="fused")
+    model = CCNet(build_backbone(args.backbone), args.classes, head, 2)
     rng = np.random.default_rng(0)
     images = jt.array(rng.standard_normal((args.batch, 3, args.size, args.size)).astype(np.float32))
     labels = jt.array(rng.integers(0, args.classes, (args.batch, args.size, args.size)).astype(np.int32))
@@ -73,15 +72,14 @@ def main() -> None:
     times = {True: [], False: []}
     for pair in range(args.warmup + args.pairs):
         for new in (True, False) if pair % 2 == 0 else (False, True):
-            setattr(owner, attribute, new)
-            start = time.perf_counter()
-            for _ in range(args.steps):
-                step()
-            elapsed = (time.perf_counter() - start) / args.steps
+            with ops.using(**{args.switch: "fused" if new else "jittor"}):
+                start = time.perf_counter()
+                for _ in range(args.steps):
+                    step()
+                elapsed = (time.perf_counter() - start) / args.steps
             if pair >= args.warmup:
                 times[new].append(elapsed)
             print(f"  pair {pair} {'new' if new else 'old'}: {elapsed:.3f} s", file=sys.stderr, flush=True)
-    setattr(owner, attribute, True)
 
     new, old = statistics.median(times[True]), statistics.median(times[False])
     pairwise = [a / b for a, b in zip(times[True], times[False])]

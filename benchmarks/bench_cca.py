@@ -24,13 +24,14 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from common import machine
 
 ROOT = Path(__file__).resolve().parents[1]
 IMPLS = ["torch_cca", "jittor_ops", "jittor_fused", "torch_nonlocal"]
@@ -78,14 +79,7 @@ def peak_memory_mib(baseline_kib: int, method: str) -> float:
 def torch_step(impl: str, batch: int, size: int):
     import torch
 
-    def cca(q, k, v):  # mmcv's einsum formulation
-        h = q.shape[2]
-        centre = torch.eye(h, dtype=torch.bool).view(1, 1, h, h)
-        energy_h = torch.einsum("bchw,bciw->bwhi", q, k).masked_fill(centre, float("-inf")).transpose(1, 2)
-        energy_w = torch.einsum("bchw,bchj->bhwj", q, k)
-        attn = torch.softmax(torch.cat([energy_h, energy_w], dim=-1), dim=-1)
-        out = torch.einsum("bciw,bhwi->bchw", v, attn[..., :h])
-        return out + torch.einsum("bchj,bhwj->bchw", v, attn[..., h:])
+    from ccnet.testing.torch_twins import einsum_cca as cca  # mmcv's einsum formulation
 
     def non_local(q, k, v):  # every pixel attends to every pixel: (HW x HW) maps
         attn = torch.softmax(torch.bmm(q.flatten(2).transpose(1, 2), k.flatten(2)), dim=-1)
@@ -109,17 +103,16 @@ def torch_step(impl: str, batch: int, size: int):
 
 
 def jittor_step(impl: str, batch: int, size: int):
-    sys.path.insert(0, str(ROOT))
     from ccnet import runtime
 
     jt = runtime.setup("cpu")
     import numpy as np
 
-    from ccnet.models.cca import CCA_IMPLS
+    from ccnet.ops.cca import criss_cross_attention_fused, criss_cross_attention_plain
 
     op = {
-        "jittor_fused": CCA_IMPLS["fused"],
-        "jittor_ops": CCA_IMPLS["ops"],
+        "jittor_fused": criss_cross_attention_fused,
+        "jittor_ops": criss_cross_attention_plain,
         "jittor_identity": lambda q, k, v: v * 1,
     }[impl]
     rng = np.random.default_rng(0)
@@ -166,17 +159,6 @@ def run_case(impl: str, batch: int, size: int, repeats: int) -> dict:
 
 
 # ---------------------------------------------------------------- driver
-
-
-def machine() -> dict:
-    lines = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
-    lscpu = dict(line.split(":", 1) for line in lines if ":" in line)
-    fields = ["Model name", "CPU family", "Model", "L2 cache", "L3 cache"]
-    return {
-        "lscpu": {f: lscpu[f].strip() for f in fields if f in lscpu},
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-    }
 
 
 def find(results: list[dict], impl: str, batch: int, size: int) -> dict | None:

@@ -11,7 +11,6 @@ sample's time goes on one thread.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -20,11 +19,9 @@ from types import SimpleNamespace
 import cv2
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from ccnet.data.cityscapes import build_cityscapes  # noqa: E402
-from ccnet.data.loader import train_batches  # noqa: E402
-from ccnet.data.transforms import normalize, pad_and_random_crop, random_mirror, random_scale, train_transform  # noqa: E402
+from ccnet.data.cityscapes import build_cityscapes
+from ccnet.data.loader import train_batches
+from ccnet.data.transforms import normalize, pad_and_random_crop, random_mirror, random_scale, train_transform
 
 
 def street_like_image(rng, h=1024, w=2048):

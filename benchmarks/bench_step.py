@@ -4,7 +4,7 @@ Not a test.
 Both sides build the same network: dilated deep-stem ResNet-50/101 (output stride 8), the RCCA head (conva,
 criss-cross attention x recurrence with shared weights, convb, concat, bottleneck, Dropout2d, 1x1), the DSN head
 on layer3, bilinear upsampling (align_corners=True), CE (ignore 255) + 0.4 x aux CE, SGD (lr 0.01, momentum 0.9,
-weight decay 1e-4). PyTorch's criss-cross attention is einsum (as mmcv's CPU path); ours is `cca_impl` (fused
+weight decay 1e-4). PyTorch's criss-cross attention is einsum (as mmcv's CPU path); ours is `kernels.cca` (fused
 kernels or plain Jittor ops). Random weights and inputs; labels in [0, 19) with ~10 % ignored pixels.
 
 Each case (framework, backbone, cca impl, batch, train/eval) runs in its own subprocess, one after the other:
@@ -28,13 +28,14 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from common import machine
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_CLASSES, HEAD_CHANNELS, RECURRENCE, IGNORE = 19, 512, 2, 255
@@ -55,122 +56,9 @@ def make_inputs(batch: int, size: int, seed: int = 0):
 
 
 def build_torch(backbone: str):
-    import torch
-    import torch.nn.functional as F
-    from torch import nn
+    from ccnet.testing.torch_twins import torch_ccnet
 
-    def conv_bn_relu(cin, cout, k, bias=False):
-        return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=bias), nn.BatchNorm2d(cout), nn.ReLU())
-
-    class Bottleneck(nn.Module):
-        def __init__(self, inplanes, planes, stride=1, dilation=1, downsample=None):
-            super().__init__()
-            self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
-            self.bn1 = nn.BatchNorm2d(planes)
-            self.conv2 = nn.Conv2d(planes, planes, 3, stride, padding=dilation, dilation=dilation, bias=False)
-            self.bn2 = nn.BatchNorm2d(planes)
-            self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
-            self.bn3 = nn.BatchNorm2d(planes * 4)
-            self.relu = nn.ReLU()
-            self.downsample = downsample
-
-        def forward(self, x):
-            out = self.relu(self.bn1(self.conv1(x)))
-            out = self.relu(self.bn2(self.conv2(out)))
-            out = self.bn3(self.conv3(out))
-            return self.relu(out + (x if self.downsample is None else self.downsample(x)))
-
-    class ResNet(nn.Module):
-        def __init__(self, layers):
-            super().__init__()
-            self.stem = nn.Sequential(
-                nn.Conv2d(3, 64, 3, 2, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
-                nn.Conv2d(64, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
-                nn.Conv2d(64, 128, 3, 1, 1, bias=False), nn.BatchNorm2d(128), nn.ReLU(),
-                nn.MaxPool2d(3, 2, 1, ceil_mode=True),
-            )  # fmt: skip
-            self.inplanes = 128
-            self.layer1 = self._make(64, layers[0])
-            self.layer2 = self._make(128, layers[1], stride=2)
-            self.layer3 = self._make(256, layers[2], dilation=2)
-            self.layer4 = self._make(512, layers[3], dilation=4)
-
-        def _make(self, planes, blocks, stride=1, dilation=1):
-            downsample = None
-            if stride != 1 or self.inplanes != planes * 4:
-                downsample = nn.Sequential(
-                    nn.Conv2d(self.inplanes, planes * 4, 1, stride, bias=False), nn.BatchNorm2d(planes * 4)
-                )
-            mods = [Bottleneck(self.inplanes, planes, stride, dilation, downsample)]
-            self.inplanes = planes * 4
-            mods += [Bottleneck(self.inplanes, planes, 1, dilation) for _ in range(1, blocks)]
-            return nn.Sequential(*mods)
-
-        def forward(self, x):
-            x = self.layer2(self.layer1(self.stem(x)))
-            c3 = self.layer3(x)
-            return c3, self.layer4(c3)
-
-    class CCA(nn.Module):
-        def __init__(self, channels):
-            super().__init__()
-            self.query = nn.Conv2d(channels, channels // 8, 1)
-            self.key = nn.Conv2d(channels, channels // 8, 1)
-            self.value = nn.Conv2d(channels, channels, 1)
-            self.gamma = nn.Parameter(torch.zeros(1))
-
-        def forward(self, x):
-            h = x.shape[2]
-            q, k, v = self.query(x), self.key(x), self.value(x)
-            e_col = torch.einsum("bchw,bcgw->bhwg", q, k)  # same column, row g
-            mask = torch.eye(h, dtype=torch.bool, device=x.device).view(h, 1, h)
-            e_col = e_col.masked_fill(mask, float("-inf"))  # the centre is counted once, in the row branch
-            e_row = torch.einsum("bchw,bchg->bhwg", q, k)  # same row, column g
-            att = F.softmax(torch.cat([e_col, e_row], dim=-1), dim=-1)
-            out = torch.einsum("bhwg,bcgw->bchw", att[..., :h], v) + torch.einsum("bhwg,bchg->bchw", att[..., h:], v)
-            return self.gamma * out + x
-
-    class RCCAHead(nn.Module):
-        def __init__(self, cin, ch, classes):
-            super().__init__()
-            self.conva = conv_bn_relu(cin, ch, 3)
-            self.cca = CCA(ch)
-            self.convb = conv_bn_relu(ch, ch, 3)
-            self.bottleneck = conv_bn_relu(cin + ch, ch, 3)
-            self.dropout = nn.Dropout2d(0.1)
-            self.classifier = nn.Conv2d(ch, classes, 1)
-
-        def forward(self, x):
-            out = self.conva(x)
-            for _ in range(RECURRENCE):
-                out = self.cca(out)
-            out = self.bottleneck(torch.cat([x, self.convb(out)], 1))
-            return self.classifier(self.dropout(out))
-
-    class CCNet(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.backbone = ResNet(LAYERS[backbone])
-            self.head = RCCAHead(2048, HEAD_CHANNELS, NUM_CLASSES)
-            self.aux_head = nn.Sequential(
-                conv_bn_relu(1024, HEAD_CHANNELS, 3, bias=True), nn.Dropout2d(0.1), nn.Conv2d(HEAD_CHANNELS, 19, 1)
-            )
-
-        def forward(self, images, with_aux=False):
-            size = images.shape[2:]
-            c3, c4 = self.backbone(images)
-            logits = F.interpolate(self.head(c4), size=size, mode="bilinear", align_corners=True)
-            if not with_aux:
-                return logits
-            return logits, F.interpolate(self.aux_head(c3), size=size, mode="bilinear", align_corners=True)
-
-        def losses(self, images, labels):
-            logits, aux_logits = self(images, with_aux=True)
-            main = F.cross_entropy(logits, labels, ignore_index=IGNORE)
-            aux = F.cross_entropy(aux_logits, labels, ignore_index=IGNORE)
-            return main + 0.4 * aux, main, aux
-
-    return CCNet()
+    return torch_ccnet("bottleneck", LAYERS[backbone], num_classes=NUM_CLASSES, head_channels=HEAD_CHANNELS)
 
 
 def run_torch(args) -> dict:
@@ -204,14 +92,14 @@ def run_torch(args) -> dict:
 
 
 def run_jittor(args) -> dict:
-    sys.path.insert(0, str(ROOT))
     from ccnet import runtime
 
     jt = runtime.setup("cpu")
-    from ccnet.models.ccnet import CCNet
-    from ccnet.models.registry import build_backbone
+    from ccnet import ops
+    from ccnet.models import CCNet, build_backbone
 
-    model = CCNet(build_backbone(args.backbone), NUM_CLASSES, HEAD_CHANNELS, RECURRENCE, cca_impl=args.impl)
+    ops.select(cca=args.impl)
+    model = CCNet(build_backbone(args.backbone), NUM_CLASSES, HEAD_CHANNELS, RECURRENCE)
     images_np, labels_np = make_inputs(args.batch, args.size)
     images, labels = jt.array(images_np), jt.array(labels_np)
     if args.mode == "train":
@@ -255,16 +143,6 @@ def timed(step, args) -> dict:
 
 
 # ---------------------------------------------------------------- driver
-
-
-def machine() -> dict:
-    lines = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
-    lscpu = dict(line.split(":", 1) for line in lines if ":" in line)
-    fields = ["Model name", "CPU family", "Model", "L2 cache", "L3 cache", "Flags"]
-    info = {f: lscpu[f].strip() for f in fields if f in lscpu}
-    flags = info.pop("Flags", "").split()
-    info["avx512f"] = "avx512f" in flags
-    return {"lscpu": info, "cores": os.cpu_count(), "python": platform.python_version()}
 
 
 def median_round(case: dict, runs: list[dict]) -> dict:
@@ -318,8 +196,10 @@ def main() -> None:
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--modes", nargs="+", default=["train", "eval"], choices=["train", "eval"])
     parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--impls", nargs="+", default=["fused", "ops"], help="Jittor cca_impl values")
-    parser.add_argument("--ops-cases", default="resnet50:1", help="backbone:batch train cases also run with 'ops'")
+    parser.add_argument("--impls", nargs="+", default=["fused", "jittor"], help="kernels.cca values (Jittor)")
+    parser.add_argument(
+        "--ops-cases", default="resnet50:1", help="backbone:batch train cases also run with kernels.cca=jittor"
+    )
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--torch-warmup", type=int, default=1, help="PyTorch compiles nothing: one step warms it")
     parser.add_argument("--steps", type=int, default=3)

@@ -1,4 +1,4 @@
-"""GPU check of the fused criss-cross attention (the CUDA kernels in ccnet/models/cca_fused.py). Not a test.
+"""GPU check of the fused criss-cross attention (the CUDA kernels in ccnet/ops/csrc/cca_cuda.cuh). Not a test.
 
 On a machine with a CUDA GPU, Jittor and (optionally) PyTorch with CUDA:
   python benchmarks/gpu_check_cca.py [--repeats 20] [--quick]    (--device cpu --quick: a dry run without GPU)
@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 CHECK_SHAPES = [(1, 4, 8, 5, 7), (2, 3, 16, 13, 21), (2, 8, 32, 33, 17), (2, 64, 512, 97, 97)]  # B, Cq, C, H, W
 SPEED_CASES = [(1, 64), (2, 64), (1, 97), (2, 97)]  # B, size; Cq = 64, C = 512
@@ -118,11 +117,12 @@ def main() -> int:
     except RuntimeError as error:
         print(f"no GPU: {error}")
         return 2
-    from ccnet.models.cca import CCA_IMPLS, criss_cross_affinity
-    from ccnet.models.cca_fused import (
+    from ccnet.ops.cca import (
         CrissCrossAttentionFunction,
         attention_map,
+        criss_cross_affinity,
         criss_cross_attention_fused,
+        criss_cross_attention_plain,
         fused_available,
     )
 
@@ -132,7 +132,7 @@ def main() -> int:
     # float16 kernels exist on CUDA only; the CPU dry run goes through the same code, cast to float32 inside
     half_ok = fused_available("float16") if args.device == "cuda" else True
     print(f"fused kernels compiled and passed the self-test: float32 {fused_ok}, float16 {half_ok}\n")
-    fused, ops = CrissCrossAttentionFunction.apply, CCA_IMPLS["ops"]
+    fused, ops = CrissCrossAttentionFunction.apply, criss_cross_attention_plain
 
     failed = not fused_ok or not half_ok
     print("| B, Cq, C, H, W | vs | out | dq | dk | dv | attention map |")

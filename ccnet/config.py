@@ -1,85 +1,103 @@
 """Structured-config schemas, registered in Hydra's ConfigStore.
 
 `conf/config.yaml` extends `config_schema`, so an unknown key (`schedule.lrr=0.1`) or a wrong type fails at
-composition with a message that names it, before any work starts.
+composition with a message that names it, before any work starts. A value marked `???` here has no default of
+its own: the config group that owns the section supplies it (conf/<group>/*.yaml), so the schema never holds a
+second, contradicting default.
 """
 
 from __future__ import annotations
 
+import hashlib
+import re
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import OmegaConf
+from omegaconf import MISSING, OmegaConf
 
 from ccnet.runtime import launch_time, mpi_rank
-from ccnet.sweep import job_dirname
 
 
 @dataclass
-class BackboneConfig:
-    name: str = "resnet_tiny"
+class PathsConfig:  # conf/paths/
+    data_root: str = MISSING  # where the data sets live (and the embedded ones are generated)
+    outputs: str = MISSING  # run folders: <outputs>/<date>/<time>/
+    sweeps: str = MISSING  # sweep folders: <sweeps>/<date>/<time>/<job>/
+
+
+@dataclass
+class BackboneConfig:  # conf/backbone/
+    name: str = MISSING  # a registered backbone (ccnet.registry.BACKBONES)
+    head_channels: int = MISSING  # width of the RCCA and DSN heads used with this backbone (512 for ResNet-101)
     pretrained: Optional[str] = None  # path to ImageNet weights (.pth, .pth.tar or our .pkl)
     strict: bool = True  # a missing or mis-shaped backbone tensor is an error
-    drop_path: float = 0.0  # stochastic depth (VAN)
-    neck: str = "sum"  # VAN only: stages 2-4 to stride 8, fused by sum | concat; none = stage 4 at stride 32
-    head_channels: int = 64  # width of the RCCA and DSN heads used with this backbone (512 for ResNet-101)
+    # The settings of some backbones only (null = the backbone's own default; a backbone refuses one it lacks):
+    drop_path: Optional[float] = None  # VAN: stochastic depth
+    neck: Optional[str] = None  # VAN: stages 2-4 to stride 8 fused by sum | concat; none = stage 4 at stride 32
 
 
 @dataclass
 class ModelConfig:
-    recurrence: int = 2  # CCA loops; 0 = no attention
-    cca_impl: str = "auto"  # auto | fused | ops
+    recurrence: int = MISSING  # CCA loops, conf/recurrence/; 0 = no attention
     act: str = "relu"  # relu (mmseg) | leaky_relu (the authors' InPlaceABN)
     dropout: float = 0.1
     aux_weight: float = 0.4
-    loss: str = "ce"  # ce | ohem
+    loss: str = "ce"  # ce | ohem (ccnet.registry.LOSSES); settings of loss X are the keys X_*
     ohem_thresh: float = 0.7
     ohem_min_kept: int = 100000
 
 
 @dataclass
-class DatasetConfig:
-    name: str = "embedded"
-    root: str = "${oc.env:CCNET_DATA,'~/.cache/ccnet/data'}"
-    num_classes: int = 7
+class KernelsConfig:  # conf/kernels/: ours (fused) or Jittor's ops, per op (ccnet/ops/)
+    cca: str = MISSING
+    conv: str = MISSING
+    batch_norm: str = MISSING
+    relu: str = MISSING
+
+
+@dataclass
+class DatasetConfig:  # conf/dataset/ and conf/normalization/ (mean, std, bgr)
+    name: str = MISSING  # a registered data set (ccnet.registry.DATASETS)
+    root: str = MISSING
+    num_classes: int = MISSING
+    mean: List[float] = MISSING
+    std: List[float] = MISSING
+    bgr: bool = MISSING  # feed BGR (the MIT ResNet weights' order)
     ignore_index: int = 255
     train_split: str = "train"
     val_split: str = "val"
-    mean: List[float] = field(default_factory=lambda: [123.675, 116.28, 103.53])
-    std: List[float] = field(default_factory=lambda: [58.395, 57.12, 57.375])
-    bgr: bool = False  # feed BGR (the MIT ResNet weights' order)
     reduce_zero_label: bool = False  # ADE20K: 0 -> ignore, c -> c - 1
     num_workers: int = 2  # background threads decoding and augmenting
     verify: bool = False  # scan the whole split up front and list every problem
 
 
 @dataclass
-class ScheduleConfig:
-    iters: int = 3000
-    batch_size: int = 8  # global batch (split over MPI ranks)
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    poly_power: float = 0.9
-    crop_size: List[int] = field(default_factory=lambda: [128, 128])
-    scale_range: List[float] = field(default_factory=lambda: [0.75, 1.5])
+class ScheduleConfig:  # conf/schedule/
+    iters: int = MISSING
+    batch_size: int = MISSING  # global batch (split over MPI ranks)
+    lr: float = MISSING
+    momentum: float = MISSING
+    weight_decay: float = MISSING
+    poly_power: float = MISSING
+    crop_size: List[int] = MISSING
+    scale_range: List[float] = MISSING
     scale_step: float = 0.0  # 0: continuous scales; 0.1: the authors' grid
     mirror: bool = True
-    checkpoint_every: int = 1000
+    checkpoint_every: int = MISSING
     keep_checkpoints: int = 3  # newest iter_*.pkl kept (plus last.pkl and best.pkl); 0 keeps all
     max_bad_steps: int = 3  # consecutive non-finite losses (steps skipped) before the run stops
     eval_every: int = 0  # 0: evaluate once, at the end
-    log_every: int = 20
+    log_every: int = MISSING
 
 
 @dataclass
-class EvalConfig:
-    mode: str = "whole"  # whole | slide
-    crop_size: List[int] = field(default_factory=lambda: [769, 769])
-    stride: List[int] = field(default_factory=lambda: [513, 513])
-    scales: List[float] = field(default_factory=lambda: [1.0])
-    flip: bool = False
+class EvalConfig:  # conf/eval/
+    mode: str = MISSING  # whole | slide
+    scales: List[float] = MISSING
+    flip: bool = MISSING
+    crop_size: Optional[List[int]] = None  # slide: the window (eval/slide_769: the authors' 769 x 769)
+    stride: Optional[List[int]] = None  # slide: the step between windows
     num_vis: int = 4  # colourised predictions saved per evaluation
     max_images: int = 0  # 0: the whole split
     save_submission: bool = False  # job=eval on Cityscapes: label-id PNGs under run_dir/submission/
@@ -87,7 +105,7 @@ class EvalConfig:
 
 @dataclass
 class Config:
-    job: str = "train"  # train | eval | sweep | visualize | predict
+    job: str = "train"  # a registered job (ccnet.registry.JOBS): train | eval | sweep | visualize | predict
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     verbose: bool = False  # show Jittor's compile logs
@@ -97,8 +115,10 @@ class Config:
     point: Optional[List[int]] = None  # job=visualize: [y, x] in image pixels (default: on an object)
     input: Optional[str] = None  # job=predict: an image file or a folder of images
     resume: Any = None  # true: this run directory's last checkpoint (hydra.run.dir=RUN); or a file / run dir
+    paths: PathsConfig = field(default_factory=PathsConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -117,12 +137,23 @@ def hydra_output_subdir():
     return ".hydra" if mpi_rank() == 0 else None
 
 
+UNSAFE = re.compile(r"[^A-Za-z0-9_.+@%-]")
+
+
+def job_dirname(override_dirname: str, limit: int = 120) -> str:
+    """A sweep job's folder name (resolver `job_dirname`, conf/config.yaml) from Hydra's override_dirname, whose
+    separators we set to '-' (key-value) and '+' (items): brackets and quotes dropped, any other character
+    outside [A-Za-z0-9_.+@%-] (',' of a list, '/', ...) turned into '.', so the folder can be passed back
+    unquoted (checkpoint=...; '=' and ',' would need quoting); cut to `limit` characters plus a hash of the whole
+    when longer (names stop at 255 bytes). The summary reads each job's overrides from its .hydra/ instead."""
+    name = UNSAFE.sub(".", re.sub(r"[\[\]{}()'\"]", "", override_dirname))
+    if len(name) > limit:
+        name = f"{name[: limit - 9]}@{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+    return name
+
+
 def register_configs() -> None:
     OmegaConf.register_new_resolver("run_stamp", run_stamp, use_cache=True, replace=True)
     OmegaConf.register_new_resolver("hydra_output_subdir", hydra_output_subdir, replace=True)
     OmegaConf.register_new_resolver("job_dirname", job_dirname, replace=True)
-    cs = ConfigStore.instance()
-    cs.store(name="config_schema", node=Config)
-    cs.store(group="backbone", name="backbone_schema", node=BackboneConfig)
-    cs.store(group="dataset", name="dataset_schema", node=DatasetConfig)
-    cs.store(group="schedule", name="schedule_schema", node=ScheduleConfig)
+    ConfigStore.instance().store(name="config_schema", node=Config)

@@ -3,7 +3,7 @@
 Import this module (and call `setup`) before anything imports Jittor. Two facts of Jittor drive it:
 - a machine with `nvcc` but no CUDA driver crashes at import unless `nvcc_path` is empty;
 - Jittor downloads oneDNN 2.2 into `~/.cache/jittor/mkl/dnnl_lnx_2.2.0_cpu_gomp/` at first import, and
-  without it convolutions run ~100x slower. We point that folder at a oneDNN 2.x that pip (the
+  without it convolutions run far slower (README). We point that folder at a oneDNN 2.x that pip (the
   `onednn-devel-cpu-gomp` wheel, inside the venv) or Debian (`libdnnl-dev`) installed, so no download happens.
 """
 
@@ -77,7 +77,7 @@ def setup_onednn() -> str:
         os.environ["use_mkl"] = "0"  # otherwise Jittor tries to download it and fails offline
         warnings.warn(
             "oneDNN 2.x not found (pip: onednn-devel-cpu-gomp==2022.2.1, Debian: libdnnl-dev); "
-            "Jittor runs convolutions without it, about 100x slower on the CPU.",
+            "Jittor runs convolutions without it, far slower on the CPU.",
             stacklevel=2,
         )
         return "oneDNN: missing (slow CPU path)"
@@ -169,15 +169,18 @@ def hide_compile_progress() -> None:
 
 
 def setup(device: str = "auto", verbose: bool = False):
-    """Prepare the environment, import Jittor and return it. Safe to call more than once."""
-    if "jt" in _state:
-        return _state["jt"]
+    """Prepare the environment, import Jittor and return it. Safe to call more than once; a second call asking
+    for another device than the first set up is an error (Jittor cannot switch once imported)."""
     if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
+        raise ValueError(f"device={device!r}: expected auto, cpu or cuda")
+    if "jt" in _state:
+        if device != "auto" and device != _state["device"]:
+            raise RuntimeError(f"device={device} asked for, but Jittor was already set up for {_state['device']}")
+        return _state["jt"]
     if "jittor" in sys.modules:
         raise RuntimeError("ccnet.runtime.setup() must run before jittor is imported")
     # Idle OpenMP threads sleep instead of spinning: with spinning, two jobs on one machine (a parallel
-    # sweep, a benchmark beside a run) slowed each other down 10-50x here. Set OMP_WAIT_POLICY to override.
+    # sweep, a benchmark beside a run) slowed each other down many times over. Set OMP_WAIT_POLICY to override.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     # Where torch is installed, Jittor imports it at import time and reloads it with RTLD_DEEPBIND ("fix
     # torch error"): seconds of start-up, ~1 GB of address space, and a segfault in our CI. We never need it.
@@ -200,6 +203,19 @@ def setup(device: str = "auto", verbose: bool = False):
     jt.flags.use_cuda = int(use_cuda and jt.has_cuda)
     _state.update(jt=jt, onednn=status, device="cuda" if jt.flags.use_cuda else "cpu")
     return jt
+
+
+def ensure_setup():
+    """Jittor, set up with the defaults unless it already was: what importing ccnet.models, ccnet.ops, ccnet.engine
+    or ccnet.jobs does, so that library users need no set-up call of their own. run.py calls setup(device) before
+    importing any of them, so its choice wins. Where Jittor was imported by someone else first, it is used as is."""
+    if "jt" in _state:
+        return _state["jt"]
+    if "jittor" in sys.modules:
+        jt = sys.modules["jittor"]
+        _state.update(jt=jt, onednn="oneDNN: as Jittor found it", device="cuda" if jt.flags.use_cuda else "cpu")
+        return jt
+    return setup()
 
 
 def mpi_rank() -> int:

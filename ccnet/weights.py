@@ -7,8 +7,9 @@ and the pickles written by `python -m ccnet.weights convert IN.pth OUT.pkl [--fa
 (`ccnet-backbone-v1`). `python -m ccnet.weights export SOURCE OUT.pth [--format torch|mmseg]` writes one of
 our models as a PyTorch file (ccnet/export.py).
 
-The key conversion of each family lives beside its model: `convert_mit_resnet_state_dict` (resnet.py) and
-`convert_van_state_dict` (van.py).
+Each backbone family declares its weights where it registers (`PretrainedWeights`: a signature key, the key
+conversion beside the model, the module they fit), e.g. `MIT_RESNET` in ccnet/models/resnet.py and `VAN_WEIGHTS`
+in ccnet/models/van.py; this module only looks them up.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -30,7 +32,6 @@ log = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = "ccnet-checkpoint-v1"  # the trainer's checkpoints (ccnet.engine.checkpoint)
 BACKBONE_FORMAT = "ccnet-backbone-v1"  # what `convert` writes: one family's converted state dict
 EXPORT_FORMAT = "ccnet-export-v1"  # meta["format"] of what `export --format torch` writes (ccnet/export.py)
-SIGNATURES = {"resnet": "layer1.0.conv1.weight", "van": "patch_embed1.proj.weight"}
 
 
 class WeightsError(FileError):
@@ -50,19 +51,32 @@ class StateDict:
     dropped: list = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class PretrainedWeights:
+    """What a backbone family's published weights look like, declared by its backbones at registration."""
+
+    family: str  # the family's name ("resnet", "van"), for messages and `convert --family`
+    signature: str  # a key that only this family's files hold, e.g. "patch_embed1.proj.weight"
+    convert: Callable  # file state dict -> (our names, keys dropped on purpose), beside the model
+    module_type: type | tuple  # the backbone class(es) these weights fit
+    inner: str = ""  # the backbone's attribute that takes them ("van"), where it has one; else the backbone itself
+
+
+def families() -> dict[str, PretrainedWeights]:
+    """family name -> its weights format, from every registered backbone."""
+    from .registry import BACKBONES
+
+    found = (entry.info.get("weights") for entry in BACKBONES.entries())
+    return {weights.family: weights for weights in found if weights is not None}
+
+
 def detect_family(path, keys) -> str | None:
     """The family whose signature key (e.g. patch_embed1.proj.weight for VAN) is among `keys`, or None."""
-    found = {fam for fam, sig in SIGNATURES.items() for k in keys if k == sig or k.endswith("." + sig)}
+    signatures = {fam: fmt.signature for fam, fmt in families().items()}
+    found = {fam for fam, sig in signatures.items() for k in keys if k == sig or k.endswith("." + sig)}
     if len(found) > 1:
         raise WeightsError(path, f"holds keys of several backbone families: {sorted(found)}")
     return found.pop() if found else None
-
-
-def _converters():
-    from .models.resnet import convert_mit_resnet_state_dict
-    from .models.van import convert_van_state_dict
-
-    return {"resnet": convert_mit_resnet_state_dict, "van": convert_van_state_dict}
 
 
 def _arrays(d: dict) -> dict:
@@ -98,7 +112,9 @@ def read_state_dict(path, family: str | None = None) -> StateDict:
     family = family or found
     if family is None:
         raise WeightsError(path, f"no ResNet or VAN keys (first keys: {list(tensors)[:4]}); give the family")
-    converted, dropped = _converters()[family](tensors)
+    if family not in families():
+        raise WeightsError(path, f"family {family!r} is unknown; choose one of {sorted(families())}")
+    converted, dropped = families()[family].convert(tensors)
     return StateDict(converted, "torch", found or family, dropped)
 
 
@@ -156,16 +172,12 @@ class LoadReport:
         )
 
 
-def _target(module, family: str | None):
-    """(family, module that takes the weights): the inner VAN of the segmentation wrapper."""
-    from .models.resnet import ResNet
-    from .models.van import VAN, VANBackbone
-
-    known = {VANBackbone: "van", VAN: "van", ResNet: "resnet"}
-    own = next((fam for cls, fam in known.items() if isinstance(module, cls)), family)
-    if own is None or (family and family != own):
+def _target(module, family: str | None) -> tuple[PretrainedWeights, object]:
+    """(the weights format, the module that takes the weights): e.g. the inner VAN of the segmentation wrapper."""
+    fmt = next((f for f in families().values() if isinstance(module, f.module_type)), None)
+    if fmt is None or (family and family != fmt.family):
         raise TypeError(f"{type(module).__name__} does not take {family} weights (family={family!r})")
-    return own, module.van if isinstance(module, VANBackbone) else module
+    return fmt, getattr(module, fmt.inner, module) if fmt.inner else module
 
 
 def load_backbone_weights(backbone, path, family: str | None = None, strict: bool = True) -> LoadReport:
@@ -176,7 +188,8 @@ def load_backbone_weights(backbone, path, family: str | None = None, strict: boo
     """
     import jittor as jt
 
-    family, inner = _target(backbone, family)
+    fmt, inner = _target(backbone, family)
+    family = fmt.family
     state = read_state_dict(path, family)
     if state.family not in (None, family):
         found = f"holds {state.family} weights, but the backbone is {family} ({type(backbone).__name__})"
@@ -184,7 +197,7 @@ def load_backbone_weights(backbone, path, family: str | None = None, strict: boo
     module = backbone if state.kind == "ccnet" else inner
     own = module.state_dict()
     if state.kind != "ccnet":  # the target's own classifier (VAN(num_classes>0)) is no backbone tensor
-        kept, _ = _converters()[family](dict.fromkeys(own))
+        kept, _ = fmt.convert(dict.fromkeys(own))
         own = {k: v for k, v in own.items() if k in kept}
     report = LoadReport(str(path), family, type(module).__name__, dropped=state.dropped)
     report.missing = [k for k in own if k not in state.tensors]
@@ -215,7 +228,7 @@ def main(argv=None) -> int:
     conv = sub.add_parser("convert", help="PyTorch backbone file -> NumPy pickle (no torch needed)")
     conv.add_argument("src")
     conv.add_argument("dst")
-    conv.add_argument("--family", choices=sorted(SIGNATURES))
+    conv.add_argument("--family", help="the backbone family (default: read from the file's keys)")
     exp = sub.add_parser("export", help="our model (run folder or checkpoint) -> PyTorch file (no torch needed)")
     exp.add_argument("source", help="a run folder, one of its checkpoints, or an exported file")
     exp.add_argument("out", help="the .pth file to write")

@@ -1,15 +1,13 @@
 """Jittor is set up once (CPU, oneDNN) before any test module imports it; data go to a temporary folder."""
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from ccnet import runtime
 
-from ccnet import runtime  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 runtime.setup("cpu")
 
@@ -41,7 +39,7 @@ def compose():
 
 @pytest.fixture(scope="session")
 def torch_worker():
-    """call(fn, *args) runs a tests/torch_twins.py function in one spawned process that has torch and not
+    """call(fn, *args) runs a ccnet/testing/torch_twins.py function in one spawned process that has torch and not
     Jittor (the two crash together in one process); the test is skipped where torch is not installed."""
     import importlib.util
     import multiprocessing

@@ -1,6 +1,6 @@
 """Backbones against PyTorch twins written with the official module and key names.
 
-Each twin is built in PyTorch (tests/torch_twins.py, run in a worker process without Jittor), its randomised
+Each twin is built in PyTorch (ccnet/testing/torch_twins.py, run in a worker process without Jittor), its randomised
 state dict saved as the released files are (.pth for the MIT ResNets, {'state_dict': ...} .pth.tar for VAN),
 loaded with ccnet.weights, and every stage compared in eval mode. Reduced depths keep it fast; the full
 configurations are only built to count parameters.
@@ -13,14 +13,15 @@ import sys
 import numpy as np
 import pytest
 
-import torch_twins as twins
 from ccnet import runtime
+from ccnet.testing import torch_twins as twins
 
 jt = runtime.setup()
 
-from ccnet.models.registry import BACKBONES, build_backbone  # noqa: E402
+from ccnet.models import build_backbone  # noqa: E402
 from ccnet.models.resnet import BasicBlock, Bottleneck, ResNet  # noqa: E402
 from ccnet.models.van import VAN_ALIASES, VANBackbone, van  # noqa: E402
+from ccnet.registry import BACKBONES  # noqa: E402
 from ccnet.weights import load_backbone_weights  # noqa: E402
 
 
@@ -83,7 +84,7 @@ def resnet_backbone_params(layers, stem=(64, 64, 128), widths=(64, 128, 256, 512
 
 
 def test_resnet101_parameter_count():
-    model = build_backbone("resnet101", drop_path=0.0)
+    model = build_backbone("resnet101")
     expected = resnet_backbone_params([3, 4, 23, 3])
     assert n_params(model) == expected
     assert abs(expected / 1e6 - 42.6) < 0.1  # ResNet-101 (44.5M) less its classifier, plus the deep stem
@@ -141,19 +142,19 @@ def test_van_twin_parameter_count_and_keys(torch_worker):
 
 def test_van_registry_and_options():
     for alias, name in VAN_ALIASES.items():
-        assert BACKBONES[alias] is BACKBONES[name]
-    b0 = build_backbone("van_tiny", drop_path=0.1, head_channels=64)  # unknown config fields are ignored
+        assert BACKBONES.get(alias).factory is BACKBONES.get(name).factory
+    b0 = build_backbone("van_tiny", drop_path=0.1)
     assert isinstance(b0, VANBackbone) and (b0.aux_channels, b0.out_channels) == (160, 256)
     rates = [blk.drop_path.p for i in range(1, 5) for blk in getattr(b0.van, f"block{i}")]
     assert rates[0] == 0.0 and rates[-1] == pytest.approx(0.1) and rates == sorted(rates)
 
-    small = VANBackbone(dict(embed_dims=(8, 16, 24, 32), depths=(1, 1, 1, 1)), neck_channels=16, fuse="concat")
+    small = VANBackbone(dict(embed_dims=(8, 16, 24, 32), depths=(1, 1, 1, 1)), neck_channels=16, neck="concat")
     small.train()
     aux, out = small(jt.randn(2, 3, 40, 40))
     assert tuple(aux.shape) == (2, 24, 3, 3) and tuple(out.shape) == (2, 16, 5, 5)
     with pytest.raises(ValueError, match="backbone.neck"):
-        VANBackbone(dict(embed_dims=(8, 16, 24, 32), depths=(1, 1, 1, 1)), fuse="max")
-    stride32 = VANBackbone(dict(embed_dims=(8, 16, 24, 32), depths=(1, 1, 1, 1)), fuse="none")
+        VANBackbone(dict(embed_dims=(8, 16, 24, 32), depths=(1, 1, 1, 1)), neck="max")
+    stride32 = VANBackbone(dict(embed_dims=(8, 16, 24, 32), depths=(1, 1, 1, 1)), neck="none")
     aux, out = stride32(jt.randn(1, 3, 64, 64))  # the earlier ports' head input: stage 4 at stride 32
     assert tuple(out.shape) == (1, 32, 2, 2) and stride32.out_channels == 32
 

@@ -149,14 +149,14 @@ CATALOGUE = {
             "pretrained": "does not fit the ResNet backbone: shape mismatch (1): layer1.0.conv1.weight",
         },
     ),
-    "config_of_another_version": (
-        lambda d, g: saved(d / "newer.pkl", with_config(g, backbone={"name": "resnet_tiny", "future_key": 1})),
+    "config_with_a_wrong_type": (
+        lambda d, g: saved(d / "newer.pkl", with_config(g, backbone={"head_channels": "wide"})),
         {p: "its config does not fit this version of ccnet" for p in ("eval", "predict", "visualize")},
     ),
     "unknown_backbone": (
         lambda d, g: saved(d / "unknown.pkl", with_config(g, backbone={"name": "resnet_999"})),
         {
-            p: "its config cannot build a model here: backbone.name='resnet_999'"
+            p: "its config does not fit this version of ccnet (backbone.name='resnet_999' is unknown"
             for p in ("eval", "predict", "visualize")
         },
     ),

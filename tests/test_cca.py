@@ -4,7 +4,9 @@ import jittor as jt
 import numpy as np
 import pytest
 
-from ccnet.models.cca import CrissCrossAttention, criss_cross_affinity, criss_cross_attention
+from ccnet import ops
+from ccnet.models.cca import CrissCrossAttention
+from ccnet.ops.cca import criss_cross_affinity, criss_cross_attention_plain
 
 
 def reference_cca(q, k, v):
@@ -38,7 +40,7 @@ def random_qkv(seed, b, cq, c, h, w):
 @pytest.mark.parametrize("shape", [(1, 2, 3, 4, 4), (2, 3, 5, 5, 7), (3, 4, 2, 6, 3), (1, 8, 16, 9, 11)])
 def test_matches_float64_loop(shape):
     q, k, v = random_qkv(sum(shape), *shape)
-    out = criss_cross_attention(*(jt.array(a.astype(np.float32)) for a in (q, k, v))).numpy()
+    out = criss_cross_attention_plain(*(jt.array(a.astype(np.float32)) for a in (q, k, v))).numpy()
     ref = reference_cca(q, k, v)
     assert out.shape == ref.shape
     assert np.abs(out - ref).max() / np.abs(ref).max() < 1e-5
@@ -57,7 +59,7 @@ def test_gradients_match_finite_differences():
     q, k, v = random_qkv(3, 1, 2, 3, 4, 5)
     proj = np.random.default_rng(9).standard_normal((1, 3, 4, 5))  # a random linear read-out of the output
     jq, jk, jv = (jt.array(a.astype(np.float32)) for a in (q, k, v))
-    loss = (criss_cross_attention(jq, jk, jv) * jt.array(proj.astype(np.float32))).sum()
+    loss = (criss_cross_attention_plain(jq, jk, jv) * jt.array(proj.astype(np.float32))).sum()
     grads = [g.numpy() for g in jt.grad(loss, [jq, jk, jv])]
 
     def f(q_, k_, v_):
@@ -77,11 +79,12 @@ def test_gradients_match_finite_differences():
 
 
 def test_new_module_is_identity_and_gamma_scales_the_attention():
-    module = CrissCrossAttention(16, impl="ops")
+    module = CrissCrossAttention(16)
     x = jt.array(np.random.default_rng(1).standard_normal((2, 16, 7, 5)).astype(np.float32))
-    np.testing.assert_array_equal(module(x).numpy(), x.numpy())
-    module.gamma.assign(jt.array([0.5]))
-    q, k, v = module.query_conv(x), module.key_conv(x), module.value_conv(x)
-    expected = 0.5 * criss_cross_attention(q, k, v).numpy() + x.numpy()
-    np.testing.assert_allclose(module(x).numpy(), expected, rtol=1e-5, atol=1e-5)
+    with ops.using(cca="jittor"):
+        np.testing.assert_array_equal(module(x).numpy(), x.numpy())
+        module.gamma.assign(jt.array([0.5]))
+        q, k, v = module.query_conv(x), module.key_conv(x), module.value_conv(x)
+        expected = 0.5 * criss_cross_attention_plain(q, k, v).numpy() + x.numpy()
+        np.testing.assert_allclose(module(x).numpy(), expected, rtol=1e-5, atol=1e-5)
     assert module.query_conv.weight.shape[0] == 2 and module.value_conv.weight.shape[0] == 16

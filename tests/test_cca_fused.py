@@ -7,20 +7,18 @@ import jittor as jt
 import numpy as np
 import pytest
 
-from ccnet.models.cca import (
-    CCA_IMPLS,
-    CrissCrossAttention,
+from ccnet import ops
+from ccnet.models.cca import CrissCrossAttention
+from ccnet.ops.cca import (
+    attention_map,
     criss_cross_affinity,
     criss_cross_attention,
-    get_cca_impl,
-)
-from ccnet.models.cca_fused import (
-    _CPU_SOURCE,
-    _CUDA_SOURCE,
-    attention_map,
     criss_cross_attention_fused,
+    criss_cross_attention_plain,
     fused_available,
 )
+
+_CPU_SOURCE, _CUDA_SOURCE = ops.source("cca_cpu.h"), ops.source("cca_cuda.cuh")
 
 
 def reference(q, k, v, mask_centre=True):
@@ -57,10 +55,17 @@ def relative_error(a, b):
     return np.abs(a - b).max() / np.abs(b).max()
 
 
-def test_registered_and_working():
-    assert fused_available()
-    assert CCA_IMPLS["fused"] is criss_cross_attention_fused
-    assert get_cca_impl("auto") is criss_cross_attention_fused
+def test_selected_by_default_and_working(monkeypatch):
+    assert fused_available() and ops.selected("cca") == "fused"
+    calls = []
+    monkeypatch.setattr(ops.cca, "criss_cross_attention_fused", lambda *a: calls.append("fused") or a[2])
+    monkeypatch.setattr(ops.cca, "criss_cross_attention_plain", lambda *a: calls.append("plain") or a[2])
+    q, k, v = as_jt(*random_inputs(0, 1, 2, 3, 4, 5))
+    criss_cross_attention(q, k, v)
+    with ops.using(cca="jittor"):
+        criss_cross_attention(q, k, v)
+    criss_cross_attention(q, k, v)
+    assert calls == ["fused", "plain", "fused"]
 
 
 # (B, Cq, C, H, W); widths 33 and 29 exercise the CPU kernels' tail chunks (16+16+1, 16+8+4+1 lanes)
@@ -80,7 +85,7 @@ def test_gradients_match_plain_ops(shape):
     q, k, v = random_inputs(7, *shape)
     weight = np.random.default_rng(8).standard_normal(v.shape)
     fused = grads(criss_cross_attention_fused, q, k, v, weight)
-    plain = grads(criss_cross_attention, q, k, v, weight)
+    plain = grads(criss_cross_attention_plain, q, k, v, weight)
     for name, a, b in zip(["out", "dq", "dk", "dv"], fused, plain):
         assert relative_error(a, b) < 1e-5, name
 
@@ -115,13 +120,14 @@ def test_centre_is_masked_and_counted_once():
     assert relative_error(out, reference(q, k, v, mask_centre=False)) > 1e-3  # counting it twice differs
 
 
-def test_module_with_fused_impl_matches_ops():
+def test_module_with_fused_kernels_matches_plain_ops():
     x = jt.array(np.random.default_rng(5).standard_normal((2, 16, 7, 9)).astype(np.float32))
-    fused, ops = CrissCrossAttention(16, impl="fused"), CrissCrossAttention(16, impl="ops")
-    ops.load_state_dict(fused.state_dict())
-    for module in (fused, ops):
-        module.gamma.assign(jt.array([0.5]))
-    np.testing.assert_allclose(fused(x).numpy(), ops(x).numpy(), rtol=1e-5, atol=1e-5)
+    module = CrissCrossAttention(16)
+    module.gamma.assign(jt.array([0.5]))
+    fused = module(x).numpy()
+    with ops.using(cca="jittor"):
+        plain = module(x).numpy()
+    np.testing.assert_allclose(fused, plain, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(("dtype", "tolerance"), [("float64", 1e-5), ("float16", 2e-3)])
@@ -208,7 +214,7 @@ def test_cuda_kernels_emulated_on_cpu(tmp_path, feature, tolerance):
         array.astype(np.float32).tofile(tmp_path / f"{name}.bin")
     subprocess.run(["./driver", *map(str, shape)], cwd=tmp_path, check=True)
     emulated = [np.fromfile(tmp_path / f"{name}.bin", np.float32) for name in ["out", "dq", "dk", "dv"]]
-    expected = grads(criss_cross_attention, q, k, v, weight)
+    expected = grads(criss_cross_attention_plain, q, k, v, weight)
     for name, a, b in zip(["out", "dq", "dk", "dv"], emulated, expected):
         error = relative_error(a.reshape(b.shape), b)
         assert error < tolerance, (name, error)

@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytest
 from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-GROUPS = ["backbone", "dataset", "schedule", "recurrence", "experiment"]
+GROUPS = ["paths", "backbone", "dataset", "normalization", "schedule", "recurrence", "kernels", "eval", "experiment"]
 
 
 def options(group):
@@ -21,6 +22,7 @@ def test_every_option_composes(compose, group, option):
     cfg = compose([f"{group}={option}"])
     assert cfg.job == "train"
     assert cfg.dataset.num_classes > 1 and cfg.schedule.iters > 0
+    OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # every ??? of the schema got its value
 
 
 def test_defaults(compose):
@@ -70,3 +72,71 @@ def test_cli_typo_fails_before_any_work(tmp_path):
     assert proc.returncode != 0
     assert "lrr" in proc.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def schema_defaults() -> dict:
+    from ccnet.config import Config
+
+    return OmegaConf.to_container(OmegaConf.structured(Config))
+
+
+def leaves(node: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in node.items():
+        if isinstance(value, dict):
+            out.update(leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+@pytest.mark.parametrize(
+    "group", ["paths", "backbone", "dataset", "normalization", "schedule", "recurrence", "kernels"]
+)
+def test_group_options_state_only_what_the_schema_does_not(group):
+    """A key a group option sets either has no schema default (???: the group owns it) or sets another value."""
+    defaults = leaves(schema_defaults())
+    for option in options(group):
+        raw = OmegaConf.load(CONF / group / f"{option}.yaml")
+        body = OmegaConf.to_container(raw)
+        body.pop("defaults", None)
+        header = (CONF / group / f"{option}.yaml").read_text()
+        package = header.split("@package ", 1)[1].split()[0] if "@package " in header else group
+        for key, value in leaves(body, f"{package}.").items():
+            assert key in defaults, f"{group}/{option}: {key} is not in the schema"
+            assert defaults[key] == "???" or defaults[key] != value, f"{group}/{option} restates {key}={value}"
+
+
+def group_overrides(preset: Path) -> list[str]:
+    """The group choices a preset makes in its defaults list ('override /dataset: voc' -> 'dataset=voc')."""
+    entries = OmegaConf.to_container(OmegaConf.load(preset)).get("defaults", [])
+    return [f"{key.split('/')[-1]}={value}" for entry in entries for key, value in entry.items()]
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))
+def test_experiment_presets_override_only_what_differs(compose, preset):
+    """Every value a preset sets differs from what its chosen groups already give (e.g. schedule/paper)."""
+    path = CONF / "experiment" / f"{preset}.yaml"
+    body = OmegaConf.to_container(OmegaConf.load(path))
+    body.pop("defaults", None)
+    body.pop("expected", None)
+    base = leaves(OmegaConf.to_container(compose(group_overrides(path))))
+    for key, value in leaves(body).items():
+        assert key in base, f"{preset}: {key} is not a config key"
+        assert base[key] != value, f"experiment/{preset} restates {key}={value} (its groups give it already)"
+
+
+def test_schema_entries_are_no_group_options(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "run.py", "--help"], cwd=CONF.parent, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0 and "schedule: context, cpu, paper" in proc.stdout
+    assert "_schema" not in proc.stdout.replace("config_schema", "")
+    refused = subprocess.run(
+        [sys.executable, "run.py", "schedule=schedule_schema", f"hydra.run.dir={tmp_path}/run"],
+        cwd=CONF.parent,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert refused.returncode == 1 and "schedule_schema" in refused.stderr and "Traceback" not in refused.stderr

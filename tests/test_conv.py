@@ -1,11 +1,12 @@
-"""ccnet.models.conv.Conv2d: the oneDNN training forward and its backward against NumPy float64 and Jittor's conv."""
+"""ccnet.ops.conv.Conv2d: the oneDNN training forward and its backward against NumPy float64 and Jittor's conv."""
 
 import jittor as jt
 import numpy as np
 import pytest
 from jittor import nn
 
-from ccnet.models.conv import Conv2d, onednn_forward_available
+from ccnet import ops
+from ccnet.ops.conv import Conv2d, onednn_forward_available
 
 
 def numpy_conv(x, w, b, stride, padding, dilation):
@@ -78,11 +79,8 @@ def test_matches_float64_reference_and_jittor_conv(cin, cout, k, stride, padding
         assert a.shape == e.shape, name
         assert relative_error(a, e) < 1e-5, (name, relative_error(a, e))
 
-    Conv2d.onednn_forward = False  # Jittor's own conv, same module and weights
-    try:
+    with ops.using(conv="jittor"):  # Jittor's own conv, same module and weights
         theirs = run(conv, x, g)
-    finally:
-        Conv2d.onednn_forward = True
     for name, a, t in zip(["y", "dx", "dw", "db"], ours, theirs):
         assert relative_error(a, t) < 1e-5, name
 
@@ -120,13 +118,12 @@ def test_bad_input_is_named():
 
 
 def test_falls_back_to_jittor_conv_with_a_warning(monkeypatch):
-    from ccnet.models import conv as conv_module
-    from ccnet.models import fallback
+    from ccnet.ops import conv as conv_module
 
     def broken():
         raise RuntimeError("dnnl.hpp: No such file or directory")
 
-    monkeypatch.setattr(fallback, "_results", {})
+    monkeypatch.setattr(ops, "_self_tests", {})
     monkeypatch.setattr(conv_module, "_self_test", broken)
     ours, theirs = Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 3, padding=1)
     theirs.load_state_dict(ours.state_dict())
@@ -134,4 +131,4 @@ def test_falls_back_to_jittor_conv_with_a_warning(monkeypatch):
     with pytest.warns(UserWarning, match="dnnl.hpp"):
         y = ours(x)
     np.testing.assert_allclose(y.numpy(), theirs(x).numpy(), rtol=1e-6, atol=1e-6)
-    assert fallback._results[("conv",)] is False
+    assert ops._self_tests[("conv",)] is False

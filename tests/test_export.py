@@ -10,8 +10,8 @@ import cv2
 import numpy as np
 import pytest
 
-import torch_twins as twins
 from ccnet import runtime
+from ccnet.testing import torch_twins as twins
 
 jt = runtime.setup()
 
@@ -105,7 +105,7 @@ def test_eval_and_predict_from_the_exported_file(source, compose, tmp_path, data
 
 def test_exported_file_as_pretrained_backbone(source):
     """backbone.pretrained= takes an exported file like our checkpoint: its backbone.* tensors."""
-    from ccnet.models.registry import build_backbone
+    from ccnet.models import build_backbone
     from ccnet.weights import load_backbone_weights
 
     backbone = build_backbone("resnet_tiny")

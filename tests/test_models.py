@@ -4,11 +4,10 @@ import jittor as jt
 import numpy as np
 import pytest
 
-from ccnet.models import CCNet
+from ccnet.models import CCNet, build_backbone
 from ccnet.models.ccnet import upsample_to
 from ccnet.models.heads import RCCAHead
 from ccnet.models.losses import cross_entropy, ohem_cross_entropy
-from ccnet.models.registry import build_backbone
 
 
 @pytest.mark.parametrize("size", [(97, 129), (64, 64), (33, 50)])

@@ -11,13 +11,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = [
-    "experiment=smoke",
+    "experiment=tiny",
     "schedule.iters=2",
     "schedule.batch_size=4",
     "schedule.crop_size=[64,64]",
     "model.dropout=0",
-    "eval.max_images=2",
-    "eval.num_vis=1",
     "backbone.head_channels=16",
 ]
 

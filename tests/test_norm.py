@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from jittor import nn
 
-from ccnet.models.norm import BatchNorm2d, channel_sums
+from ccnet.ops.batch_norm import BatchNorm2d, channel_sums
 
 
 def numpy_batch_norm(x, g, weight, bias, eps):

@@ -17,14 +17,8 @@ from ccnet.engine.trainer import NonFiniteLossError, TrainingInterrupted
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
-    "schedule.iters=6",
-    "schedule.checkpoint_every=2",
-    "schedule.log_every=1",
-    "schedule.crop_size=[48,48]",
-    "schedule.batch_size=2",
-    "eval.max_images=2",
+    "experiment=tiny",
     "eval.num_vis=0",
-    "backbone.head_channels=8",
     "schedule.keep_checkpoints=0",
 ]
 

@@ -1,11 +1,11 @@
-"""ccnet.models.relu.ReLU: the threaded CPU training path against NumPy and Jittor's ReLU."""
+"""ccnet.ops.relu.ReLU: the threaded CPU training path against NumPy and Jittor's ReLU."""
 
 import jittor as jt
 import numpy as np
 import pytest
 from jittor import nn
 
-from ccnet.models.relu import ReLU
+from ccnet.ops.relu import ReLU
 
 
 def forward_backward(module, x, g):

@@ -10,15 +10,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
+    "experiment=tiny",
     "schedule.iters=2",
-    "schedule.checkpoint_every=2",
-    "schedule.log_every=1",
-    "schedule.crop_size=[64,64]",
-    "schedule.batch_size=2",
-    "eval.max_images=2",
-    "eval.num_vis=1",
-    "backbone.head_channels=16",
-    "dataset.num_workers=1",
 ]
 
 
@@ -111,7 +104,7 @@ def test_job_sweep_rebuilds_a_half_finished_summary(sweep, compose, tmp_path):
 def test_job_folder_names_are_short_flat_and_usable_as_override_values():
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from ccnet.sweep import job_dirname
+    from ccnet.config import job_dirname
 
     parse = OverridesParser.create().parse_override
     assert job_dirname("model.act-relu+recurrence-r2") == "model.act-relu+recurrence-r2"

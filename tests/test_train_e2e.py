@@ -11,14 +11,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
-    "schedule.iters=6",
+    "experiment=tiny",
     "schedule.checkpoint_every=3",
     "schedule.log_every=2",
-    "schedule.crop_size=[64,64]",
-    "schedule.batch_size=4",
     "eval.max_images=6",
     "eval.num_vis=2",
-    "backbone.head_channels=16",
 ]
 
 

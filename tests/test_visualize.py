@@ -5,15 +5,11 @@ import numpy as np
 import pytest
 
 TINY = [
+    "experiment=tiny",
     "dataset=context",
-    "schedule=context",
     "schedule.iters=2",
-    "schedule.checkpoint_every=2",
-    "schedule.batch_size=2",
-    "eval.max_images=2",
-    "eval.num_vis=1",
+    "schedule.crop_size=[32,256]",
     "backbone.head_channels=16",
-    "dataset.num_workers=1",
 ]
 
 

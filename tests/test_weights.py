@@ -8,13 +8,13 @@ import pickle
 import numpy as np
 import pytest
 
-import torch_twins as twins
 from ccnet import runtime
+from ccnet.testing import torch_twins as twins
 
 jt = runtime.setup()
 
 from ccnet.fileio import FileError, UnsafeFileError  # noqa: E402
-from ccnet.models.registry import build_backbone  # noqa: E402
+from ccnet.models import build_backbone  # noqa: E402
 from ccnet.models.van import VANBackbone  # noqa: E402
 from ccnet.weights import WeightsError, load_backbone_weights, main, read_file  # noqa: E402
 

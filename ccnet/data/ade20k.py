@@ -8,7 +8,9 @@ Two conventions, picked by the dataset config:
 
 from __future__ import annotations
 
-from .datasets import DATASETS, DataError, SegmentationDataset, default_palette
+from ccnet.registry import DATASETS
+
+from .datasets import DataError, SegmentationDataset, default_palette
 from .folders import dataset_root, label_lut, pair_by_name, require_folder, require_split_folder
 
 ADE20K_CLASSES = (
@@ -45,6 +47,7 @@ def ade20k_lut(reduce_zero_label: bool, ignore_index: int):
     return label_lut({c: c for c in range(len(ADE20K_CLASSES) + 1)})
 
 
+@DATASETS.register("ade20k")
 def build_ade20k(cfg, split: str) -> SegmentationDataset:
     root = dataset_root(cfg.root, ("ADEChallengeData2016",))
     require_folder(root, "ADE20K", LAYOUT, SOURCE, ("images", "annotations"))
@@ -74,6 +77,3 @@ def build_ade20k(cfg, split: str) -> SegmentationDataset:
         palette=default_palette(len(names)),
         meta={"reduce_zero_label": bool(cfg.reduce_zero_label)},
     )
-
-
-DATASETS["ade20k"] = build_ade20k

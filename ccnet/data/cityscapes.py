@@ -7,7 +7,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .datasets import DATASETS, SegmentationDataset
+from ccnet.registry import DATASETS
+
+from .datasets import SegmentationDataset
 from .folders import dataset_root, label_lut, pair_by_name, require_folder, require_split_folder
 
 CITYSCAPES_CLASSES = (
@@ -52,6 +54,7 @@ def files_by_name(folder: Path, suffix: str) -> dict[str, Path]:
     return {f"{p.parent.name}/{p.name[: -len(suffix)]}": p for p in folder.glob(f"*/*{suffix}")}
 
 
+@DATASETS.register("cityscapes")
 def build_cityscapes(cfg, split: str) -> SegmentationDataset:
     """Pairs leftImg8bit/<split> with gtFine/<split>: the labelTrainIds PNGs when every image has one, else
     the labelIds PNGs mapped to train ids."""
@@ -92,6 +95,3 @@ def write_submission(pred: np.ndarray, image_path: str, out_dir: Path) -> Path:
     if not cv2.imwrite(str(path), label_ids):
         raise OSError(f"{path}: cannot write the submission PNG")
     return path
-
-
-DATASETS["cityscapes"] = build_cityscapes

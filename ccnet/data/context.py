@@ -20,6 +20,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from ccnet.registry import DATASETS
+
+from .datasets import SegmentationDataset, pairs_from_list
 from .synthetic import write_split_folder
 
 CONTEXT_CLASSES = ("background", "red_row", "green_row", "blue_row")
@@ -58,4 +61,17 @@ def ensure_context_dataset(root: str | os.PathLike, splits=(("train", 400), ("va
     final = Path(os.path.expanduser(str(root))) / CONTEXT_VERSION
     return write_split_folder(
         final, splits, lambda split_index, i: make_context_scene(np.random.default_rng([seed, split_index, i]))
+    )
+
+
+@DATASETS.register("context")
+def build_context(cfg, split: str) -> SegmentationDataset:
+    """The embedded context data set (a blob's class is set by a marker far away in its row); see context.py."""
+    root = ensure_context_dataset(cfg.root)
+    return SegmentationDataset(
+        name="context",
+        pairs=pairs_from_list(root, split, "images", "labels", ".png", ".png"),
+        class_names=CONTEXT_CLASSES,
+        ignore_index=cfg.ignore_index,
+        palette=np.concatenate([[[0, 0, 0]], MARKER_COLOURS]).astype(np.uint8),
     )

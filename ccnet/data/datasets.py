@@ -1,7 +1,8 @@
 """Data sets as lists of (image file, label file) pairs over one shared reader.
 
 A data set module only has to find its pairs and say how a label file maps to train ids; reading, checking
-and errors are shared. `build_dataset(cfg, split)` takes the `dataset` config section.
+and errors are shared. Each registers its builder(cfg, split) with `@DATASETS.register(name)`;
+`build_dataset(cfg, split)` takes the `dataset` config section.
 """
 
 from __future__ import annotations
@@ -9,13 +10,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import cv2
 import numpy as np
 
-from .context import CONTEXT_CLASSES, MARKER_COLOURS, ensure_context_dataset
-from .synthetic import SHAPES_CLASSES, ensure_shapes_dataset
+from ccnet.registry import DATASETS
 
 
 class DataError(ValueError):
@@ -155,37 +154,9 @@ def pairs_from_list(
     return pairs
 
 
-def build_embedded(cfg, split: str) -> SegmentationDataset:
-    """The embedded shapes data set; generated on first use under dataset.root (a cache folder)."""
-    root = ensure_shapes_dataset(cfg.root)
-    return SegmentationDataset(
-        name="embedded",
-        pairs=pairs_from_list(root, split, "images", "labels", ".png", ".png"),
-        class_names=SHAPES_CLASSES,
-        ignore_index=cfg.ignore_index,
-    )
-
-
-def build_context(cfg, split: str) -> SegmentationDataset:
-    """The embedded context data set (a blob's class is set by a marker far away in its row); see context.py."""
-    root = ensure_context_dataset(cfg.root)
-    return SegmentationDataset(
-        name="context",
-        pairs=pairs_from_list(root, split, "images", "labels", ".png", ".png"),
-        class_names=CONTEXT_CLASSES,
-        ignore_index=cfg.ignore_index,
-        palette=np.concatenate([[[0, 0, 0]], MARKER_COLOURS]).astype(np.uint8),
-    )
-
-
-# dataset.name -> builder(cfg, split); the real data sets register here too.
-DATASETS: dict[str, Callable] = {"embedded": build_embedded, "context": build_context}
-
-
 def build_dataset(cfg, split: str) -> SegmentationDataset:
-    if cfg.name not in DATASETS:
-        raise DataError(f"dataset.name={cfg.name!r} is unknown; choose one of {sorted(DATASETS)}")
-    dataset = DATASETS[cfg.name](cfg, split)
+    """The data set `cfg.name` (registered in ccnet.registry.DATASETS by its module) for one split."""
+    dataset = DATASETS.get(cfg.name).factory(cfg, split)
     if dataset.num_classes != cfg.num_classes:
         raise DataError(
             f"dataset.num_classes={cfg.num_classes}, but the {cfg.name} data set has {dataset.num_classes} classes"
@@ -202,10 +173,3 @@ def verify_dataset(dataset: SegmentationDataset) -> list[str]:
         except DataError as err:
             problems.append(str(err))
     return problems
-
-
-def _register_real_datasets() -> None:
-    from . import ade20k, cityscapes, voc  # noqa: F401  (each adds its builder to DATASETS)
-
-
-_register_real_datasets()

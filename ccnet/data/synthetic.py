@@ -17,6 +17,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from ccnet.registry import DATASETS
+
+from .datasets import SegmentationDataset, pairs_from_list
+
 SHAPES_CLASSES = ("background", "disc", "square", "triangle", "ring", "cross", "bar")
 SHAPES_VERSION = "shapes_v1"  # bump when the generator changes, so old caches are not reused
 
@@ -150,3 +154,15 @@ def write_split_folder(final: Path, splits, make) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+@DATASETS.register("embedded")
+def build_embedded(cfg, split: str) -> SegmentationDataset:
+    """The embedded shapes data set; generated on first use under dataset.root (a cache folder)."""
+    root = ensure_shapes_dataset(cfg.root)
+    return SegmentationDataset(
+        name="embedded",
+        pairs=pairs_from_list(root, split, "images", "labels", ".png", ".png"),
+        class_names=SHAPES_CLASSES,
+        ignore_index=cfg.ignore_index,
+    )

@@ -11,7 +11,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from .datasets import DATASETS, DataError, SegmentationDataset, default_palette
+from ccnet.registry import DATASETS
+
+from .datasets import DataError, SegmentationDataset, default_palette
 from .folders import dataset_root, label_lut, problems_error, require_folder
 
 log = logging.getLogger(__name__)
@@ -31,6 +33,7 @@ SOURCE = (
 )
 
 
+@DATASETS.register("voc")
 def build_voc(cfg, split: str) -> SegmentationDataset:
     root = dataset_root(cfg.root, ("VOCdevkit/VOC2012", "VOC2012"))
     require_folder(root, "Pascal VOC 2012", LAYOUT, SOURCE, ("JPEGImages", "ImageSets/Segmentation"))
@@ -67,6 +70,3 @@ def build_voc(cfg, split: str) -> SegmentationDataset:
         palette=default_palette(len(VOC_CLASSES)),
         meta={"split": split, "labels": label_dir.name},
     )
-
-
-DATASETS["voc"] = build_voc

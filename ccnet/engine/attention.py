@@ -19,8 +19,11 @@ Maps are computed one row vector at a time: `spread(v, A)` is the product v A, u
 from __future__ import annotations
 
 import cv2
-import jittor as jt
 import numpy as np
+
+from ccnet import runtime
+
+jt = runtime.ensure_setup()  # Jittor, set up first (a no-op after run.py's own set-up)
 
 
 def spread(weights: np.ndarray, attention: np.ndarray) -> np.ndarray:

@@ -9,8 +9,11 @@ from __future__ import annotations
 import math
 
 import cv2
-import jittor as jt
 import numpy as np
+
+from ccnet import runtime
+
+jt = runtime.ensure_setup()  # Jittor, set up first (a no-op after run.py's own set-up)
 
 
 def predict_whole(model, image: np.ndarray) -> np.ndarray:
@@ -69,6 +72,8 @@ def predict(
             if mode == "whole":
                 logits = predict_whole(model, variant)
             elif mode == "slide":
+                if tile is None or stride is None:
+                    raise ValueError("eval.mode=slide needs eval.crop_size and eval.stride (e.g. eval=slide_769)")
                 logits = predict_sliding(model, variant, tile, stride)
             else:
                 raise ValueError(f"eval.mode={mode!r}: expected whole or slide")

@@ -15,11 +15,14 @@ import signal
 import time
 from pathlib import Path
 
-import jittor as jt
 import numpy as np
 from tqdm import tqdm
 
+from ccnet import runtime
+
 from .checkpoint import link_as, prune_checkpoints, save_checkpoint
+
+jt = runtime.ensure_setup()  # Jittor, set up first (a no-op after run.py's own set-up)
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +104,7 @@ def train(
     evaluate_fn(step) -> metrics runs every schedule.eval_every iterations and at the end. Returns (the last
     evaluation's metrics, the best one: {"mIoU", "iteration"}). Only the main process writes files.
     """
-    s, m = cfg.schedule, cfg.model
+    s = cfg.schedule
     ckpt_dir = run_dir / "checkpoints"
     best = dict(best or {"mIoU": -1.0, "iteration": 0})
     metrics, bad_steps = None, 0
@@ -139,9 +142,7 @@ def train(
             lr = poly_lr(s.lr, it, s.iters, s.poly_power)
             optimizer.lr = lr
             images, labels = next(batches)
-            loss, main, aux = model.losses(
-                jt.array(images), jt.array(labels), cfg.dataset.ignore_index, m.loss, m.ohem_thresh, m.ohem_min_kept
-            )
+            loss, main, aux = model.losses(jt.array(images), jt.array(labels), cfg.dataset.ignore_index)
             loss_value = loss.item()
             if not math.isfinite(loss_value):  # skip the update: the weights stay as they were
                 bad_steps += 1

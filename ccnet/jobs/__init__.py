@@ -1,22 +1,55 @@
-"""Jobs: thin functions from a composed config to work. `run.py` picks one by `cfg.job`.
+"""Jobs: thin functions from a composed config to work; `run.py` runs the one `cfg.job` names.
 
-Each job is `job(cfg, run_dir) -> float | None` (the val mIoU where there is one, for sweepers).
+A job is `run(cfg, run_dir) -> float | None` (the val mIoU where there is one, for sweepers), registered where it
+is defined with `@JOBS.register("<name>")` (ccnet.registry); every module of this package is found by itself.
 """
 
 from __future__ import annotations
 
-import importlib
+import json
+import logging
+import time
+import traceback
+from pathlib import Path
 
-JOBS = {
-    "train": "ccnet.jobs.train",
-    "eval": "ccnet.jobs.eval",
-    "sweep": "ccnet.jobs.sweep",
-    "visualize": "ccnet.jobs.visualize",
-    "predict": "ccnet.jobs.predict",
-}
+from ccnet import ops, runtime
+from ccnet.fileio import atomic_file
+from ccnet.registry import JOBS
+
+runtime.ensure_setup()  # the jobs import Jittor: set it up first (a no-op after run.py's own set-up)
+
+log = logging.getLogger(__name__)
 
 
 def get_job(name: str):
-    if name not in JOBS:
-        raise ValueError(f"job={name!r} is unknown; choose one of {sorted(JOBS)}")
-    return importlib.import_module(JOBS[name]).run
+    return JOBS.get(name).factory
+
+
+def run_job(cfg, run_dir: Path, multirun: bool, reraise=()):
+    """The job cfg.job on (cfg, run_dir), with status.json written either way (status ok or failed, the error,
+    the seconds). A failure raises unless multirun: then it logs its traceback and returns -inf (a float, so the
+    Optuna sweeper records it as the worst trial; NaN or None would stop its study), and the sweep goes on.
+    Exceptions of the `reraise` types (a requested stop) always propagate: they end the whole sweep.
+    """
+    start = time.time()
+
+    def record(**status):
+        if runtime.mpi_rank() == 0:  # MPI ranks share the run folder
+            run_dir.mkdir(parents=True, exist_ok=True)
+            status["seconds"] = round(time.time() - start, 2)
+            with atomic_file(run_dir / "status.json") as f:  # a kill never leaves half of it
+                f.write((json.dumps(status, indent=2) + "\n").encode())
+
+    try:
+        ops.select(**cfg.kernels)
+        result = get_job(cfg.job)(cfg, run_dir)
+    except Exception as err:
+        if isinstance(err, reraise):
+            raise
+        record(status="failed", error=f"{type(err).__name__}: {err}")
+        if not multirun:
+            raise
+        log.error("job failed; the sweep goes on:\n%s", traceback.format_exc())
+        return float("-inf")
+    record(status="ok", result=result)
+    return result

@@ -12,6 +12,7 @@ from tensorboardX import SummaryWriter
 
 from ccnet.data.datasets import build_dataset
 from ccnet.engine.evaluate import evaluate
+from ccnet.registry import JOBS
 
 from .common import log_eval_to_tensorboard, write_metrics
 from .restore import restore_model
@@ -19,6 +20,7 @@ from .restore import restore_model
 log = logging.getLogger(__name__)
 
 
+@JOBS.register("eval")
 def run(cfg, run_dir: Path) -> float:
     model, state, path = restore_model(cfg, run_dir)
     val_set = build_dataset(cfg.dataset, cfg.dataset.val_split)

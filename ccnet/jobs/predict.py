@@ -16,6 +16,7 @@ from tqdm import tqdm
 from ccnet.data.datasets import DataError, SegmentationDataset, build_dataset, read_image
 from ccnet.data.transforms import eval_transform
 from ccnet.engine.inference import predict
+from ccnet.registry import JOBS
 
 from .restore import restore_model
 
@@ -33,6 +34,7 @@ def image_files(path: str) -> list[Path]:
     return files
 
 
+@JOBS.register("predict")
 def run(cfg, run_dir: Path) -> None:
     if not cfg.input:
         raise DataError("job=predict needs input=PATH (an image file or a folder of images)")

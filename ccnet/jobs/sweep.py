@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ccnet.sweep import summarize
+from ccnet.registry import JOBS
+from ccnet.summary import summarize
 
 
+@JOBS.register("sweep")
 def run(cfg, run_dir: Path) -> None:
     if not cfg.sweep_dir:
         raise ValueError("job=sweep needs sweep_dir=PATH (a multirun folder, e.g. multirun_sweeps/<date>/<time>)")

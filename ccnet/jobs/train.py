@@ -28,6 +28,7 @@ from ccnet.engine.checkpoint import (
 from ccnet.engine.evaluate import evaluate
 from ccnet.engine.trainer import train
 from ccnet.models import build_model
+from ccnet.registry import JOBS
 
 from .common import NullWriter, SummaryWriter, log_eval_to_tensorboard, log_hparams, prepare_run_dir, write_metrics
 
@@ -60,6 +61,7 @@ def resume_checkpoint(resume, run_dir: Path) -> Path | None:
     return resolve_checkpoint(resume)
 
 
+@JOBS.register("train")
 def run(cfg, run_dir: Path) -> float:
     is_main = jt.rank == 0
     config_dict = prepare_run_dir(cfg, run_dir, write=is_main)

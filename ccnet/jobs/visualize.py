@@ -19,6 +19,7 @@ from tensorboardX import SummaryWriter
 from ccnet.data.datasets import build_dataset, read_image
 from ccnet.data.transforms import eval_transform
 from ccnet.engine.attention import attention_figure, attention_maps_at
+from ccnet.registry import JOBS
 
 from .restore import restore_model
 
@@ -38,6 +39,7 @@ def default_point(label: np.ndarray | None, shape) -> tuple[int, int]:
     return int(y), int(x)
 
 
+@JOBS.register("visualize")
 def run(cfg, run_dir: Path) -> None:
     model, state, _ = restore_model(cfg, run_dir, adopt_dataset=True)
     if cfg.image:

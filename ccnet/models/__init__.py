@@ -1,4 +1,10 @@
-"""Models know nothing of Hydra: plain Jittor modules built from plain values."""
+"""Models know nothing of Hydra: plain Jittor modules built from plain values.
 
-from . import resnet, van  # noqa: F401  (register the backbones)
-from .ccnet import CCNet, build_model  # noqa: F401
+Backbones, losses and activations register themselves in ccnet.registry where they are defined.
+"""
+
+from ccnet import runtime
+
+runtime.ensure_setup()  # the models import Jittor: set it up first (a no-op after run.py's own set-up)
+
+from .ccnet import CCNet, build_backbone, build_model  # noqa: E402, F401

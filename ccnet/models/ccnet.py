@@ -8,9 +8,10 @@ import jittor as jt
 import numpy as np
 from jittor import nn
 
+from ccnet.registry import BACKBONES, LOSSES
+
 from .heads import DSNHead, RCCAHead
-from .losses import cross_entropy, segmentation_loss
-from .registry import build_backbone
+from .losses import cross_entropy, loss_settings
 
 
 @functools.lru_cache(maxsize=32)
@@ -31,8 +32,8 @@ def bilinear_weights(n_out: int, n_in: int) -> np.ndarray:
 def upsample_to(logits, size):
     """Bilinear resize (align_corners=True) of (B, C, h, w) to `size`, as two 2-D matmuls (rows, then columns).
 
-    Same maths as nn.interpolate; on the CPU Jittor's gather-based interpolation, forward and backward, took
-    ~0.3 s of a 9 s ResNet-50 step at 512x512 (two 19-class maps, 64 -> 512); these matmuls take ~30 ms.
+    Same maths as nn.interpolate, whose gather-based CPU kernels, forward and backward, were a visible part of a
+    training step (benchmarks/README.md); the matmuls take a small fraction of that.
     """
     b, c, h, w = logits.shape
     out_h, out_w = int(size[0]), int(size[1])
@@ -52,16 +53,17 @@ class CCNet(nn.Module):
         num_classes,
         head_channels=512,
         recurrence=2,
-        cca_impl="auto",
         act="relu",
         dropout=0.1,
         aux_weight=0.4,
+        loss=cross_entropy,
     ):
         super().__init__()
         self.backbone = backbone
-        self.head = RCCAHead(backbone.out_channels, head_channels, num_classes, recurrence, cca_impl, act, dropout)
+        self.head = RCCAHead(backbone.out_channels, head_channels, num_classes, recurrence, act, dropout)
         self.aux_head = DSNHead(backbone.aux_channels, head_channels, num_classes, act, dropout)
         self.aux_weight = aux_weight
+        self.main_loss = loss  # loss(logits, labels, ignore_index): cross-entropy, OHEM, ... (losses.py)
 
     def execute(self, images, with_aux=False):
         """(B, 3, H, W) -> logits (B, classes, H, W); with_aux also returns the DSN logits."""
@@ -71,17 +73,31 @@ class CCNet(nn.Module):
             return logits
         return logits, upsample_to(self.aux_head(aux_feature), images.shape[2:])
 
-    def losses(self, images, labels, ignore_index=255, loss="ce", ohem_thresh=0.7, ohem_min_kept=100000):
-        """Main loss (CE or OHEM) + aux_weight x CE on the DSN logits; returns (total, main, aux)."""
+    def losses(self, images, labels, ignore_index=255):
+        """Main loss (CE or OHEM, as built) + aux_weight x CE on the DSN logits; returns (total, main, aux)."""
         logits, aux_logits = self(images, with_aux=True)
-        main = segmentation_loss(loss, logits, labels, ignore_index, ohem_thresh, ohem_min_kept)
+        main = self.main_loss(logits, labels, ignore_index)
         aux = cross_entropy(aux_logits, labels, ignore_index)
         return main + self.aux_weight * aux, main, aux
 
 
+# Keys of the `backbone` config section that every backbone has; the others are the named backbone's own settings
+# (VAN: drop_path, neck), passed to its factory when set; a backbone refuses a setting it does not take.
+BACKBONE_COMMON_KEYS = ("name", "pretrained", "strict", "head_channels")
+
+
+def backbone_settings(cfg_backbone) -> dict:
+    return {k: v for k, v in cfg_backbone.items() if k not in BACKBONE_COMMON_KEYS and v is not None}
+
+
+def build_backbone(name: str, **settings):
+    """The registered backbone `name` (ccnet.registry.BACKBONES) built with its own settings."""
+    return BACKBONES.build(name, **settings)
+
+
 def build_model(cfg) -> CCNet:
     """From the `backbone`, `model` and `dataset` config sections."""
-    backbone = build_backbone(cfg.backbone.name, drop_path=cfg.backbone.drop_path, fuse=cfg.backbone.neck)
+    backbone = build_backbone(cfg.backbone.name, **backbone_settings(cfg.backbone))
     if cfg.backbone.pretrained:
         from ccnet.weights import load_backbone_weights
 
@@ -92,8 +108,8 @@ def build_model(cfg) -> CCNet:
         cfg.dataset.num_classes,
         cfg.backbone.head_channels,
         m.recurrence,
-        m.cca_impl,
         m.act,
         m.dropout,
         m.aux_weight,
+        LOSSES.build(m.loss, **loss_settings(m.loss, m)),
     )

@@ -10,22 +10,27 @@ import jittor as jt
 import numpy as np
 from jittor import nn
 
+from ccnet.ops.batch_norm import BatchNorm2d
+from ccnet.ops.conv import Conv2d
+from ccnet.ops.relu import ReLU
+from ccnet.registry import ACTIVATIONS
+
 from .cca import CrissCrossAttention
-from .conv import Conv2d
-from .norm import BatchNorm2d
-from .relu import ReLU
 
 
-def activation(name: str) -> nn.Module:
-    if name == "relu":
-        return ReLU()
-    if name == "leaky_relu":
-        return nn.LeakyReLU(0.01)
-    raise ValueError(f"model.act={name!r}: expected relu or leaky_relu")
+@ACTIVATIONS.register("relu")
+def relu() -> nn.Module:
+    return ReLU()
+
+
+@ACTIVATIONS.register("leaky_relu")
+def leaky_relu() -> nn.Module:
+    return nn.LeakyReLU(0.01)  # the slope of the authors' InPlaceABN
 
 
 def conv_bn_act(cin: int, cout: int, kernel: int, act: str, bias: bool = False) -> nn.Sequential:
-    return nn.Sequential(Conv2d(cin, cout, kernel, padding=kernel // 2, bias=bias), BatchNorm2d(cout), activation(act))
+    conv = Conv2d(cin, cout, kernel, padding=kernel // 2, bias=bias)
+    return nn.Sequential(conv, BatchNorm2d(cout), ACTIVATIONS.build(act))
 
 
 class ChannelDropout(nn.Module):
@@ -47,11 +52,11 @@ class ChannelDropout(nn.Module):
 class RCCAHead(nn.Module):
     """conva 3x3 -> CCA x R (shared weights) -> convb 3x3 -> concat with input -> 3x3 -> dropout -> 1x1."""
 
-    def __init__(self, in_channels, channels, num_classes, recurrence=2, cca_impl="auto", act="relu", dropout=0.1):
+    def __init__(self, in_channels, channels, num_classes, recurrence=2, act="relu", dropout=0.1):
         super().__init__()
         self.recurrence = recurrence
         self.conva = conv_bn_act(in_channels, channels, 3, act)
-        self.cca = CrissCrossAttention(channels, impl=cca_impl)
+        self.cca = CrissCrossAttention(channels)
         self.convb = conv_bn_act(channels, channels, 3, act)
         self.bottleneck = conv_bn_act(in_channels + channels, channels, 3, act)
         self.dropout = ChannelDropout(dropout)

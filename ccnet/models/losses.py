@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+
 import jittor as jt
 import numpy as np
 from jittor import nn
+
+from ccnet.registry import LOSSES
 
 
 def true_class_log_prob(logits: jt.Var, target: jt.Var, ignore_index: int):
@@ -44,9 +48,21 @@ def ohem_cross_entropy(logits, target, ignore_index=255, thresh=0.7, min_kept=10
     return -(picked * keep).sum() / valid_count(keep)
 
 
-def segmentation_loss(name: str, logits, target, ignore_index, ohem_thresh=0.7, ohem_min_kept=100000):
-    if name == "ce":
-        return cross_entropy(logits, target, ignore_index)
-    if name == "ohem":
-        return ohem_cross_entropy(logits, target, ignore_index, ohem_thresh, ohem_min_kept)
-    raise ValueError(f"model.loss={name!r}: expected ce or ohem")
+# A loss registers a factory returning loss(logits, target, ignore_index); its settings are the config keys
+# model.<name>_<setting> (model.ohem_thresh -> thresh), picked out by `loss_settings`.
+
+
+@LOSSES.register("ce")
+def ce_loss():
+    return cross_entropy
+
+
+@LOSSES.register("ohem")
+def ohem_loss(thresh: float = 0.7, min_kept: int = 100000):
+    return functools.partial(ohem_cross_entropy, thresh=thresh, min_kept=min_kept)
+
+
+def loss_settings(name: str, cfg_model) -> dict:
+    """{setting: value} of the model.<name>_<setting> keys (the settings of loss `name`)."""
+    prefix = f"{name}_"
+    return {key[len(prefix) :]: value for key, value in cfg_model.items() if key.startswith(prefix)}

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from jittor import nn
 
-from .conv import Conv2d
-from .norm import BatchNorm2d
-from .registry import register_backbone
-from .relu import ReLU
+from ccnet.ops.batch_norm import BatchNorm2d
+from ccnet.ops.conv import Conv2d
+from ccnet.ops.relu import ReLU
+from ccnet.registry import BACKBONES
+from ccnet.weights import PretrainedWeights
 
 
 def conv3x3(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Conv2d:
@@ -100,22 +101,6 @@ class ResNet(nn.Module):
         return c3, self.layer4(c3)
 
 
-@register_backbone("resnet50")
-def resnet50(**_):
-    return ResNet(Bottleneck, [3, 4, 6, 3])
-
-
-@register_backbone("resnet101")
-def resnet101(**_):
-    return ResNet(Bottleneck, [3, 4, 23, 3])
-
-
-@register_backbone("resnet_tiny")
-def resnet_tiny(**_):
-    """A small ResNet-style backbone (basic blocks, same stem and dilations) that trains in minutes on a CPU."""
-    return ResNet(BasicBlock, [1, 1, 1, 1], stem=(16, 16, 32), widths=(32, 64, 96, 128))
-
-
 def convert_mit_resnet_state_dict(state_dict: dict) -> tuple[dict, list]:
     """MIT CSAIL `resnet{50,101}-imagenet.pth` state dict -> our names (already equal): drops the classifier
     `fc.*` and `num_batches_tracked`. Returns (converted, dropped keys)."""
@@ -126,3 +111,22 @@ def convert_mit_resnet_state_dict(state_dict: dict) -> tuple[dict, list]:
         else:
             converted[key] = value
     return converted, dropped
+
+
+MIT_RESNET = PretrainedWeights("resnet", "layer1.0.conv1.weight", convert_mit_resnet_state_dict, ResNet)
+
+
+@BACKBONES.register("resnet50", weights=MIT_RESNET)
+def resnet50():
+    return ResNet(Bottleneck, [3, 4, 6, 3])
+
+
+@BACKBONES.register("resnet101", weights=MIT_RESNET)
+def resnet101():
+    return ResNet(Bottleneck, [3, 4, 23, 3])
+
+
+@BACKBONES.register("resnet_tiny", weights=MIT_RESNET)
+def resnet_tiny():
+    """A small ResNet-style backbone (basic blocks, same stem and dilations) that trains in minutes on a CPU."""
+    return ResNet(BasicBlock, [1, 1, 1, 1], stem=(16, 16, 32), widths=(32, 64, 96, 128))

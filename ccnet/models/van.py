@@ -15,9 +15,11 @@ import jittor as jt
 import numpy as np
 from jittor import init, nn
 
-from .conv import Conv2d
-from .norm import BatchNorm2d
-from .registry import register_backbone
+from ccnet.ops.batch_norm import BatchNorm2d
+from ccnet.ops.conv import Conv2d
+from ccnet.ops.relu import ReLU
+from ccnet.registry import BACKBONES
+from ccnet.weights import PretrainedWeights
 
 VAN_ARCHS = {
     "van_b0": dict(embed_dims=(32, 64, 160, 256), depths=(3, 3, 5, 2)),
@@ -26,6 +28,7 @@ VAN_ARCHS = {
     "van_b3": dict(embed_dims=(64, 128, 320, 512), depths=(3, 5, 27, 3)),
 }
 VAN_ALIASES = {"van_tiny": "van_b0", "van_small": "van_b1", "van_base": "van_b2", "van_large": "van_b3"}
+VAN_NECKS = ("sum", "concat", "none")  # stages 2-4 to stride 8 summed or concatenated; none: stage 4 at stride 32
 
 
 class DropPath(nn.Module):
@@ -142,7 +145,6 @@ class VAN(nn.Module):
         in_chans=3,
         num_classes=0,
         drop_path=0.0,
-        **_,
     ):
         super().__init__()
         self.embed_dims = tuple(embed_dims)
@@ -187,7 +189,7 @@ def _init_weights(m):
 
 
 def conv_bn_relu(cin: int, cout: int, k: int) -> nn.Sequential:
-    return nn.Sequential(Conv2d(cin, cout, k, padding=k // 2, bias=False), BatchNorm2d(cout), nn.ReLU())
+    return nn.Sequential(Conv2d(cin, cout, k, padding=k // 2, bias=False), BatchNorm2d(cout), ReLU())
 
 
 class VANBackbone(nn.Module):
@@ -196,20 +198,20 @@ class VANBackbone(nn.Module):
     Pretrained ImageNet weights go into `self.van` (see ccnet.weights); the neck starts from scratch.
     """
 
-    def __init__(self, arch: dict, neck_channels: int | None = None, fuse: str = "sum", drop_path=0.0, **_):
+    def __init__(self, arch: dict, neck_channels: int | None = None, neck: str = "sum", drop_path: float = 0.0):
         super().__init__()
-        if fuse not in ("sum", "concat", "none"):
-            raise ValueError(f"backbone.neck must be 'sum', 'concat' or 'none', got {fuse!r}")
+        if neck not in VAN_NECKS:
+            raise ValueError(f"backbone.neck={neck!r}: expected one of {list(VAN_NECKS)}")
         self.van = VAN(**arch, drop_path=drop_path)
         dims = self.van.embed_dims
         width = neck_channels or dims[-1]
-        self.fuse_mode = fuse
+        self.fuse_mode = neck
         self.aux_channels = dims[2]
-        self.out_channels = dims[-1] if fuse == "none" else width
-        if fuse == "none":  # the earlier ports' choice: the head on stage 4 at stride 32 (kept for comparison)
+        self.out_channels = dims[-1] if neck == "none" else width
+        if neck == "none":  # the earlier ports' choice: the head on stage 4 at stride 32 (kept for comparison)
             return
         self.lateral = nn.ModuleList([Conv2d(d, width, 1) for d in dims[1:]])
-        self.fuse = conv_bn_relu(width * (3 if fuse == "concat" else 1), width, 3)
+        self.fuse = conv_bn_relu(width * (3 if neck == "concat" else 1), width, 3)
 
     def execute(self, x):
         _, c2, c3, c4 = self.van.forward_features(x)
@@ -229,26 +231,6 @@ def van(name: str, num_classes: int = 1000, **kwargs) -> VAN:
     return VAN(**{**VAN_ARCHS[VAN_ALIASES.get(name, name)], **kwargs}, num_classes=num_classes)
 
 
-@register_backbone("van_b0", "van_tiny")
-def van_b0(**kwargs):
-    return VANBackbone(VAN_ARCHS["van_b0"], **kwargs)
-
-
-@register_backbone("van_b1", "van_small")
-def van_b1(**kwargs):
-    return VANBackbone(VAN_ARCHS["van_b1"], **kwargs)
-
-
-@register_backbone("van_b2", "van_base")
-def van_b2(**kwargs):
-    return VANBackbone(VAN_ARCHS["van_b2"], **kwargs)
-
-
-@register_backbone("van_b3", "van_large")
-def van_b3(**kwargs):
-    return VANBackbone(VAN_ARCHS["van_b3"], **kwargs)
-
-
 _NOT_BACKBONE = ("head.", "decode_head.", "auxiliary_head.")
 
 
@@ -266,3 +248,28 @@ def convert_van_state_dict(state_dict: dict) -> tuple[dict, list]:
         else:
             converted[name] = value
     return converted, dropped
+
+
+VAN_WEIGHTS = PretrainedWeights(
+    "van", "patch_embed1.proj.weight", convert_van_state_dict, (VANBackbone, VAN), inner="van"
+)
+
+
+@BACKBONES.register("van_b0", "van_tiny", weights=VAN_WEIGHTS)
+def van_b0(drop_path: float = 0.0, neck: str = "sum"):
+    return VANBackbone(VAN_ARCHS["van_b0"], neck=neck, drop_path=drop_path)
+
+
+@BACKBONES.register("van_b1", "van_small", weights=VAN_WEIGHTS)
+def van_b1(drop_path: float = 0.0, neck: str = "sum"):
+    return VANBackbone(VAN_ARCHS["van_b1"], neck=neck, drop_path=drop_path)
+
+
+@BACKBONES.register("van_b2", "van_base", weights=VAN_WEIGHTS)
+def van_b2(drop_path: float = 0.0, neck: str = "sum"):
+    return VANBackbone(VAN_ARCHS["van_b2"], neck=neck, drop_path=drop_path)
+
+
+@BACKBONES.register("van_b3", "van_large", weights=VAN_WEIGHTS)
+def van_b3(drop_path: float = 0.0, neck: str = "sum"):
+    return VANBackbone(VAN_ARCHS["van_b3"], neck=neck, drop_path=drop_path)

@@ -1,11 +1,11 @@
 """BatchNorm with a one-pass, float64 per-channel reduction on the CPU (the same module and state as Jittor's).
 
-Jittor's BatchNorm reduces over (B, H, W) with its generic reduce ops: on the CPU they took ~1.1 s of a 9.3 s
-ResNet-50 training step at 512x512 (PyTorch's batch norm: 0.3 s). Here one small kernel computes, per channel,
-sum(a) and sum(a * b) in a single pass with float64 accumulators: (x, x) for the batch statistics in the forward,
-(dy, x) for the backward, whose remaining work is one elementwise expression per tensor. On the GPU, and in eval
-mode, Jittor's own code runs. Semantics are Jittor's: biased batch variance (also for the running variance),
-`momentum`, `eps`, and statistics synchronised over MPI ranks when `sync` is set.
+Jittor's BatchNorm reduces over (B, H, W) with its generic reduce ops, which were slow on the CPU
+(benchmarks/README.md). Here one small kernel (csrc/batch_norm_cpu.h) computes, per channel, sum(a) and
+sum(a * b) in a single pass with float64 accumulators: (x, x) for the batch statistics in the forward, (dy, x) for
+the backward, whose remaining work is one elementwise expression per tensor. On the GPU, in eval mode and with
+kernels.batch_norm=jittor, Jittor's own code runs. Semantics are Jittor's: biased batch variance (also for the
+running variance), `momentum`, `eps`, and statistics synchronised over MPI ranks when `sync` is set.
 """
 
 from __future__ import annotations
@@ -13,31 +13,10 @@ from __future__ import annotations
 import math
 
 import jittor as jt
+import numpy as np
 from jittor import nn
 
-_SUMS_SOURCE = r"""
-namespace bn_cpu {
-// sa[c] = sum of a[n, c, i], sab[c] = sum of a[n, c, i] * b[n, c, i], over n < batch and i < inner.
-inline void channel_sums(const float* a, const float* b, double* sa, double* sab, long batch, long channels,
-                         long inner) {
-#pragma omp parallel for schedule(dynamic, 1)
-    for (long c = 0; c < channels; c++) {
-        double s = 0, sp = 0;
-        for (long n = 0; n < batch; n++) {
-            const float* pa = a + (n * channels + c) * inner;
-            const float* pb = b + (n * channels + c) * inner;
-#pragma omp simd reduction(+ : s, sp)
-            for (long i = 0; i < inner; i++) {  // float64 accumulators: E[x^2] - E[x]^2 cancels
-                s += pa[i];
-                sp += (double)pa[i] * pb[i];
-            }
-        }
-        sa[c] = s;
-        sab[c] = sp;
-    }
-}
-}  // namespace bn_cpu
-"""
+from . import source, use_fused
 
 
 def channel_sums(a: jt.Var, b: jt.Var) -> tuple[jt.Var, jt.Var]:
@@ -47,7 +26,7 @@ def channel_sums(a: jt.Var, b: jt.Var) -> tuple[jt.Var, jt.Var]:
         [(a.shape[1],), (a.shape[1],)],
         ["float64", "float64"],
         flat,
-        cpu_header=_SUMS_SOURCE,
+        cpu_header=source("batch_norm_cpu.h"),
         cpu_src="bn_cpu::channel_sums(in0_p, in1_p, out0_p, out1_p, in0_shape0, in0_shape1, in0_shape2);",
     )
     return sums[0], sums[1]
@@ -96,10 +75,39 @@ class BatchNorm2d(nn.BatchNorm):
     """jt.nn.BatchNorm (same arguments, parameters and buffers) with the fast CPU training path."""
 
     def execute(self, x):
-        if not self.is_train or jt.flags.use_cuda or not self.affine or x.dtype != "float32":
+        plain = not self.is_train or jt.flags.use_cuda or not self.affine or x.dtype != "float32"
+        if plain or not one_pass_available():
             return super().execute(x)
-        fn = _TrainBatchNorm()
-        y = fn(x, self.weight, self.bias, self.eps, self.sync)
-        self.running_mean.update(self.running_mean + (fn.batch_mean - self.running_mean) * self.momentum)
-        self.running_var.update(self.running_var + (fn.batch_var - self.running_var) * self.momentum)
-        return y
+        return _one_pass_step(self, x)
+
+
+def _one_pass_step(module: nn.BatchNorm, x: jt.Var) -> jt.Var:
+    """A training step of `module` through the one-pass kernel: normalised output, running statistics updated."""
+    fn = _TrainBatchNorm()
+    y = fn(x, module.weight, module.bias, module.eps, module.sync)
+    module.running_mean.update(module.running_mean + (fn.batch_mean - module.running_mean) * module.momentum)
+    module.running_var.update(module.running_var + (fn.batch_var - module.running_var) * module.momentum)
+    return y
+
+
+def _self_test() -> None:
+    """Compile the kernel and compare a training step (output, grads, running statistics) with Jittor's BatchNorm."""
+    rng = np.random.default_rng(0)
+    x = jt.array((rng.standard_normal((2, 3, 5, 4)) * 2 + 1).astype(np.float32))
+    g = jt.array(rng.standard_normal((2, 3, 5, 4)).astype(np.float32))
+    results = []
+    for step in (_one_pass_step, nn.BatchNorm.execute):
+        module = nn.BatchNorm(3)
+        module.train()
+        module.weight.update(jt.array([0.5, 1.0, 2.0]))
+        with jt.enable_grad():
+            y = step(module, x)
+            results.append([y, *jt.grad((y * g).sum(), [x, module.weight, module.bias]), module.running_var])
+    for name, a, b in zip(("y", "dx", "dweight", "dbias", "running_var"), *results):
+        if not np.allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-4):
+            raise RuntimeError(f"{name} differs from Jittor's BatchNorm")
+
+
+def one_pass_available() -> bool:
+    """kernels.batch_norm=fused and the one-pass kernel compiled and agrees with Jittor's BatchNorm (checked once)."""
+    return use_fused("batch_norm", _self_test, "one-pass batch norm")

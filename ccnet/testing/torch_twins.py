@@ -190,6 +190,115 @@ def torch_van(embed_dims, depths, mlp_ratios=(8, 8, 4, 4), num_classes=1000):
     return Net()
 
 
+def einsum_cca(q, k, v):
+    """Criss-cross attention of (B, Cq, H, W), (B, Cq, H, W), (B, C, H, W) tensors with einsum, as mmcv writes it:
+    column and row energies, the centre masked in the column branch, one softmax over the H + W scores."""
+    import torch
+
+    h = q.shape[2]
+    centre = torch.eye(h, dtype=torch.bool, device=q.device).view(1, 1, h, h)
+    energy_h = torch.einsum("bchw,bciw->bwhi", q, k).masked_fill(centre, float("-inf")).transpose(1, 2)
+    energy_w = torch.einsum("bchw,bchj->bhwj", q, k)
+    attn = torch.softmax(torch.cat([energy_h, energy_w], dim=-1), dim=-1)
+    out = torch.einsum("bciw,bhwi->bchw", v, attn[..., :h])
+    return out + torch.einsum("bchj,bhwj->bchw", v, attn[..., h:])
+
+
+def torch_cca(channels):
+    """The criss-cross attention module (einsum_cca), our key names: query_conv, key_conv, value_conv, gamma."""
+    import torch
+    import torch.nn as tnn
+
+    class CCA(tnn.Module):
+        def __init__(self):
+            super().__init__()
+            self.query_conv = tnn.Conv2d(channels, channels // 8, 1)
+            self.key_conv = tnn.Conv2d(channels, channels // 8, 1)
+            self.value_conv = tnn.Conv2d(channels, channels, 1)
+            self.gamma = tnn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            return self.gamma * einsum_cca(self.query_conv(x), self.key_conv(x), self.value_conv(x)) + x
+
+    return CCA()
+
+
+def torch_ccnet(
+    block="bottleneck",
+    layers=(3, 4, 23, 3),
+    stem=(64, 64, 128),
+    widths=(64, 128, 256, 512),
+    num_classes=19,
+    head_channels=512,
+    recurrence=2,
+    act="relu",
+):
+    """The whole CCNet (dilated ResNet, RCCA head, DSN head on layer3, logits upsampled with align_corners=True)
+    with our state-dict names (backbone.*, head.conva/cca/convb/bottleneck/classifier, aux_head.conv/classifier);
+    `losses(images, labels)` = CE (ignore 255) + 0.4 x CE on the DSN logits."""
+    import torch
+    import torch.nn as tnn
+    import torch.nn.functional as F
+
+    def conv_bn_act(cin, cout, k, bias=False):
+        activation = tnn.ReLU() if act == "relu" else tnn.LeakyReLU(0.01)
+        return tnn.Sequential(tnn.Conv2d(cin, cout, k, padding=k // 2, bias=bias), tnn.BatchNorm2d(cout), activation)
+
+    expansion = 4 if block == "bottleneck" else 1
+    cin, aux_cin = widths[3] * expansion, widths[2] * expansion
+
+    class RCCAHead(tnn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conva = conv_bn_act(cin, head_channels, 3)
+            self.cca = torch_cca(head_channels)
+            self.convb = conv_bn_act(head_channels, head_channels, 3)
+            self.bottleneck = conv_bn_act(cin + head_channels, head_channels, 3)
+            self.dropout = tnn.Dropout2d(0.1)
+            self.classifier = tnn.Conv2d(head_channels, num_classes, 1)
+
+        def forward(self, x):
+            out = self.conva(x)
+            for _ in range(recurrence):
+                out = self.cca(out)
+            out = self.bottleneck(torch.cat([x, self.convb(out)], 1))
+            return self.classifier(self.dropout(out))
+
+    class DSNHead(tnn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = conv_bn_act(aux_cin, head_channels, 3, bias=True)
+            self.dropout = tnn.Dropout2d(0.1)
+            self.classifier = tnn.Conv2d(head_channels, num_classes, 1)
+
+        def forward(self, x):
+            return self.classifier(self.dropout(self.conv(x)))
+
+    class CCNet(tnn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = torch_resnet(block, layers, stem, widths)
+            del self.backbone.fc  # the ImageNet classifier is no part of the segmentor
+            self.head = RCCAHead()
+            self.aux_head = DSNHead()
+
+        def forward(self, images, with_aux=False):
+            size = images.shape[2:]
+            *_, c3, c4 = self.backbone.stages(images)
+            logits = F.interpolate(self.head(c4), size=size, mode="bilinear", align_corners=True)
+            if not with_aux:
+                return logits
+            return logits, F.interpolate(self.aux_head(c3), size=size, mode="bilinear", align_corners=True)
+
+        def losses(self, images, labels, ignore_index=255):
+            logits, aux_logits = self(images, with_aux=True)
+            main = F.cross_entropy(logits, labels, ignore_index=ignore_index)
+            aux = F.cross_entropy(aux_logits, labels, ignore_index=ignore_index)
+            return main + 0.4 * aux, main, aux
+
+    return CCNet()
+
+
 def randomise(net, seed=0):
     """Random weights and BatchNorm statistics, so that no block is close to the identity."""
     import torch
@@ -359,92 +468,6 @@ def torch_load_arrays(path):
     return _to_numpy(torch.load(path, weights_only=True))
 
 
-def torch_ccnet(block, layers, stem, widths, num_classes, channels, recurrence, act="relu", align_corners=True):
-    """The whole CCNet as the paper describes it, with our key names: the dilated ResNet above (backbone.*),
-    the RCCA head (head.*: conva 3x3 -> criss-cross attention R times with shared weights -> convb 3x3 ->
-    concat with the backbone feature -> bottleneck 3x3 -> dropout -> 1x1 classifier) and the DSN head on layer3
-    (aux_head.*: 3x3 conv with bias -> dropout -> 1x1); every 3x3 conv followed by BN and the activation;
-    logits upsampled bilinearly to the input size."""
-    import torch
-    import torch.nn as tnn
-    import torch.nn.functional as F
-
-    def activation():
-        return tnn.ReLU() if act == "relu" else tnn.LeakyReLU(0.01)
-
-    def conv_bn_act(cin, cout, bias=False):
-        return tnn.Sequential(tnn.Conv2d(cin, cout, 3, padding=1, bias=bias), tnn.BatchNorm2d(cout), activation())
-
-    class CrissCrossAttention(tnn.Module):
-        """Query/key 1x1 to C/8, value 1x1 to C; for each pixel one softmax over its column (its own position
-        left out there, so it is counted once) and its row; gamma * aggregated values + x."""
-
-        def __init__(self, c):
-            super().__init__()
-            self.query_conv = tnn.Conv2d(c, c // 8, 1)
-            self.key_conv = tnn.Conv2d(c, c // 8, 1)
-            self.value_conv = tnn.Conv2d(c, c, 1)
-            self.gamma = tnn.Parameter(torch.zeros(1))
-
-        def forward(self, x):
-            h = x.shape[2]
-            q, k, v = self.query_conv(x), self.key_conv(x), self.value_conv(x)
-            e_col = torch.einsum("bchw,bcgw->bhwg", q, k)
-            e_col = e_col.masked_fill(torch.eye(h, dtype=torch.bool).view(h, 1, h), float("-inf"))
-            e_row = torch.einsum("bchw,bchg->bhwg", q, k)
-            att = F.softmax(torch.cat([e_col, e_row], dim=-1), dim=-1)
-            out = torch.einsum("bhwg,bcgw->bchw", att[..., :h], v) + torch.einsum("bhwg,bchg->bchw", att[..., h:], v)
-            return self.gamma * out + x
-
-    class RCCAHead(tnn.Module):
-        def __init__(self, cin):
-            super().__init__()
-            self.conva = conv_bn_act(cin, channels)
-            self.cca = CrissCrossAttention(channels)
-            self.convb = conv_bn_act(channels, channels)
-            self.bottleneck = conv_bn_act(cin + channels, channels)
-            self.dropout = tnn.Dropout2d(0.1)
-            self.classifier = tnn.Conv2d(channels, num_classes, 1)
-
-        def forward(self, x):
-            out = self.conva(x)
-            for _ in range(recurrence):
-                out = self.cca(out)
-            out = self.bottleneck(torch.cat([x, self.convb(out)], 1))
-            return self.classifier(self.dropout(out))
-
-    class DSNHead(tnn.Module):
-        def __init__(self, cin):
-            super().__init__()
-            self.conv = conv_bn_act(cin, channels, bias=True)
-            self.dropout = tnn.Dropout2d(0.1)
-            self.classifier = tnn.Conv2d(channels, num_classes, 1)
-
-        def forward(self, x):
-            return self.classifier(self.dropout(self.conv(x)))
-
-    expansion = 4 if block == "bottleneck" else 1
-
-    class Net(tnn.Module):
-        def __init__(self):
-            super().__init__()
-            self.backbone = torch_resnet(block, layers, stem, widths)
-            self.backbone.fc = None  # a segmentation backbone: no classifier
-            self.head = RCCAHead(widths[3] * expansion)
-            self.aux_head = DSNHead(widths[2] * expansion)
-
-        def forward(self, x, with_aux=False):
-            feats = self.backbone.stages(x)
-
-            def up(t):
-                return F.interpolate(t, size=x.shape[2:], mode="bilinear", align_corners=align_corners)
-
-            logits = up(self.head(feats[4]))
-            return (logits, up(self.aux_head(feats[3]))) if with_aux else logits
-
-    return Net()
-
-
 def ccnet_logits_from_export(path, block, layers, stem, widths, x):
     """torch.load(path, weights_only=True) of an exported file -> the twin built from its meta, its weights
     loaded -> (main and DSN logits on x, missing keys, unexpected keys, meta without the config text)."""
@@ -452,10 +475,10 @@ def ccnet_logits_from_export(path, block, layers, stem, widths, x):
 
     payload = torch.load(path, weights_only=True)
     meta = payload["meta"]
+    assert meta["align_corners"], "the twin upsamples with align_corners=True"
     twin = torch_ccnet(
-        block, layers, stem, widths, meta["num_classes"], meta["head_channels"], meta["recurrence"], meta["act"],
-        meta["align_corners"],
-    )  # fmt: skip
+        block, layers, stem, widths, meta["num_classes"], meta["head_channels"], meta["recurrence"], meta["act"]
+    )
     missing, unexpected = twin.load_state_dict(payload["state_dict"], strict=False)
     twin.eval()
     with torch.no_grad():

@@ -1,8 +1,6 @@
-"""Sweeps: every job records its outcome; the sweep folder gets a summary table and a plot at the end.
+"""Sweep summaries: a table and a plot of every job of a sweep folder (no Jittor here).
 
-- `run_recorded` (called by run.py) times a job and writes `status.json` into its folder: status ok or failed,
-  the error, the seconds. Under multirun a failing job logs its traceback and returns -inf (a float, so the
-  Optuna sweeper records it as the worst trial; NaN or None would stop its study), and the others go on.
+- Every job writes `status.json` into its folder (ccnet.jobs.run_job): status ok or failed, the error, the seconds.
 - `summarize(sweep_dir)` reads every `<num>_<overrides>/` job folder (also while a sweep is still running):
   overrides from `.hydra/overrides.yaml`, status, final val mIoU (`metrics.json`), best val mIoU over every
   evaluation (`val/mIoU` in the TensorBoard events), time; writes summary.csv, summary.md, summary.png.
@@ -13,63 +11,15 @@
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import logging
 import math
-import re
-import time
-import traceback
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
-from ccnet.fileio import atomic_file
-from ccnet.runtime import mpi_rank
-
 log = logging.getLogger(__name__)
-UNSAFE = re.compile(r"[^A-Za-z0-9_.+@%-]")
-
-
-def job_dirname(override_dirname: str, limit: int = 120) -> str:
-    """A sweep job's folder name (resolver `job_dirname`, conf/config.yaml) from Hydra's override_dirname, whose
-    separators we set to '-' (key-value) and '+' (items): brackets and quotes dropped, any other character
-    outside [A-Za-z0-9_.+@%-] (',' of a list, '/', ...) turned into '.', so the folder can be passed back
-    unquoted (checkpoint=...; '=' and ',' would need quoting); cut to `limit` characters plus a hash of the whole
-    when longer (names stop at 255 bytes). The summary reads each job's overrides from its .hydra/ instead."""
-    name = UNSAFE.sub(".", re.sub(r"[\[\]{}()'\"]", "", override_dirname))
-    if len(name) > limit:
-        name = f"{name[: limit - 9]}@{hashlib.sha1(name.encode()).hexdigest()[:8]}"
-    return name
-
-
-def run_recorded(job, cfg, run_dir: Path, multirun: bool, reraise=()):
-    """job(cfg, run_dir) with status.json written either way; a failure raises unless multirun.
-
-    Exceptions of the `reraise` types (a requested stop) always propagate: they end the whole sweep.
-    """
-    start = time.time()
-
-    def record(**status):
-        if mpi_rank() == 0:  # MPI ranks share the run folder
-            run_dir.mkdir(parents=True, exist_ok=True)
-            status["seconds"] = round(time.time() - start, 2)
-            with atomic_file(run_dir / "status.json") as f:  # a kill never leaves half of it
-                f.write((json.dumps(status, indent=2) + "\n").encode())
-
-    try:
-        result = job(cfg, run_dir)
-    except Exception as err:
-        if isinstance(err, reraise):
-            raise
-        record(status="failed", error=f"{type(err).__name__}: {err}")
-        if not multirun:
-            raise
-        log.error("job failed; the sweep goes on:\n%s", traceback.format_exc())
-        return float("-inf")
-    record(status="ok", result=result)
-    return result
 
 
 def read_scalars(tb_dir: Path, tag: str) -> list[tuple[int, float]]:

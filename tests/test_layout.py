@@ -1,0 +1,129 @@
+"""The package's shape: every module imports on its own, imports flow one way (ARCHITECTURE.md), and the library
+works without a set-up call of its own."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "ccnet"
+
+# Who may import whom (ccnet.<layer>): data flows run.py -> jobs -> engine -> models/data/ops, never back up.
+MAY_IMPORT = {
+    "runtime": set(),
+    "registry": set(),
+    "config": {"runtime"},
+    "summary": set(),
+    "weights": {"registry", "runtime"},
+    "download": set(),
+    "testing": set(),
+    "ops": {"runtime"},
+    "data": {"registry"},
+    "models": {"runtime", "registry", "ops", "weights"},
+    "engine": {"runtime", "data", "models", "ops", "weights"},
+    "jobs": {"runtime", "registry", "ops", "data", "engine", "models", "weights", "summary", "download"},
+    "api": {"runtime", "registry", "ops", "data", "engine", "models", "weights", "jobs", "config", "download"},
+}
+
+
+def modules() -> list[str]:
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        found.append(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
+    return found
+
+
+def ccnet_imports(path: Path) -> set[str]:
+    """The ccnet modules a file imports (at any depth: a function-level import counts too)."""
+    package = ".".join(path.relative_to(ROOT).parts[:-1])
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names if a.name.startswith("ccnet")}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            if base == "ccnet":  # from ccnet import ops, runtime
+                names |= {f"ccnet.{a.name}" for a in node.names}
+            elif base.startswith("ccnet"):
+                names.add(base)
+    return names
+
+
+def layer(module: str) -> str:
+    return module.split(".")[1] if module.count(".") else "ccnet"
+
+
+def test_imports_flow_one_way():
+    wrong = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path == PACKAGE / "__init__.py":
+            continue
+        own = layer(".".join(path.relative_to(ROOT).with_suffix("").parts))
+        assert own in MAY_IMPORT, f"{path}: a new top-level module: add it to MAY_IMPORT and ARCHITECTURE.md"
+        for imported in ccnet_imports(path):
+            other = layer(imported)
+            if other not in (own, "ccnet") and other not in MAY_IMPORT[own]:
+                wrong.append(f"{path.relative_to(ROOT)} imports {imported}")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_every_module_imports_on_its_own():
+    """Each module in a fresh set of ccnet modules (Jittor itself stays loaded): an import cycle fails here."""
+    script = """
+import importlib, sys, traceback
+from ccnet import runtime
+runtime.setup("cpu")
+failed = []
+for name in sys.argv[1:]:
+    for loaded in [m for m in sys.modules if m == "ccnet" or m.startswith("ccnet.")]:
+        del sys.modules[loaded]
+    try:
+        importlib.import_module(name)
+    except Exception:
+        failed.append(name + ": " + traceback.format_exc().splitlines()[-1])
+print("\\n".join(failed))
+sys.exit(1 if failed else 0)
+"""
+    names = [m for m in modules() if m != "ccnet.testing.torch_twins"]
+    proc = subprocess.run([sys.executable, "-c", script, *names], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("module", ["ccnet.models", "ccnet.ops.cca", "ccnet.engine.inference", "ccnet.jobs"])
+def test_library_import_needs_no_set_up_call(module):
+    """A fresh interpreter (nvcc on this machine, no CUDA driver: Jittor crashes unless set up) imports and runs."""
+    script = f"""
+import {module}
+import jittor as jt
+from ccnet import runtime
+from ccnet.models import CCNet, build_backbone
+model = CCNet(build_backbone("resnet_tiny"), 3, head_channels=8)
+model.eval()
+print(tuple(model(jt.zeros((1, 3, 40, 48))).shape), runtime.describe())
+"""
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("(1, 3, 40, 48) device=cpu"), proc.stdout
+
+
+def test_explicit_set_up_wins_and_a_conflicting_one_is_refused():
+    script = """
+from ccnet import runtime
+jt = runtime.setup("cpu")
+import ccnet.models
+assert runtime.describe().startswith("device=cpu")
+try:
+    runtime.setup("cuda")
+except RuntimeError as error:
+    print("refused:", error)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "refused: device=cuda asked for, but Jittor was already set up for cpu" in proc.stdout
