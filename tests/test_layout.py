@@ -15,16 +15,18 @@ PACKAGE = ROOT / "ccnet"
 MAY_IMPORT = {
     "runtime": set(),
     "registry": set(),
+    "fileio": set(),
     "config": {"runtime"},
     "summary": set(),
-    "weights": {"registry", "runtime"},
+    "weights": {"registry", "runtime", "fileio", "export"},  # export: only its command line (weights.main)
     "download": set(),
     "testing": set(),
     "ops": {"runtime"},
     "data": {"registry"},
     "models": {"runtime", "registry", "ops", "weights"},
-    "engine": {"runtime", "data", "models", "ops", "weights"},
-    "jobs": {"runtime", "registry", "ops", "data", "engine", "models", "weights", "summary", "download"},
+    "engine": {"runtime", "data", "models", "ops", "weights", "fileio"},
+    "export": {"engine", "data", "fileio"},
+    "jobs": {"runtime", "registry", "ops", "data", "engine", "models", "weights", "summary", "download", "fileio"},
     "api": {"runtime", "registry", "ops", "data", "engine", "models", "weights", "jobs", "config", "download"},
 }
 

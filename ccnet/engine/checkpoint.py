@@ -20,8 +20,12 @@ FORMAT = "ccnet-checkpoint-v1"
 EXPORT_FORMAT = "ccnet-export-v1"  # meta["format"] of `python -m ccnet.weights export --format torch` files
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used; the message names the file and what was wrong."""
+class CheckpointError(FileError):
+    """A checkpoint that cannot be used; the message names the file and what was wrong ("PATH: problem")."""
+
+    def __init__(self, message: str):
+        ValueError.__init__(self, message)
+        self.path, _, self.problem = message.partition(": ")
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
