@@ -23,6 +23,16 @@ register_configs()
 log = logging.getLogger("ccnet")
 
 
+def report_error(err: Exception) -> None:
+    """Bad input ends in one line per problem: on stderr for the user, and into run.log (not twice on the
+    terminal)."""
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, "%s", (err,), None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+    print("\n".join(f"error: {line}" for line in str(err).splitlines()), file=sys.stderr)
+
+
 def resume_command(run_dir: Path) -> str:
     drop = ("resume=", "overwrite=", "hydra.run.dir=")  # overwrite=true again would delete what it resumes
     keep = [o for o in HydraConfig.get().overrides.task if not o.startswith(drop)]
@@ -45,7 +55,7 @@ def main(cfg) -> float | None:
         check(cfg)  # device first: Jittor is set up for it here, before anything imports it
     except ConfigValueError as err:
         if not multirun:
-            log.error("%s", err)
+            report_error(err)
             sys.exit(1)
         log.error("%s\njob failed; the sweep goes on", err)
         record_status(run_dir, status="failed", error=f"ConfigValueError: {err}", seconds=0.0)
@@ -53,6 +63,7 @@ def main(cfg) -> float | None:
     from ccnet.data.datasets import DataError
     from ccnet.engine.checkpoint import CheckpointError
     from ccnet.engine.trainer import NonFiniteLossError, TrainingInterrupted
+    from ccnet.fileio import FileError
     from ccnet.jobs import run_job
     from ccnet.jobs.common import RunDirError
     from ccnet.registry import RegistryError
@@ -73,8 +84,16 @@ def main(cfg) -> float | None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(130 if stop.signal_name == "SIGINT" else 143)
-    except (ConfigValueError, DataError, CheckpointError, RunDirError, NonFiniteLossError, RegistryError) as err:
-        log.error("%s", err)
+    except (
+        ConfigValueError,
+        DataError,
+        CheckpointError,
+        FileError,
+        RunDirError,
+        NonFiniteLossError,
+        RegistryError,
+    ) as err:
+        report_error(err)
         sys.exit(1)
 
 

@@ -28,7 +28,8 @@ log = logging.getLogger("ccnet")
 
 
 def refuse(message: str):
-    sys.stderr.write(message + "\n")
+    """One line per problem, as run.py reports errors: `error: <what, naming the key or file>`."""
+    sys.stderr.write("".join(f"error: {line}\n" for line in message.splitlines()))
     sys.stderr.flush()
     raise SystemExit(1)
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
+from ccnet.fileio import atomic_file
 from ccnet.runtime import mpi_rank
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,8 @@ def record_status(run_dir: Path, **status) -> None:
     share the run folder)."""
     if mpi_rank() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "status.json").write_text(json.dumps(status, indent=2) + "\n")
+        with atomic_file(run_dir / "status.json") as f:  # a kill never leaves half of it
+            f.write((json.dumps(status, indent=2) + "\n").encode())
 
 
 def read_scalars(tb_dir: Path, tag: str) -> list[tuple[int, float]]:

@@ -1,9 +1,11 @@
-"""Pretrained backbone weights without PyTorch: read, convert, load, report.
+"""Pretrained backbone weights without PyTorch: read, convert, load, report; and the export command.
 
 Reads PyTorch files (the zip format of torch >= 1.6 and the older pickle format of the MIT CSAIL ResNets)
-with a restricted unpickler that turns tensors into NumPy arrays and never imports torch or runs foreign
-code; also our own checkpoints (`ccnet-checkpoint-v1`, backbone keys prefixed `backbone.`) and the pickles
-written by `python -m ccnet.weights convert IN.pth OUT.pkl [--family resnet|van]` (`ccnet-backbone-v1`).
+through the allow-list reader of ccnet/fileio.py, which turns tensors into NumPy arrays and refuses anything
+that is not plain data; also our own checkpoints (`ccnet-checkpoint-v1`, backbone keys prefixed `backbone.`)
+and the pickles written by `python -m ccnet.weights convert IN.pth OUT.pkl [--family resnet|van]`
+(`ccnet-backbone-v1`). `python -m ccnet.weights export SOURCE OUT.pth [--format torch|mmseg]` writes one of
+our models as a PyTorch file (ccnet/export.py).
 
 Each backbone family declares its weights where it registers (`PretrainedWeights`: a signature key, the key
 conversion beside the model, the module they fit), e.g. `MIT_RESNET` in ccnet/models/resnet.py and `VAN_WEIGHTS`
@@ -14,11 +16,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import pickle
 import sys
-import tempfile
-import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,171 +25,17 @@ from typing import Callable
 
 import numpy as np
 
+from .fileio import FileError, atomic_file, read_file
+
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "ccnet-checkpoint-v1"  # the trainer's checkpoints (ccnet.engine.checkpoint)
 BACKBONE_FORMAT = "ccnet-backbone-v1"  # what `convert` writes: one family's converted state dict
-_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # the first pickle of a pre-1.6 torch.save file
-_STORAGE_DTYPES = {
-    "FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16,
-    "BFloat16Storage": np.uint16, "LongStorage": np.int64, "IntStorage": np.int32, "ShortStorage": np.int16,
-    "CharStorage": np.int8, "ByteStorage": np.uint8, "BoolStorage": np.bool_,
-}  # fmt: skip
+EXPORT_FORMAT = "ccnet-export-v1"  # meta["format"] of what `export --format torch` writes (ccnet/export.py)
 
 
-class WeightsError(ValueError):
+class WeightsError(FileError):
     """A weights file that cannot be used: names the file and what was found in it."""
-
-    def __init__(self, path, problem: str):
-        super().__init__(f"{path}: {problem}")
-        self.path, self.problem = str(path), problem
-
-
-# ---------------------------------------------------------------------------------------------- reading
-
-
-class _Opaque:
-    """Stands in for any class the unpickler does not allow (optimizer classes, argparse.Namespace, ...)."""
-
-    def __init__(self, *args, **kwargs):
-        self.args = args
-
-    def __setstate__(self, state):
-        self.state = state
-
-
-class _Storage:
-    def __init__(self, name: str):
-        self.dtype = np.dtype(_STORAGE_DTYPES[name])
-
-
-def _rebuild_tensor(storage, offset, size, stride, *_):
-    itemsize = storage.dtype.itemsize
-    view = np.lib.stride_tricks.as_strided(storage[offset:], tuple(size), tuple(s * itemsize for s in stride))
-    return _Tensor(view)
-
-
-class _Tensor:
-    """A view into a storage; copied out once every storage is filled (the old format fills them last)."""
-
-    def __init__(self, view):
-        self.view = view
-
-
-def _rebuild_parameter(data, *_):
-    return data
-
-
-_ALLOWED = {
-    ("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "slice"),
-    ("numpy", "dtype"), ("numpy", "ndarray"), ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "scalar"), ("numpy.core.numeric", "_frombuffer"),
-    ("numpy._core.numeric", "_frombuffer"),
-}  # fmt: skip
-_TORCH = {
-    "_rebuild_tensor": _rebuild_tensor, "_rebuild_tensor_v2": _rebuild_tensor,
-    "_rebuild_parameter": _rebuild_parameter, "_rebuild_parameter_with_state": _rebuild_parameter,
-    "Size": tuple,
-}  # fmt: skip
-
-
-class _Unpickler(pickle.Unpickler):
-    def __init__(self, file, load_storage):
-        super().__init__(file, encoding="latin1")
-        self.load_storage = load_storage
-
-    def find_class(self, module, name):
-        if module.startswith("torch"):
-            if name in _STORAGE_DTYPES:
-                return _Storage(name)
-            if name in _TORCH:
-                return _TORCH[name]
-        elif (module, name) in _ALLOWED:
-            return super().find_class(module, name)
-        return type(name, (_Opaque,), {"__module__": "ccnet.weights.opaque"})
-
-    def persistent_load(self, pid):
-        if pid[0] != "storage" or self.load_storage is None:
-            raise pickle.UnpicklingError(f"unsupported persistent id {pid[0]!r}")
-        return self.load_storage(*pid[1:])
-
-
-def _materialise(obj):
-    if isinstance(obj, _Tensor):
-        array = np.array(obj.view)
-        return (array.astype(np.uint32) << 16).view(np.float32) if array.dtype == np.uint16 else array
-    if isinstance(obj, dict):
-        return type(obj)((k, _materialise(v)) for k, v in obj.items())
-    if isinstance(obj, list):
-        return [_materialise(v) for v in obj]
-    if isinstance(obj, tuple):
-        return tuple(_materialise(v) for v in obj)
-    return obj
-
-
-def _read_torch_zip(path) -> object:
-    with zipfile.ZipFile(path) as zf:
-        names = zf.namelist()
-        pkl = next((n for n in names if n.endswith("data.pkl")), None)
-        if pkl is None:
-            raise WeightsError(path, f"a zip file but not a PyTorch one (no data.pkl among {names[:5]})")
-        prefix = pkl[: -len("data.pkl")]
-        if prefix + "byteorder" in names and zf.read(prefix + "byteorder") != b"little":
-            raise WeightsError(path, "big-endian PyTorch files are not supported")
-
-        def load_storage(storage, key, _location, numel):
-            return np.frombuffer(zf.read(f"{prefix}data/{key}"), dtype=storage.dtype, count=numel)
-
-        with zf.open(pkl) as f:
-            return _materialise(_Unpickler(f, load_storage).load())
-
-
-def _read_pickle(path) -> object:
-    """A plain pickle (ours, Jittor's) or a pre-1.6 torch.save file: magic, version, sys info, the object,
-    storage keys, then each storage's data."""
-    with open(path, "rb") as f:
-        first = _Unpickler(f, None).load()
-        if not (isinstance(first, int) and first == _LEGACY_MAGIC):
-            return first
-        _version, _sys_info = _Unpickler(f, None).load(), _Unpickler(f, None).load()
-        storages = {}
-
-        def load_storage(storage, key, _location, numel, view=None):
-            if key not in storages:
-                storages[key] = np.empty(numel, dtype=storage.dtype)
-            if view is None:
-                return storages[key]
-            _view_key, offset, view_size = view
-            return storages[key][offset : offset + view_size]
-
-        obj = _Unpickler(f, load_storage).load()
-        for key in _Unpickler(f, None).load():
-            storage = storages[key]
-            raw = f.read(8 + storage.nbytes)  # element count, then the data
-            if len(raw) != 8 + storage.nbytes:
-                raise EOFError(f"storage {key} is cut short")
-            storage[:] = np.frombuffer(raw[8:], dtype=storage.dtype)
-        return _materialise(obj)
-
-
-def read_file(path) -> object:
-    """The object stored in a PyTorch file or pickle, tensors as NumPy arrays."""
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(path, "no such file")
-    try:
-        with open(path, "rb") as f:
-            is_zip = f.read(4) == b"PK\x03\x04"  # a cut zip has lost its directory: test the magic
-        if is_zip:
-            return _read_torch_zip(path)
-        return _read_pickle(path)
-    except WeightsError:
-        raise
-    except Exception as err:  # cut files end in EOFError / BadZipFile / "pickle data was truncated"
-        cut = isinstance(err, (EOFError, zipfile.BadZipFile)) or "truncated" in str(err)
-        problem = "truncated or corrupt file" if cut else "not a checkpoint: neither a PyTorch file nor a pickle"
-        raise WeightsError(path, f"{problem} ({type(err).__name__}: {err})") from err
 
 
 # ------------------------------------------------------------------------------------------ conversion
@@ -244,8 +89,10 @@ def read_state_dict(path, family: str | None = None) -> StateDict:
     if not isinstance(obj, dict):
         raise WeightsError(path, f"not a checkpoint: holds a {type(obj).__name__}, not a dict of tensors")
     fmt = obj.get("format")
-    if fmt == CHECKPOINT_FORMAT:
-        model = obj.get("model") if isinstance(obj.get("model"), dict) else {}
+    exported = isinstance(obj.get("meta"), dict) and obj["meta"].get("format") == EXPORT_FORMAT
+    if fmt == CHECKPOINT_FORMAT or exported:  # ours, or what `export` made of ours: the whole model's keys
+        model = obj.get("state_dict" if exported else "model")
+        model = model if isinstance(model, dict) else {}
         tensors = {k[len("backbone.") :]: v for k, v in _arrays(model).items() if k.startswith("backbone.")}
         if not tensors:
             raise WeightsError(path, "a ccnet checkpoint without backbone.* tensors")
@@ -277,16 +124,11 @@ def convert_file(src, dst, family: str | None = None) -> StateDict:
     if family and state.family != family:
         raise WeightsError(src, f"holds {state.family} weights, not {family}")
     payload = dict(format=BACKBONE_FORMAT, family=state.family, source=Path(src).name, state_dict=state.tensors)
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with atomic_file(dst) as f:
             pickle.dump(payload, f, protocol=pickle.HIGHEST_PROTOCOL)
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    except OSError as err:
+        raise WeightsError(dst, f"cannot be written ({err.strerror or err})") from err
     return state
 
 
@@ -313,11 +155,21 @@ class LoadReport:
         if self.dropped:  # grouped: "fc.* (2), num_batches_tracked (104)"
             groups = Counter(map(_group, self.dropped))
             lines.append("  dropped as expected: " + ", ".join(f"{g} ({n})" for g, n in groups.items()))
-        problems = {"missing": self.missing, "unexpected": self.unexpected, "shape mismatch": self.mismatched}
-        for title, keys in problems.items():
-            if keys:
-                lines.append(f"  {title} ({len(keys)}): " + ", ".join(keys))
+        for title, keys in self._problem_lists():
+            lines.append(f"  {title} ({len(keys)}): " + ", ".join(keys))
         return "\n".join(lines)
+
+    def _problem_lists(self):
+        problems = {"missing": self.missing, "unexpected": self.unexpected, "shape mismatch": self.mismatched}
+        return [(title, keys) for title, keys in problems.items() if keys]
+
+    def strict_problems(self) -> str:
+        """What strict loading refuses, on one line: missing and mis-shaped keys (the first 8 of each)."""
+        return "; ".join(
+            f"{title} ({len(keys)}): " + ", ".join(keys[:8]) + (" ..." if len(keys) > 8 else "")
+            for title, keys in self._problem_lists()
+            if title != "unexpected"
+        )
 
 
 def _target(module, family: str | None) -> tuple[PretrainedWeights, object]:
@@ -362,7 +214,8 @@ def load_backbone_weights(backbone, path, family: str | None = None, strict: boo
         raise WeightsError(path, f"no tensor fits {report.target} (first keys: {list(state.tensors)[:4]})")
     report.loaded = len(fits)
     if strict and (report.missing or report.mismatched):
-        raise WeightsError(path, "does not fit the backbone (strict=True)\n" + report.summary("would load"))
+        raise WeightsError(path, f"does not fit the {report.target} backbone: {report.strict_problems()} "
+                           "(backbone.strict=false loads the rest)")  # fmt: skip
     for k, value in fits.items():
         own[k].update(jt.array(value.astype(str(own[k].dtype), copy=False)))
     (log.warning if report.missing or report.mismatched else log.info)("%s", report.summary())
@@ -376,13 +229,24 @@ def main(argv=None) -> int:
     conv.add_argument("src")
     conv.add_argument("dst")
     conv.add_argument("--family", help="the backbone family (default: read from the file's keys)")
+    exp = sub.add_parser("export", help="our model (run folder or checkpoint) -> PyTorch file (no torch needed)")
+    exp.add_argument("source", help="a run folder, one of its checkpoints, or an exported file")
+    exp.add_argument("out", help="the .pth file to write")
+    exp.add_argument("--format", choices=["torch", "mmseg"], default="torch", help="key names and layout")
     args = parser.parse_args(argv)
-    from ccnet import runtime
-
-    runtime.setup()  # the converters live beside the Jittor models
     try:
+        if args.command == "export":
+            from ccnet.export import export  # the command line only: export sits above the engine
+
+            payload = export(args.source, args.out, args.format)
+            print(f"wrote {args.out}: {len(payload['state_dict'])} tensors ({args.format} layout); read it with "
+                  f"torch.load({args.out!r}, weights_only=True)")  # fmt: skip
+            return 0
+        from ccnet import runtime
+
+        runtime.setup()  # the converters live beside the Jittor models
         state = convert_file(args.src, args.dst, args.family)
-    except WeightsError as err:
+    except FileError as err:  # CheckpointError and ExportError are FileErrors too
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(f"wrote {args.dst}: {len(state.tensors)} {state.family} tensors, dropped {len(state.dropped)}")

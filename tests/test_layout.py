@@ -15,19 +15,22 @@ PACKAGE = ROOT / "ccnet"
 MAY_IMPORT = {
     "runtime": set(),
     "registry": set(),
+    "fileio": set(),
     "config": {"runtime", "run_dirs"},
     "run_dirs": {"runtime"},
     "validate": {"runtime", "registry", "ops", "models"},
     "preflight": {"runtime", "run_dirs", "validate"},
-    "summary": {"runtime"},
-    "weights": {"registry", "runtime"},
+    "summary": {"runtime", "fileio"},
+    "weights": {"registry", "runtime", "fileio", "export"},  # export: only its command line (weights.main)
     "download": set(),
     "testing": set(),
     "ops": {"runtime"},
     "data": {"registry"},
     "models": {"runtime", "registry", "ops", "weights"},
-    "engine": {"runtime", "data", "models", "ops", "weights"},
-    "jobs": {"runtime", "registry", "ops", "data", "engine", "models", "weights", "summary", "download", "validate"},
+    "engine": {"runtime", "data", "models", "ops", "weights", "fileio"},
+    "export": {"engine", "data", "fileio"},
+    "jobs": {"runtime", "registry", "ops", "data", "engine", "models", "weights", "summary", "download", "fileio"}
+    | {"validate"},
     "api": {"runtime", "registry", "ops", "data", "engine", "models", "weights", "jobs", "config", "download"},
 }
 

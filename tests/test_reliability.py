@@ -160,3 +160,100 @@ def test_kill_9_during_saves_never_leaves_a_broken_file(tmp_path):
         assert data.size == 4_000_000 and (data == data[0]).all()  # one whole version, never a mix or a cut
     ckpt.remove_stale_temporaries(tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.bin"]
+
+
+@pytest.mark.parametrize("checkpoint_every", [1, 2])
+def test_nan_learning_rate_names_only_files_that_exist(compose, tmp_path, checkpoint_every):
+    """schedule.lr=nan: the first step's loss is finite but leaves NaN weights; nothing non-finite is saved
+    and the message does not point at a checkpoint that was never written."""
+    from ccnet.jobs import get_job
+
+    cfg = compose(TINY + ["schedule.lr=nan", f"schedule.checkpoint_every={checkpoint_every}"])
+    with pytest.raises(NonFiniteLossError) as err:
+        get_job("train")(cfg, tmp_path)
+    assert "No checkpoint was written" in str(err.value) and "last.pkl" not in str(err.value)
+    assert not list((tmp_path / "checkpoints").glob("*.pkl"))
+
+
+def test_tensorboard_flush_writes_every_event_logged_before_it(tmp_path):
+    """tensorboardX's own flush() leaves events in its queue; ours drains it (read back while still open)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from ccnet.jobs.common import SummaryWriter
+
+    writer = SummaryWriter(str(tmp_path))
+    try:
+        for rounds in (1, 2):
+            for step in range(1, 201):
+                writer.add_scalar("x", step * rounds, step + 200 * (rounds - 1))
+            writer.flush()
+            events = EventAccumulator(str(tmp_path))
+            events.Reload()
+            assert [e.step for e in events.Scalars("x")] == list(range(1, 200 * rounds + 1))
+        writer.add_scalar("x", 0.0, 401)  # the restarted background thread still writes
+    finally:
+        writer.close()
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert events.Scalars("x")[-1].step == 401
+
+
+KILLED = [
+    "schedule.iters=16",
+    "schedule.checkpoint_every=4",
+    "schedule.log_every=1",
+    "schedule.crop_size=[48,48]",
+    "schedule.batch_size=2",
+    "eval.max_images=2",
+    "eval.num_vis=0",
+    "backbone.head_channels=8",
+    "schedule.keep_checkpoints=0",
+]
+
+
+def loss_curve(tb_dir) -> list[tuple[int, float]]:
+    """train/loss as TensorBoard shows it: tensorboard's own reader, which drops a restarted run's orphans."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tb_dir))
+    events.Reload()
+    return [(e.step, e.value) for e in events.Scalars("train/loss")] if "train/loss" in events.Tags()["scalars"] else []
+
+
+def test_kill_9_then_resume_keeps_every_point_of_the_curve(compose, tmp_path):
+    """kill -9 at a random iteration after the first checkpoint: the events up to the last checkpoint survive,
+    and after resume=true the loss curve has every iteration once, equal to a straight run's."""
+    import random
+
+    from ccnet.jobs import get_job
+
+    get_job("train")(compose(KILLED), tmp_path / "straight")
+    straight = loss_curve(tmp_path / "straight" / "tb")
+    assert [s for s, _ in straight] == list(range(1, 17))
+
+    run_dir, kill_at = tmp_path / "killed", random.randint(5, 15)  # the first checkpoint is at 4
+    print(f"killing at iteration {kill_at}")
+    proc = subprocess.Popen(
+        [sys.executable, "run.py", *KILLED, f"hydra.run.dir={run_dir}"],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its own process group: the kill reaches Jittor's workers too
+    )
+    try:
+        deadline = time.time() + 300
+        log = run_dir / "run.log"
+        while f"iter {kill_at}/16 " not in (log.read_text() if log.is_file() else ""):
+            assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+            time.sleep(0.02)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    saved = pickle.loads((run_dir / "checkpoints" / "last.pkl").read_bytes())["iteration"]
+    survived = [s for s, _ in loss_curve(run_dir / "tb")]
+    assert survived[:saved] == list(range(1, saved + 1)), f"lost events before the checkpoint at {saved}"
+
+    get_job("train")(compose(KILLED + ["resume=true"]), run_dir)
+    resumed = loss_curve(run_dir / "tb")
+    assert [s for s, _ in resumed] == list(range(1, 17))  # every iteration, once
+    np.testing.assert_allclose([v for _, v in resumed], [v for _, v in straight], rtol=1e-5)

@@ -241,7 +241,7 @@ def test_naming_an_existing_run_is_refused_unless_resume_or_overwrite(two_runs):
     refused = run()
     assert refused.returncode == 1 and "Traceback" not in refused.stdout + refused.stderr
     assert refused.stderr.strip() == (
-        f"hydra.run.dir={run_dir} already holds a run (config.yaml, checkpoints/ or metrics.json); continue it "
+        f"error: hydra.run.dir={run_dir} already holds a run (config.yaml, checkpoints/ or metrics.json); continue it "
         "with resume=true, replace it with overwrite=true, or pick another folder"
     )
     assert snapshot(run_dir) == before
@@ -304,5 +304,5 @@ def test_a_folder_that_cannot_be_made_is_one_line(tmp_path, folder):
         timeout=120,
     )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr + proc.stdout
-    assert proc.stderr.startswith("hydra.run.dir: cannot create the folder: [Errno ") and str(blocker) in proc.stderr
+    assert proc.stderr.startswith("error: hydra.run.dir: cannot create the folder: [Errno ") and str(blocker) in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1

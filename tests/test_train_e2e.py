@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,6 +89,28 @@ def test_eval_of_the_checkpoint_gives_the_same_miou(trained, compose, tmp_path):
     cfg = compose(["job=eval", f"checkpoint={run_dir}", "eval.max_images=6", "eval.num_vis=1"])
     assert get_job("eval")(cfg, tmp_path) == pytest.approx(miou, abs=1e-12)
     assert json.loads((tmp_path / "metrics.json").read_text())["iteration"] == 6
+
+
+def test_a_checkpoint_written_as_before_evaluates_the_same(trained, compose, tmp_path):
+    """The layout the trainer has always written (a pickle of this dict), now read by the allow-list reader:
+    eval gives the training run's own final mIoU, and resume=true of the finished run evaluates the same."""
+    from ccnet.jobs import get_job
+
+    run_dir, miou = trained
+    saved = pickle.loads((run_dir / "checkpoints" / "last.pkl").read_bytes())  # this session's own file
+    old = {
+        "format": "ccnet-checkpoint-v1",
+        "iteration": saved["iteration"],
+        "config": saved["config"],
+        "model": {k: np.asarray(v) for k, v in saved["model"].items()},
+        "optimizer": {"lr": saved["optimizer"]["lr"], "values": saved["optimizer"]["values"]},
+        "best": saved["best"],
+    }
+    path = tmp_path / "old.pkl"
+    path.write_bytes(pickle.dumps(old, protocol=pickle.HIGHEST_PROTOCOL))
+    cfg = compose(["job=eval", f"checkpoint={path}", "eval.max_images=6", "eval.num_vis=0"])
+    assert get_job("eval")(cfg, tmp_path / "eval") == pytest.approx(miou, abs=1e-12)
+    assert get_job("train")(compose(TINY + [f"resume={path}"]), tmp_path / "resumed") == pytest.approx(miou, abs=1e-12)
 
 
 def test_eval_rejects_a_bad_checkpoint(compose, tmp_path):

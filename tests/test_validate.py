@@ -296,7 +296,7 @@ def test_run_py_refuses_a_bad_value_before_anything_is_written(tmp_path, value, 
     )
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr + proc.stdout
-    assert proc.stderr.strip().startswith(message), proc.stderr
+    assert proc.stderr.strip().startswith(f"error: {message}"), proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert not list(tmp_path.iterdir())  # no run folder claimed, nothing written
 

@@ -13,6 +13,7 @@ from ccnet.testing import torch_twins as twins
 
 jt = runtime.setup()
 
+from ccnet.fileio import FileError, UnsafeFileError  # noqa: E402
 from ccnet.models import build_backbone  # noqa: E402
 from ccnet.models.van import VANBackbone  # noqa: E402
 from ccnet.weights import WeightsError, load_backbone_weights, main, read_file  # noqa: E402
@@ -57,14 +58,17 @@ def test_reads_torch_tensors_exactly(tmp_path, torch_worker, legacy):
     assert got["nested"]["list"][1:] == [7, "text"] and got["nested"]["list"][0].shape == (3,)
 
 
-def test_unknown_classes_are_not_imported(tmp_path, torch_save):
+def test_namespace_is_data_and_classes_are_refused(tmp_path, torch_save, torch_worker):
     import argparse
 
-    obj = {"state_dict": {"w": np.ones(1, np.float32)}, "args": argparse.Namespace(lr=0.1)}
-    path = torch_save(obj, tmp_path / "a.pth")
-    got = read_file(path)
-    assert type(got["args"]).__module__ == "ccnet.weights.opaque"  # a placeholder, not argparse
-    assert got["state_dict"]["w"].tolist() == [1.0]
+    obj = {"state_dict": {"w": np.ones(1, np.float32)}, "args": argparse.Namespace(lr=0.1, arch="van_b0")}
+    got = read_file(torch_save(obj, tmp_path / "a.pth"))  # timm-style checkpoints keep their command line
+    assert vars(got["args"]) == {"lr": 0.1, "arch": "van_b0"} and got["state_dict"]["w"].tolist() == [1.0]
+
+    whole_module = torch_worker(twins.save_whole_module, str(tmp_path / "m.pth"))  # torch.save(model), not its weights
+    with pytest.raises(UnsafeFileError, match="torch.nn.modules.container.Sequential") as err:
+        read_file(whole_module)
+    assert err.value.path == whole_module
 
 
 # -------------------------------------------------------------------------------------- loading
@@ -176,7 +180,7 @@ def test_truncated_torch_file(tmp_path, torch_save, legacy):
     data = open(path, "rb").read()
     cut = tmp_path / "cut.pth"
     cut.write_bytes(data[: len(data) // 2])
-    with pytest.raises(WeightsError, match="truncated or corrupt") as err:
+    with pytest.raises(FileError, match="truncated or corrupt") as err:
         load_backbone_weights(build_backbone("resnet_tiny"), str(cut))
     assert err.value.path == str(cut)
 
@@ -184,9 +188,9 @@ def test_truncated_torch_file(tmp_path, torch_save, legacy):
 @pytest.mark.parametrize(
     "content, problem",
     [
-        (b"", "truncated"),
+        (b"", "an empty file"),
         (pickle.dumps({"format": "ccnet-checkpoint-v1", "model": {"w": np.ones(99)}})[:-200], "truncated"),
-        (b"hello, I am a text file\n", "not a checkpoint"),
+        (b"hello, I am a text file\n", "not a checkpoint or weights file"),
         (pickle.dumps([1, 2, 3]), "holds a list"),
         (pickle.dumps({"epoch": 3, "lr": 0.1}), "no tensors among the keys"),
         (pickle.dumps({"w": np.ones(3)}), "no tensor fits ResNet"),
@@ -199,13 +203,13 @@ def test_truncated_torch_file(tmp_path, torch_save, legacy):
 def test_bad_files(tmp_path, content, problem):
     path = tmp_path / "bad.pth"
     path.write_bytes(content)
-    with pytest.raises(WeightsError, match=problem) as err:
+    with pytest.raises(FileError, match=problem) as err:  # WeightsError is a FileError too
         load_backbone_weights(build_backbone("resnet_tiny"), str(path))
-    assert str(path) in str(err.value)
+    assert str(err.value).startswith(f"{path}: ") and "\n" not in str(err.value)
 
 
 def test_missing_file_and_unknown_module(tmp_path):
-    with pytest.raises(WeightsError, match="no such file"):
+    with pytest.raises(FileError, match="no such file"):
         load_backbone_weights(build_backbone("resnet_tiny"), str(tmp_path / "nope.pth"))
     with pytest.raises(TypeError, match="does not take"):
         load_backbone_weights(jt.nn.Linear(2, 2), str(tmp_path / "nope.pth"))

@@ -1,43 +1,36 @@
-"""Checkpoints: one pickle of NumPy arrays and plain values, written atomically.
+"""Checkpoints: one pickle of NumPy arrays and plain values, written atomically, read back safely.
 
 `save_checkpoint` writes a temporary file in the same folder, flushes and fsyncs it, then renames it over the
 target: a crash or kill at any moment leaves either the old file or the new one, never half of one.
+`load_checkpoint` reads through the allow-list reader (ccnet/fileio.py): a checkpoint from elsewhere cannot run
+code. It also takes what `python -m ccnet.weights export` wrote (a PyTorch file with our config in its meta).
 """
 
 from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from ccnet.fileio import FileError, atomic_file, read_file
+
 FORMAT = "ccnet-checkpoint-v1"
+EXPORT_FORMAT = "ccnet-export-v1"  # meta["format"] of `python -m ccnet.weights export --format torch` files
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used; the message names the file and what was wrong."""
+class CheckpointError(FileError):
+    """A checkpoint that cannot be used; the message names the file and what was wrong ("PATH: problem")."""
+
+    def __init__(self, message: str):
+        ValueError.__init__(self, message)
+        self.path, _, self.problem = message.partition(": ")
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    with atomic_file(path) as f:
+        f.write(data)
 
 
 def module_state(module) -> dict:
@@ -87,29 +80,86 @@ def optimizer_state(optimizer) -> dict:
     return {"lr": float(optimizer.lr), "values": buffers}
 
 
-def load_optimizer_state(optimizer, state: dict) -> None:
+def load_optimizer_state(optimizer, state, path="checkpoint") -> None:
+    """Momentum buffers and lr back into `optimizer`; a checkpoint without them (an export) is an error."""
+    groups = optimizer.param_groups
+    values = state.get("values") if isinstance(state, dict) else None
+    if not (isinstance(values, list) and isinstance(state.get("lr"), (int, float)) and len(values) == len(groups)):
+        raise CheckpointError(
+            f"{path}: holds no optimizer state for this model, so training cannot continue from it exactly "
+            "(resume= needs a checkpoint the trainer wrote: checkpoints/last.pkl or iter_*.pkl)"
+        )
+    for group, saved in zip(groups, values):
+        own = group.get("values", [])
+        if len(saved) != len(own) or any(tuple(v.shape) != tuple(np.shape(s)) for v, s in zip(own, saved)):
+            raise CheckpointError(f"{path}: its optimizer state does not fit this model's parameters")
     optimizer.lr = state["lr"]
-    for group, values in zip(optimizer.param_groups, state["values"]):
-        for var, value in zip(group.get("values", []), values):
+    for group, saved in zip(groups, values):
+        for var, value in zip(group.get("values", []), saved):
             var.update(value)
 
 
-def load_checkpoint(path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint file not found")
+def describe(obj) -> str:
+    """What a file holds, in a few words (for errors about the wrong kind of file)."""
+    if not isinstance(obj, dict):
+        return f"it holds a {type(obj).__name__}, not a dict"
+    if obj.get("format") == "ccnet-backbone-v1":
+        return "it is a converted backbone (python -m ccnet.weights convert); give it as backbone.pretrained="
+    for key in ("state_dict", "model"):
+        if isinstance(obj.get(key), dict) and obj[key]:
+            obj = obj[key]
+            break
+    arrays = [k for k, v in obj.items() if isinstance(v, np.ndarray)]
+    if arrays:
+        return f"it holds {len(arrays)} tensors of another layout (first keys: {', '.join(map(str, arrays[:4]))})"
+    return f"a dict with the keys {sorted(map(str, obj))[:8]} and no tensors"
+
+
+def _from_export(path, obj: dict) -> dict:
+    """An exported file (meta + state_dict) as a checkpoint dict: its config travels as YAML text in meta."""
+    import yaml
+
+    meta, weights = obj["meta"], obj.get("state_dict")
     try:
-        with open(path, "rb") as f:
-            state = pickle.load(f)
-    except Exception as err:  # truncated files raise EOFError, foreign ones UnpicklingError and others
-        raise CheckpointError(f"{path}: not a readable ccnet checkpoint ({type(err).__name__}: {err})") from err
+        config = yaml.safe_load(meta.get("config", ""))
+    except yaml.YAMLError as err:
+        raise CheckpointError(f"{path}: an exported model whose meta.config is not YAML ({err})") from err
+    return {"format": FORMAT, "iteration": meta.get("iteration", 0), "config": config, "model": weights}
+
+
+def load_checkpoint(path) -> dict:
+    """{"iteration", "config", "model", ["optimizer", "best"]} of our checkpoint or exported file at `path`.
+
+    Read with the allow-list reader; a missing, damaged, foreign or incomplete file is a one-line
+    CheckpointError naming it.
+    """
+    path = Path(path)
+    try:
+        state = read_file(path)
+    except FileError as err:
+        raise CheckpointError(str(err)) from err
+    if isinstance(state, dict) and isinstance(state.get("meta"), dict) and state["meta"].get("format") == EXPORT_FORMAT:
+        state = _from_export(path, state)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not a ccnet checkpoint (expected format {FORMAT!r})")
+        raise CheckpointError(f"{path}: not a ccnet checkpoint (format {FORMAT!r} or an export): {describe(state)}")
+    config = state.get("config")
+    missing = [
+        k
+        for k in ("backbone", "model", "dataset")
+        if not isinstance(config, dict) or not isinstance(config.get(k), dict)
+    ]
+    if missing:
+        raise CheckpointError(f"{path}: a ccnet checkpoint without its config (no config.{', config.'.join(missing)})")
+    model = state.get("model")
+    if not isinstance(model, dict) or not model or not all(isinstance(v, np.ndarray) for v in model.values()):
+        raise CheckpointError(f"{path}: a ccnet checkpoint without model weights (no 'model' dict of arrays)")
+    if not isinstance(state.get("iteration"), int) or isinstance(state["iteration"], bool) or state["iteration"] < 0:
+        raise CheckpointError(f"{path}: a ccnet checkpoint whose iteration is {state.get('iteration')!r}")
     return state
 
 
 def load_model_state(model, weights: dict, path="checkpoint") -> None:
-    """Load every tensor; missing, unexpected or mis-shaped keys are an error that names them."""
+    """Load every tensor; missing, unexpected or mis-shaped keys are one error line that names them."""
     own = model.state_dict()
     missing = sorted(set(own) - set(weights))
     unexpected = sorted(set(weights) - set(own))
@@ -119,15 +169,16 @@ def load_model_state(model, weights: dict, path="checkpoint") -> None:
         if k in weights and tuple(weights[k].shape) != tuple(own[k].shape)
     ]
     if missing or unexpected or mismatched:
-        lines = [f"{path}: does not match the model"]
-        for title, keys in (
-            ("missing keys", missing),
-            ("unexpected keys", unexpected),
-            ("shape mismatch", mismatched),
-        ):
-            if keys:
-                lines.append(f"  {title} ({len(keys)}): " + ", ".join(keys[:12]) + (" ..." if len(keys) > 12 else ""))
-        raise CheckpointError("\n".join(lines))
+        parts = [
+            f"{title} ({len(keys)}): " + ", ".join(keys[:8]) + (" ..." if len(keys) > 8 else "")
+            for title, keys in (
+                ("missing keys", missing),
+                ("unexpected keys", unexpected),
+                ("shape mismatch", mismatched),
+            )
+            if keys
+        ]
+        raise CheckpointError(f"{path}: does not match the model: " + "; ".join(parts))
     model.load_state_dict(weights)
 
 

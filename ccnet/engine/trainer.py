@@ -37,6 +37,19 @@ class TrainingInterrupted(Exception):
         self.iteration, self.checkpoint, self.signal_name = iteration, checkpoint, signal_name
 
 
+def last_good(ckpt_dir: Path) -> str:
+    """Where a stopped run can be continued from: only a file that exists is named."""
+    last = ckpt_dir / "last.pkl"
+    return f"The last good checkpoint is {last}" if last.is_file() else "No checkpoint was written"
+
+
+def flush_logs(writer) -> None:
+    """What the run logged so far onto disk (TensorBoard events, run.log), so a kill -9 cannot lose it."""
+    writer.flush()
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+
+
 def poly_lr(base_lr: float, iteration: int, max_iters: int, power: float = 0.9) -> float:
     return base_lr * (1 - iteration / max_iters) ** power
 
@@ -98,7 +111,14 @@ def train(
 
     def save(step):
         path = ckpt_dir / f"iter_{step:06d}.pkl"
+        bad = [k for k, v in model.state_dict().items() if not np.isfinite(v.numpy()).all()]
+        if bad:  # a finite loss can still leave non-finite weights (schedule.lr=nan): never save those
+            raise NonFiniteLossError(
+                f"weights became non-finite by iteration {step} ({len(bad)} tensors, e.g. {bad[0]}); not saved, "
+                f"stopped. {last_good(ckpt_dir)}. Lower schedule.lr or check the data."
+            )
         if is_main:
+            flush_logs(writer)  # first: once a checkpoint exists, every event logged before it is on disk
             save_checkpoint(path, model, step, config_dict, optimizer, {"best": best})
             link_as(path, ckpt_dir / "last.pkl")
             prune_checkpoints(ckpt_dir, s.keep_checkpoints)
@@ -130,8 +150,7 @@ def train(
                 if bad_steps >= s.max_bad_steps:
                     raise NonFiniteLossError(
                         f"loss was not finite ({loss_value}) for {bad_steps} iterations in a row, the last at "
-                        f"iteration {step}; stopped. The last good checkpoint is {ckpt_dir / 'last.pkl'}. Lower "
-                        f"schedule.lr or check the data."
+                        f"iteration {step}; stopped. {last_good(ckpt_dir)}. Lower schedule.lr or check the data."
                     )
                 continue
             bad_steps = 0

@@ -6,6 +6,7 @@ import json
 import logging
 from pathlib import Path
 
+import tensorboardX
 from omegaconf import OmegaConf
 
 from ccnet.engine.checkpoint import atomic_write_bytes
@@ -39,6 +40,26 @@ def prepare_run_dir(cfg, run_dir: Path, write: bool = True) -> dict:
         root.addHandler(handler)
     root.setLevel(min(root.level or logging.INFO, logging.INFO))
     return resolved
+
+
+class SummaryWriter(tensorboardX.SummaryWriter):
+    """tensorboardX's writer, with a flush() that writes every event logged before it.
+
+    tensorboardX hands events to a background thread through a queue; its own flush() only flushes what that
+    thread has written already, and the thread flushes every 120 s: a kill -9 lost up to two minutes of curves
+    (the trainer flushes at each checkpoint). Here flush() lets the thread finish the queue first (its stop
+    signal goes behind the last event; then join), then flushes and starts a new thread on the same file.
+    """
+
+    def flush(self):
+        for file_writer in (self.all_writers or {}).values():
+            events = getattr(file_writer, "event_writer", None)
+            worker = getattr(events, "_worker", None)
+            if worker is not None and not events._closed:  # tensorboardX 2.6's EventFileWriter
+                worker.stop()
+                events._worker = type(worker)(events._event_queue, events._ev_writer, events._flush_secs)
+                events._worker.start()
+        super().flush()
 
 
 class NullWriter:

@@ -10,11 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from ccnet.engine.checkpoint import CheckpointError, load_checkpoint, load_model_state, resolve_checkpoint
 from ccnet.models import build_model
 from ccnet.models.ccnet import BACKBONE_COMMON_KEYS
-from ccnet.registry import BACKBONES
+from ccnet.registry import BACKBONES, RegistryError
 
 from .common import prepare_run_dir
 
@@ -41,22 +42,29 @@ def restore_model(cfg, run_dir: Path, adopt_dataset: bool = False):
         raise CheckpointError(f"job={cfg.job} needs checkpoint=PATH (a checkpoint file or a run directory)")
     path = resolve_checkpoint(cfg.checkpoint)
     state = load_checkpoint(path)
-    saved = OmegaConf.create(state["config"])
-    cfg.backbone = OmegaConf.merge(cfg.backbone, saved_backbone(saved.backbone))
-    cfg.model = OmegaConf.merge(cfg.model, known_keys(cfg.model, saved.model))
-    cfg.backbone.pretrained = None  # the checkpoint holds every weight
-    if adopt_dataset:
-        root = cfg.dataset.root
-        cfg.dataset = OmegaConf.merge(cfg.dataset, known_keys(cfg.dataset, saved.dataset))
-        if not Path(cfg.dataset.root).expanduser().exists():  # trained elsewhere: this run's data folder
-            cfg.dataset.root = root
-    if saved.dataset.num_classes != cfg.dataset.num_classes:
+    try:  # a config from another version or a hand-made file: unknown backbone, wrong types
+        saved = OmegaConf.create(state["config"])
+        cfg.backbone = OmegaConf.merge(cfg.backbone, saved_backbone(saved.backbone))
+        cfg.model = OmegaConf.merge(cfg.model, known_keys(cfg.model, saved.model))
+        cfg.backbone.pretrained = None  # the checkpoint holds every weight
+        if adopt_dataset:
+            root = cfg.dataset.root
+            cfg.dataset = OmegaConf.merge(cfg.dataset, known_keys(cfg.dataset, saved.dataset))
+            if not Path(cfg.dataset.root).expanduser().exists():  # trained elsewhere: this run's data folder
+                cfg.dataset.root = root
+        saved_classes = saved.dataset.num_classes
+    except (OmegaConfBaseException, RegistryError) as err:
+        problem = str(err).splitlines()[0]
+        raise CheckpointError(f"{path}: its config does not fit this version of ccnet ({problem})") from err
+    if saved_classes != cfg.dataset.num_classes:
         raise CheckpointError(
-            f"{path}: trained for {saved.dataset.num_classes} classes, but "
-            f"dataset.num_classes={cfg.dataset.num_classes}"
+            f"{path}: trained for {saved_classes} classes, but dataset.num_classes={cfg.dataset.num_classes}"
         )
     prepare_run_dir(cfg, run_dir)
-    model = build_model(cfg)
+    try:
+        model = build_model(cfg)
+    except ValueError as err:  # a setting this version does not know (RegistryError is one)
+        raise CheckpointError(f"{path}: its config cannot build a model here: {err}") from err
     load_model_state(model, state["model"], path)
     model.eval()
     return model, state, path

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import jittor as jt
 from jittor import nn
-from tensorboardX import SummaryWriter
 
 from ccnet import runtime
 from ccnet.data.datasets import DataError, build_dataset, verify_dataset
@@ -32,7 +31,7 @@ from ccnet.models import build_model
 from ccnet.registry import JOBS
 from ccnet.validate import check_batch_fits
 
-from .common import NullWriter, log_eval_to_tensorboard, log_hparams, prepare_run_dir, write_metrics
+from .common import NullWriter, SummaryWriter, log_eval_to_tensorboard, log_hparams, prepare_run_dir, write_metrics
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +77,7 @@ def run(cfg, run_dir: Path) -> float:
     if resume_from is not None:
         state = load_checkpoint(resume_from)
         load_model_state(model, state["model"], resume_from)
-        load_optimizer_state(optimizer, state["optimizer"])
+        load_optimizer_state(optimizer, state.get("optimizer"), resume_from)
         start_iter, best = state["iteration"], state.get("best")
         log.info("resumed from %s at iteration %d", resume_from, start_iter)
     if is_main:

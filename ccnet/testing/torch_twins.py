@@ -389,3 +389,99 @@ def save_awkward_tensors(path, legacy=False):
     }
     torch.save(obj, path, _use_new_zipfile_serialization=not legacy)
     return base.numpy()
+
+
+def save_whole_module(path):
+    """torch.save of a module itself (pickled classes), as some scripts do instead of its state dict."""
+    import torch
+
+    torch.save(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)), path)
+    return str(path)
+
+
+class Planted:
+    """Unpickling this object calls `call(*args)` (e.g. os.system("touch MARKER")): the attack a checkpoint
+    from a stranger can carry. Defined here so that the torch worker can pickle it too."""
+
+    def __init__(self, call, *args):
+        self.call, self.args = call, args
+
+    def __reduce__(self):
+        return self.call, self.args
+
+
+def planted(kind: str, marker) -> Planted:
+    """An object whose unpickling would create `marker`, by os.system, builtins.eval or subprocess.Popen."""
+    import builtins
+    import os
+    import subprocess
+
+    if kind == "os.system":
+        return Planted(os.system, f"touch {marker}")
+    if kind == "builtins.eval":
+        return Planted(builtins.eval, f"__import__('os').system('touch {marker}')")
+    if kind == "subprocess.Popen":
+        return Planted(subprocess.Popen, ["touch", str(marker)])
+    raise ValueError(kind)
+
+
+def save_planted_tensor(path, kind, marker, legacy=False):
+    """A real torch.save file whose tensor carries a planted command as a Python attribute: torch writes it
+    inside the tensor's own rebuild call (torch._tensor._rebuild_from_type_v2), next to the weights. (The
+    planted object is made here: sent to this worker, it would run while the worker unpickles its arguments.)"""
+    import torch
+
+    weight = torch.ones(2, 3)
+    weight.note = planted(kind, marker)
+    torch.save({"state_dict": {"w": weight}}, path, _use_new_zipfile_serialization=not legacy)
+    return str(path)
+
+
+def _to_numpy(obj):
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().numpy()
+    if isinstance(obj, dict):
+        return {k: _to_numpy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_numpy(v) for v in obj)
+    return obj
+
+
+def torch_load(path, weights_only):
+    """torch.load(path, weights_only=...); returns (the error's text or None, nothing else): the object never
+    crosses back to the Jittor process."""
+    import torch
+
+    try:
+        torch.load(path, weights_only=weights_only)
+    except Exception as err:  # the crafted files need not be loadable past their payload
+        return f"{type(err).__name__}: {err}", None
+    return None, None
+
+
+def torch_load_arrays(path):
+    """torch.load(path, weights_only=True) with every tensor as a NumPy array."""
+    import torch
+
+    return _to_numpy(torch.load(path, weights_only=True))
+
+
+def ccnet_logits_from_export(path, block, layers, stem, widths, x):
+    """torch.load(path, weights_only=True) of an exported file -> the twin built from its meta, its weights
+    loaded -> (main and DSN logits on x, missing keys, unexpected keys, meta without the config text)."""
+    import torch
+
+    payload = torch.load(path, weights_only=True)
+    meta = payload["meta"]
+    assert meta["align_corners"], "the twin upsamples with align_corners=True"
+    twin = torch_ccnet(
+        block, layers, stem, widths, meta["num_classes"], meta["head_channels"], meta["recurrence"], meta["act"]
+    )
+    missing, unexpected = twin.load_state_dict(payload["state_dict"], strict=False)
+    twin.eval()
+    with torch.no_grad():
+        logits, aux = twin(torch.from_numpy(x), with_aux=True)
+    summary = {k: v for k, v in meta.items() if k != "config"}
+    return logits.numpy(), aux.numpy(), list(missing), list(unexpected), summary

@@ -1,0 +1,148 @@
+"""`python -m ccnet.weights export SOURCE OUT.pth [--format torch|mmseg]`: one of our models as a PyTorch file.
+
+SOURCE is whatever `checkpoint=` takes (`read_source`: a run folder, a checkpoint, an exported file). OUT is
+written atomically in torch.save's zip layout without importing torch (ccnet/fileio.py), and read with
+`torch.load(OUT, weights_only=True)`:
+
+- `--format torch`: `{"meta": {...}, "state_dict": {our key: tensor}}`. `meta` holds what a user needs to run
+  the model elsewhere: classes, normalisation (input = (RGB pixels 0-255, BGR if `bgr`) - mean) / std),
+  align_corners of the logits' upsampling, recurrence, backbone, head width, activation, the iteration, and the
+  whole resolved config as YAML text (from which `checkpoint=OUT.pth` rebuilds the model: the loop closes).
+- `--format mmseg`: mmsegmentation's CCNet layout, `{"meta": {"CLASSES", "PALETTE", "ccnet": ...},
+  "state_dict": mmseg keys}`, for a model that is one of mmseg's variants (ResNetV1c-D8 backbone, CCHead,
+  FCNHead). None of today's backbones is: the command names what differs. A variant that is registers its key
+  mapping `to_mmseg_state_dict(state_dict, variant) -> dict` in MMSEG_KEY_MAPPINGS.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .engine.checkpoint import EXPORT_FORMAT, load_checkpoint, resolve_checkpoint
+from .fileio import FileError, save_torch_file
+
+FORMATS = ("torch", "mmseg")
+# backbone.name -> to_mmseg_state_dict(state_dict, variant): our keys -> mmsegmentation's, for the variants that
+# have mmseg's architecture (the model-zoo work registers them beside its key mapping for loading mmseg files)
+MMSEG_KEY_MAPPINGS: dict[str, Callable[[dict, str], dict]] = {}
+
+
+class ExportError(FileError):
+    """A model that cannot be written in the asked layout; names the source and what does not fit."""
+
+
+def read_source(source) -> tuple[Path, dict]:
+    """(checkpoint path, {"iteration", "config", "model", ...}) of a run folder, checkpoint or exported file."""
+    path = resolve_checkpoint(source)
+    return path, load_checkpoint(path)
+
+
+def class_names(dataset: dict) -> list[str]:
+    """The class names of a dataset config section; "0", "1", ... where they are not known here."""
+    from .data.ade20k import ADE20K_CLASSES
+    from .data.cityscapes import CITYSCAPES_CLASSES
+    from .data.context import CONTEXT_CLASSES
+    from .data.synthetic import SHAPES_CLASSES
+    from .data.voc import VOC_CLASSES
+
+    ade20k = ADE20K_CLASSES if dataset.get("reduce_zero_label", True) else ("other",) + ADE20K_CLASSES
+    known = {"embedded": SHAPES_CLASSES, "context": CONTEXT_CLASSES, "cityscapes": CITYSCAPES_CLASSES}
+    names = {**known, "voc": VOC_CLASSES, "ade20k": ade20k}.get(dataset.get("name"))
+    n = int(dataset["num_classes"])
+    return list(names) if names is not None and len(names) == n else [str(i) for i in range(n)]
+
+
+def palette(dataset: dict) -> list[list[int]]:
+    from .data.cityscapes import CITYSCAPES_PALETTE
+    from .data.context import MARKER_COLOURS
+    from .data.datasets import default_palette
+
+    n = int(dataset["num_classes"])
+    colours = {"cityscapes": CITYSCAPES_PALETTE, "context": np.concatenate([[[0, 0, 0]], MARKER_COLOURS])}
+    chosen = colours.get(dataset.get("name"))
+    chosen = chosen if chosen is not None and len(chosen) == n else default_palette(n)
+    return np.asarray(chosen).astype(int).tolist()
+
+
+def export_meta(state: dict, source) -> dict:
+    """Plain values only (torch.load(weights_only=True) reads nothing else)."""
+    import yaml
+
+    config = state["config"]
+    data, model, backbone = config["dataset"], config["model"], config["backbone"]
+    return {
+        "format": EXPORT_FORMAT,
+        "source": str(source),
+        "iteration": int(state["iteration"]),
+        "backbone": str(backbone["name"]),
+        "head_channels": int(backbone.get("head_channels", 512)),
+        "recurrence": int(model["recurrence"]),
+        "act": str(model.get("act", "relu")),
+        "align_corners": bool(model.get("align_corners", True)),  # our logits are upsampled with it (ccnet.py)
+        "num_classes": int(data["num_classes"]),
+        "classes": class_names(data),
+        "ignore_index": int(data.get("ignore_index", 255)),
+        "mean": [float(v) for v in data["mean"]],
+        "std": [float(v) for v in data["std"]],
+        "bgr": bool(data.get("bgr", False)),
+        "config": yaml.safe_dump(config, sort_keys=False),
+    }
+
+
+def mmseg_differences(config: dict, state_dict: dict) -> list[str]:
+    """What keeps this model from being one of mmsegmentation's CCNets (empty: it is one)."""
+    name = config["backbone"]["name"]
+    found = []
+    if all(f"backbone.conv{i}.weight" in state_dict for i in (1, 2, 3)):
+        stem = "-".join(str(state_dict[f"backbone.conv{i}.weight"].shape[0]) for i in (1, 2, 3))
+        found.append(
+            f"backbone {name} has the MIT deep stem 3-{stem} (conv1/bn1..conv3/bn3) and dilates every block of "
+            "layer3/layer4, where mmseg's ResNetV1c has stem.0-7 3-32-32-64 and contracts the first block's dilation"
+        )
+    elif not any(k.startswith("backbone.stem.") for k in state_dict):
+        found.append(f"backbone {name} is not a ResNet (mmseg's CCNets use ResNetV1c)")
+    if "aux_head.conv.0.bias" in state_dict:
+        width = state_dict["aux_head.conv.0.weight"].shape[0]
+        found.append(
+            f"the DSN head's 3x3 conv has a bias and {width} channels, where mmseg's FCNHead conv has no bias "
+            "and 256 channels"
+        )
+    if config["model"].get("act", "relu") != "relu":
+        found.append(f"model.act={config['model']['act']} (mmseg's heads use ReLU)")
+    if name not in MMSEG_KEY_MAPPINGS:
+        found.append(f"no mmseg key mapping is registered for backbone {name}")
+    return found
+
+
+def export_payload(state: dict, source, fmt: str = "torch") -> dict:
+    """The object to write for `fmt` (see the module docstring)."""
+    meta, weights = export_meta(state, source), state["model"]
+    if fmt == "torch":
+        return {"meta": meta, "state_dict": OrderedDict((k, np.asarray(v)) for k, v in weights.items())}
+    if fmt != "mmseg":
+        raise ValueError(f"export format {fmt!r}: choose one of {FORMATS}")
+    differences = mmseg_differences(state["config"], weights)
+    if differences:
+        raise ExportError(source, "not an mmseg-compatible variant: " + "; ".join(differences))
+    name = state["config"]["backbone"]["name"]
+    mmseg_weights = MMSEG_KEY_MAPPINGS[name](weights, name)
+    mmseg_meta = {"CLASSES": tuple(meta["classes"]), "PALETTE": palette(state["config"]["dataset"]), "ccnet": meta}
+    return {"meta": mmseg_meta, "state_dict": OrderedDict((k, np.asarray(v)) for k, v in mmseg_weights.items())}
+
+
+def export(source, out, fmt: str = "torch") -> dict:
+    """Write the model of `source` to `out` as a PyTorch file; returns what was written."""
+    path, state = read_source(source)
+    payload = export_payload(state, path, fmt)
+    out = Path(out)
+    if out.is_dir():
+        raise ExportError(out, "is a folder; give the file to write, e.g. model.pth")
+    try:
+        save_torch_file(out, payload)
+    except OSError as err:
+        raise ExportError(out, f"cannot be written ({err.strerror or err})") from err
+    return payload

@@ -1,0 +1,542 @@
+"""Files that users hand us, read without running anything from them; PyTorch files written without PyTorch.
+
+`read_file` is the one reader for every file a user can give (`checkpoint=`, `resume=`, `backbone.pretrained=`,
+`python -m ccnet.weights convert|export`): our checkpoints and converted backbones (pickles of NumPy arrays and
+plain values), Jittor's `jt.save` pickles (Vars as NumPy arrays, checksum trailer), and PyTorch files in the zip
+format of torch >= 1.6 and in the legacy format (MIT ResNets, mmsegmentation and the CCNet authors' releases).
+
+Like `torch.load(weights_only=True)`, the unpickler builds only what the allow-list `_ALLOWED` names: containers
+(dict, list, tuple, set, OrderedDict), numbers, strings, bytes, NumPy arrays of plain dtypes (bool, int, float,
+complex, fixed-width strings; never object arrays, which hold arbitrary objects), PyTorch tensors and storages
+(as NumPy arrays; bfloat16 becomes float32) and the few helpers torch.save writes for them. NumPy's own pickle
+helpers are not called on file data: arrays are rebuilt here from validated dtype, shape and bytes. Any other
+`module.name` in the file is refused the moment the unpickler meets it, before anything is built, so nothing of
+the file runs. Every failure (missing, empty, truncated, foreign, refused) is a `FileError` naming the file.
+
+`save_torch_file` writes nested dicts/lists of NumPy arrays and plain values in torch.save's zip layout
+(`<archive>/data.pkl` with a persistent id per storage, `data/<key>`, `version`, `byteorder`, records aligned to
+64 bytes), which `torch.load(..., weights_only=True)` reads; written atomically (`atomic_file`).
+"""
+
+from __future__ import annotations
+
+import _compat_pickle
+import collections
+import contextlib
+import functools
+import hashlib
+import io
+import os
+import pickle
+import struct
+import tempfile
+import types
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+
+class FileError(ValueError):
+    """A file that cannot be used: one line naming the file and what is wrong with it."""
+
+    def __init__(self, path, problem: str):
+        super().__init__(f"{path}: {problem}")
+        self.path, self.problem = str(path), problem
+
+
+class UnsafeFileError(FileError):
+    """The file asks for a class or function outside the allow-list (`name` = module.name); nothing was run."""
+
+    def __init__(self, path, name: str):
+        super().__init__(
+            path,
+            f"refused to load: it asks for {name}, which is not plain data (allowed: containers, numbers, strings, "
+            "NumPy arrays, PyTorch tensors); nothing from the file was run",
+        )
+        self.name = name
+
+
+# ------------------------------------------------------------------------------------ atomic writes
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_file(path):
+    """`with atomic_file(path) as f: f.write(...)`: a temporary file in the same folder, flushed, fsynced and
+    renamed over `path` on success (removed on failure), so a crash leaves the old file or the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide the file from the rest of a team
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+# ------------------------------------------------------------------------------- the allow-list pieces
+
+_STORAGE_DTYPES = {
+    "FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16,
+    "BFloat16Storage": np.uint16, "LongStorage": np.int64, "IntStorage": np.int32, "ShortStorage": np.int16,
+    "CharStorage": np.int8, "ByteStorage": np.uint8, "BoolStorage": np.bool_, "UntypedStorage": np.uint8,
+    "ComplexFloatStorage": np.complex64, "ComplexDoubleStorage": np.complex128,
+}  # fmt: skip
+_TORCH_DTYPES = {
+    "float32", "float64", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool",
+    "complex64", "complex128", "float", "double", "half", "long", "int", "short",
+}  # fmt: skip
+_PLAIN_KINDS = "biufcSU"  # bool, int, uint, float, complex, bytes, str: no objects, no structured records
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # the first pickle of a pre-1.6 torch.save file
+_JITTOR_TRAILER = b"HCAJSLHD"  # jt.save: pickle, SHA-1 of the pickle (20 bytes), this marker
+
+
+class _Frozen:
+    """Our stand-ins cannot be changed by the pickle's BUILD opcode (which would set their attributes)."""
+
+    def __setstate__(self, state):
+        raise _Malformed(f"state for a {type(self).__name__.strip('_')}")
+
+
+class _Marker(_Frozen):
+    """numpy.ndarray, torch.Tensor, torch.nn.Parameter named in a pickle: only ever an argument of a rebuild
+    function (e.g. numpy's _reconstruct(ndarray, ...)), never called."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+
+_NDARRAY, _TENSOR = _Marker("numpy.ndarray"), _Marker("torch.Tensor")
+
+
+class _StorageType(_Frozen):
+    """torch.FloatStorage & co. as named in a persistent id: only the element type matters."""
+
+    def __init__(self, name: str):
+        self.name, self.dtype = name, np.dtype(_STORAGE_DTYPES[name])
+
+
+class _Dtype:
+    """numpy.dtype(...) from a pickle: a plain element type, finished by its (validated) pickled state."""
+
+    def __init__(self, spec, align=False, copy=True):
+        if not isinstance(spec, str):
+            raise _Malformed(f"numpy.dtype of {type(spec).__name__}")
+        self.dtype = np.dtype(spec)
+        if self.dtype.kind not in _PLAIN_KINDS:
+            raise _Malformed(f"NumPy dtype {spec!r} (object and structured arrays are refused)")
+
+    def __setstate__(self, state):
+        # (version, byteorder, subarray, names, fields, elsize, alignment, flags); only the byte order is used
+        if not isinstance(state, tuple) or len(state) < 5 or any(s is not None for s in state[2:5]):
+            raise _Malformed("a structured or sub-array NumPy dtype (refused)")
+        if state[1] in ("<", ">"):
+            self.dtype = self.dtype.newbyteorder(state[1])
+
+
+class _Array:
+    """numpy.core.multiarray._reconstruct(ndarray, ...) from a pickle; its state gives dtype, shape and bytes."""
+
+    array = None
+
+    def __setstate__(self, state):
+        if not isinstance(state, tuple) or len(state) not in (4, 5):
+            raise _Malformed("a NumPy array with an unknown state")
+        shape, dtype, fortran, raw = state[-4:]
+        self.array = _array_from_bytes(raw, dtype, shape, "F" if fortran else "C")
+
+
+class _Malformed(Exception):
+    """File data that does not have the shape of what it claims to be."""
+
+
+def _shape(shape) -> tuple:
+    if not isinstance(shape, (tuple, list)) or not all(isinstance(s, int) and s >= 0 for s in shape):
+        raise _Malformed(f"an array shape {shape!r}")
+    return tuple(shape)
+
+
+def _array_from_bytes(raw, dtype, shape, order="C") -> np.ndarray:
+    if not isinstance(dtype, _Dtype):
+        raise _Malformed(f"an array dtype {type(dtype).__name__}")
+    if isinstance(raw, str):  # written by Python 2, read as latin-1 text
+        raw = raw.encode("latin-1")
+    if not isinstance(raw, (bytes, bytearray)):
+        raise _Malformed(f"array data of type {type(raw).__name__} (object arrays are refused)")
+    shape = _shape(shape)
+    count = int(np.prod(shape, dtype=np.int64))
+    if len(raw) != count * dtype.dtype.itemsize:
+        raise _Malformed(f"an array of {len(raw)} bytes for shape {shape} of {dtype.dtype}")
+    return np.frombuffer(raw, dtype.dtype, count).reshape(shape, order=order).copy()
+
+
+def _reconstruct(subtype, shape, typecode):
+    if subtype is not _NDARRAY:
+        raise _Malformed("numpy _reconstruct of something other than ndarray")
+    return _Array()
+
+
+def _frombuffer(buf, dtype, shape, order="C"):  # protocol-5 pickles of arrays
+    return _array_from_bytes(bytes(buf) if isinstance(buf, memoryview) else buf, dtype, shape, order)
+
+
+def _scalar(dtype, raw=None):
+    return _array_from_bytes(raw, dtype, ())[()]
+
+
+def _latin1_bytes(text, encoding="latin1"):  # how protocol 2 pickles bytes (_codecs.encode)
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise _Malformed("_codecs.encode other than text to latin-1 bytes")
+    return text.encode("latin-1")
+
+
+class _Tensor(_Frozen):
+    """A view into a storage; copied out at the end (the legacy format fills its storages after the object)."""
+
+    def __init__(self, view: np.ndarray):
+        self.view = view
+
+
+def _rebuild_tensor(storage, offset, size, stride, *_):
+    if not isinstance(storage, _Storage):
+        raise _Malformed("a tensor without a storage")
+    size, stride = _shape(size), _shape(stride)
+    if not isinstance(offset, int) or offset < 0 or len(size) != len(stride):
+        raise _Malformed(f"a tensor with offset {offset!r}, size {size}, stride {stride}")
+    data = storage.data
+    if all(size):  # the furthest element must lie inside the storage: a view never reads beyond it
+        last = offset + sum((n - 1) * s for n, s in zip(size, stride))
+        if last >= data.size:
+            raise _Malformed(f"a tensor of size {size} reaching element {last} of a storage of {data.size}")
+    else:
+        offset = min(offset, data.size)
+    step = data.dtype.itemsize
+    return _Tensor(np.lib.stride_tricks.as_strided(data[offset:], size, tuple(s * step for s in stride)))
+
+
+def _rebuild_parameter(data, *_):
+    if not isinstance(data, _Tensor):
+        raise _Malformed("a parameter without a tensor")
+    return data
+
+
+def _rebuild_from_type(func, new_type, args, state=None):  # torch._tensor._rebuild_from_type_v2
+    if new_type is not _TENSOR or getattr(func, "func", None) not in (_rebuild_tensor, _rebuild_parameter):
+        raise _Malformed("a tensor subclass")
+    return func(*args)
+
+
+def _jittor_var(array, *_):  # jt.save pickles each Var as jittor_core.Var(ndarray)
+    if not isinstance(array, (_Array, np.ndarray)):
+        raise _Malformed("a Jittor Var without an array")
+    return array
+
+
+class _Storage(_Frozen):
+    def __init__(self, data: np.ndarray):
+        self.data = data
+
+
+_ALLOWED = {
+    "collections.OrderedDict": collections.OrderedDict,
+    "builtins.set": set, "builtins.frozenset": frozenset, "builtins.complex": complex, "builtins.slice": slice,
+    "_codecs.encode": _latin1_bytes,
+    # timm-style training checkpoints keep their command line as argparse.Namespace: attributes, nothing more
+    "argparse.Namespace": types.SimpleNamespace,
+    "numpy.ndarray": _NDARRAY, "numpy.dtype": _Dtype,
+    "numpy.core.multiarray._reconstruct": _reconstruct, "numpy._core.multiarray._reconstruct": _reconstruct,
+    "numpy.core.multiarray.scalar": _scalar, "numpy._core.multiarray.scalar": _scalar,
+    "numpy.core.numeric._frombuffer": _frombuffer, "numpy._core.numeric._frombuffer": _frombuffer,
+    "torch._utils._rebuild_tensor": _rebuild_tensor, "torch._utils._rebuild_tensor_v2": _rebuild_tensor,
+    "torch._utils._rebuild_parameter": _rebuild_parameter,
+    "torch._utils._rebuild_parameter_with_state": _rebuild_parameter,
+    "torch._tensor._rebuild_from_type_v2": _rebuild_from_type,
+    "torch.Tensor": _TENSOR, "torch.nn.parameter.Parameter": _TENSOR,
+    "torch.Size": tuple, "torch.device": lambda *args: ":".join(map(str, args)),
+    "jittor.jittor_core.Var": _jittor_var, "jittor_core.Var": _jittor_var,
+}  # fmt: skip
+
+
+class _Unpickler(pickle.Unpickler):
+    def __init__(self, file, path, load_storage=None):
+        super().__init__(file, encoding="latin1")
+        self.path, self.load_storage = path, load_storage
+
+    def find_class(self, module, name):
+        if (module, name) in _compat_pickle.NAME_MAPPING:  # Python 2 names (protocol 2), as pickle maps them
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+        full = f"{module}.{name}"
+        if full in _ALLOWED:
+            found = _ALLOWED[full]  # our functions wrapped afresh: BUILD on one cannot touch the function itself
+            return functools.partial(found) if isinstance(found, types.FunctionType) else found
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _StorageType(name)
+        if module == "torch" and name in _TORCH_DTYPES:
+            return f"torch.{name}"  # a dtype named in metadata: kept as its name
+        raise UnsafeFileError(self.path, f"{module}.{name}")
+
+    def persistent_load(self, pid):
+        if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage" and self.load_storage):
+            raise _Malformed(f"a persistent id {str(pid)[:60]}")
+        if not isinstance(pid[1], _StorageType) or not isinstance(pid[4], int) or pid[4] < 0:
+            raise _Malformed(f"a storage {str(pid)[:60]}")
+        return _Storage(self.load_storage(pid[1].dtype, str(pid[2]), pid[4], *pid[5:6]))
+
+
+_PLAIN = (str, bytes, bytearray, int, float, complex, bool, type(None), slice)
+
+
+def _materialise(obj, path):
+    """Proxies -> NumPy arrays (tensors copied out of their storages); anything else left must be plain."""
+    if isinstance(obj, _Tensor):
+        array = np.array(obj.view)
+        return (array.astype(np.uint32) << 16).view(np.float32) if array.dtype == np.uint16 else array
+    if isinstance(obj, _Array):
+        if obj.array is None:
+            raise _Malformed("a NumPy array without data")
+        return obj.array
+    if isinstance(obj, _Dtype):
+        return obj.dtype
+    if isinstance(obj, np.ndarray):
+        return obj
+    if isinstance(obj, np.generic):
+        if obj.dtype.kind not in _PLAIN_KINDS:
+            raise _Malformed(f"a NumPy {obj.dtype} scalar")
+        return obj
+    if isinstance(obj, dict):
+        return type(obj)((_materialise(k, path), _materialise(v, path)) for k, v in obj.items())
+    if isinstance(obj, list):
+        return [_materialise(v, path) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_materialise(v, path) for v in obj)
+    if isinstance(obj, (set, frozenset)):
+        return type(obj)(_materialise(v, path) for v in obj)
+    if isinstance(obj, types.SimpleNamespace):
+        return types.SimpleNamespace(**{k: _materialise(v, path) for k, v in vars(obj).items()})
+    if isinstance(obj, _PLAIN):
+        return obj
+    raise _Malformed(f"a {type(obj).__name__} where plain data was expected")
+
+
+# ------------------------------------------------------------------------------------------- reading
+
+
+def _read_torch_zip(path):
+    with zipfile.ZipFile(path) as zf:
+        names = zf.namelist()
+        pkl = next((n for n in names if n.endswith("data.pkl")), None)
+        if pkl is None:
+            raise FileError(path, f"a zip file but not a PyTorch one (no data.pkl among {names[:5]})")
+        prefix = pkl[: -len("data.pkl")]
+        if prefix + "byteorder" in names and zf.read(prefix + "byteorder") != b"little":
+            raise FileError(path, "a big-endian PyTorch file; only little-endian ones are supported")
+        storages = {}
+
+        def load_storage(dtype, key, numel, *_):
+            if key not in storages:
+                record = f"{prefix}data/{key}"
+                if record not in names:
+                    raise FileError(path, f"corrupt PyTorch file: data.pkl names {record}, which is missing")
+                raw = zf.read(record)
+                if len(raw) < numel * dtype.itemsize:
+                    raise FileError(path, f"corrupt PyTorch file: {record} has {len(raw)} bytes, not {numel} items")
+                storages[key] = np.frombuffer(raw, dtype, numel)
+            return storages[key]
+
+        with zf.open(pkl) as f:
+            return _materialise(_Unpickler(f, path, load_storage).load(), path)
+
+
+def _read_pickle(path, data: bytes):
+    """A plain pickle (ours, Jittor's) or a pre-1.6 torch.save file: magic, version, sys info, the object,
+    storage keys, then each storage's element count and data."""
+    if data.endswith(_JITTOR_TRAILER) and len(data) >= 28:
+        body, checksum = data[:-28], data[-28:-8]
+        if hashlib.sha1(body).digest() != checksum:
+            raise FileError(path, "corrupt Jittor file: its SHA-1 checksum does not match its contents")
+        data = body
+    f = io.BytesIO(data)
+    first = _Unpickler(f, path).load()
+    if not (isinstance(first, int) and first == _LEGACY_MAGIC):
+        return _materialise(first, path)
+    _version, _sys_info = _Unpickler(f, path).load(), _Unpickler(f, path).load()
+    storages = {}
+
+    def load_storage(dtype, key, numel, view=None):
+        if numel * dtype.itemsize > len(data):
+            raise EOFError(f"storage {key} of {numel} items is larger than the whole file")
+        if key not in storages:
+            storages[key] = np.zeros(numel, dtype)
+        elif storages[key].dtype != dtype or storages[key].size != numel:
+            raise _Malformed(f"storage {key} declared twice with different types")
+        if view is None:
+            return storages[key]
+        if not (isinstance(view, tuple) and len(view) == 3 and all(isinstance(v, int) and v >= 0 for v in view[1:])):
+            raise _Malformed(f"a storage view {view!r}")
+        _view_key, offset, view_size = view
+        if offset + view_size > numel:
+            raise _Malformed(f"a view beyond storage {key}")
+        return storages[key][offset : offset + view_size]
+
+    obj = _Unpickler(f, path, load_storage).load()
+    keys = _Unpickler(f, path).load()
+    if not isinstance(keys, list) or set(map(str, keys)) != set(storages):
+        raise _Malformed("a legacy PyTorch file whose storage list does not match its tensors")
+    for key in map(str, keys):
+        storage = storages[key]
+        raw = f.read(8 + storage.nbytes)  # element count, then the data
+        if len(raw) != 8 + storage.nbytes:
+            raise EOFError(f"storage {key} is cut short")
+        if struct.unpack("<q", raw[:8])[0] != storage.size:
+            raise _Malformed(f"storage {key} has a different length than declared")
+        storage[:] = np.frombuffer(raw[8:], storage.dtype)
+    return _materialise(obj, path)
+
+
+def read_file(path) -> object:
+    """The object stored in a PyTorch file, Jittor pickle or our own pickle, tensors as NumPy arrays.
+
+    Only plain data is built (see the module docstring); anything else, and any file that cannot be read, is a
+    `FileError` naming the file.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise FileError(path, "a folder, not a file")
+    if not path.is_file():
+        raise FileError(path, "no such file")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+            is_zip = head == b"PK\x03\x04"  # a cut zip has lost its directory: the magic still says zip
+            data = None if is_zip else head + f.read()
+    except OSError as err:
+        raise FileError(path, f"cannot be read ({err.strerror or err})") from err
+    if not head:
+        raise FileError(path, "an empty file (0 bytes)")
+    if not is_zip and data[0] != pickle.PROTO[0]:  # every file we read is a zip or a pickle of protocol >= 2
+        problem = f"not a checkpoint or weights file: neither a PyTorch zip nor a pickle (it starts with {data[:16]!r})"
+        raise FileError(path, problem)
+    try:
+        return _read_torch_zip(path) if is_zip else _read_pickle(path, data)
+    except FileError:
+        raise
+    except _Malformed as err:
+        raise FileError(path, f"corrupt or foreign file: it holds {err}") from err
+    except Exception as err:  # cut files end in EOFError / BadZipFile / "pickle data was truncated"
+        cut = isinstance(err, (EOFError, zipfile.BadZipFile)) or "truncated" in str(err)
+        problem = "truncated or corrupt file" if cut else "corrupt or foreign file"
+        raise FileError(path, f"{problem} ({type(err).__name__}: {str(err)[:120]})") from err
+
+
+# ------------------------------------------------------------------------------------------- writing
+
+_STORAGE_NAMES = {
+    np.dtype(v).str: k for k, v in _STORAGE_DTYPES.items() if k not in ("BFloat16Storage", "UntypedStorage")
+}  # noqa: E501
+
+
+class _Global:
+    """A reference to module.name written into the pickle as such (torch's functions, without importing torch)."""
+
+    def __init__(self, module: str, name: str):
+        self.module, self.name = module, name
+
+    def __call__(self, *args):  # pickle's save_reduce wants a callable; this one is only ever written
+        raise TypeError(f"{self.module}.{self.name} is a reference, not a function")
+
+
+class _StorageRef:
+    def __init__(self, key: str, type_name: str, numel: int):
+        self.key, self.type_name, self.numel = key, type_name, numel
+
+
+_REBUILD_TENSOR_V2 = _Global("torch._utils", "_rebuild_tensor_v2")
+
+
+class _TorchPickler(pickle._Pickler):
+    """Protocol 2, as torch.save: each array becomes _rebuild_tensor_v2(storage, 0, size, stride, False, {})
+    with the storage as persistent id ('storage', torch.<Type>Storage, key, 'cpu', numel)."""
+
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def __init__(self, file):
+        super().__init__(file, protocol=2)
+        self.storages: list[bytes] = []
+        self.globals: dict[str, _Global] = {}
+
+    def save_global_reference(self, obj):
+        self.write(pickle.GLOBAL + f"{obj.module}\n{obj.name}\n".encode())
+        self.memoize(obj)
+
+    dispatch[_Global] = save_global_reference
+
+    def persistent_id(self, obj):
+        if isinstance(obj, _StorageRef):
+            storage_type = self.globals.setdefault(obj.type_name, _Global("torch", obj.type_name))
+            return ("storage", storage_type, obj.key, "cpu", obj.numel)
+        return None
+
+    def reducer_override(self, obj):
+        if isinstance(obj, np.generic):
+            raise TypeError(f"a NumPy scalar ({obj!r}) in a PyTorch file: convert it with .item() first")
+        if not isinstance(obj, np.ndarray):
+            return NotImplemented
+        array = np.asarray(obj, dtype=obj.dtype.newbyteorder("<"), order="C")  # 0-d stays 0-d
+        if array.dtype.str not in _STORAGE_NAMES:
+            raise TypeError(f"cannot write a {obj.dtype} array as a PyTorch tensor")
+        key = str(len(self.storages))
+        self.storages.append(array.tobytes())
+        storage = _StorageRef(key, _STORAGE_NAMES[array.dtype.str], array.size)
+        strides = tuple(s // array.itemsize for s in array.strides) if array.size else (1,) * array.ndim
+        return _REBUILD_TENSOR_V2, (storage, 0, array.shape, strides, False, collections.OrderedDict())
+
+
+def _zip_records(file, records, archive: str = "archive") -> None:
+    """Stored (uncompressed) zip records, each one's data starting at a multiple of 64 bytes as torch.save
+    does (an 'FB' extra field pads the local header), so torch.load can also map them (mmap=True)."""
+    with zipfile.ZipFile(file, "w", zipfile.ZIP_STORED) as zf:
+        for name, data in records:
+            info = zipfile.ZipInfo(f"{archive}/{name}", date_time=(1980, 1, 1, 0, 0, 0))
+            header_end = file.tell() + 30 + len(info.filename.encode()) + 4
+            pad = -header_end % 64
+            info.extra = b"FB" + struct.pack("<H", pad) + b"Z" * pad
+            zf.writestr(info, data)
+
+
+def torch_zip_bytes(obj) -> tuple[bytes, list[bytes]]:
+    """(data.pkl, storages) for `obj`: dicts, lists, tuples, strings, numbers, None and NumPy arrays."""
+    buffer = io.BytesIO()
+    pickler = _TorchPickler(buffer)
+    pickler.dump(obj)
+    return buffer.getvalue(), pickler.storages
+
+
+def write_torch_zip(file, data_pkl: bytes, storages: list[bytes]) -> None:
+    """torch.save's zip layout around a data.pkl and its storages (keys 0, 1, ...)."""
+    records = [("data.pkl", data_pkl), (".format_version", b"1"), (".storage_alignment", b"64")]
+    records += [("byteorder", b"little"), *((f"data/{i}", raw) for i, raw in enumerate(storages))]
+    _zip_records(file, records + [("version", b"3\n")])
+
+
+def save_torch_file(path, obj) -> None:
+    """Write `obj` (NumPy arrays as tensors) as torch.save would, atomically; torch is not needed."""
+    data_pkl, storages = torch_zip_bytes(obj)
+    with atomic_file(path) as f:
+        write_torch_zip(f, data_pkl, storages)
