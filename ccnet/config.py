@@ -47,6 +47,10 @@ class ModelConfig:
     loss: str = "ce"  # ce | ohem (ccnet.registry.LOSSES); settings of loss X are the keys X_*
     ohem_thresh: float = 0.7
     ohem_min_kept: int = 100000
+    aux_channels: Optional[int] = None  # DSN head width; null: backbone.head_channels (mmseg's FCNHead: 256)
+    aux_bias: bool = True  # the DSN head's 3x3 conv has a bias (the authors'); mmseg's FCNHead has none
+    align_corners: Optional[bool] = None  # of the logits' resizing; null: the model's family (ours, the authors':
+    # true; mmsegmentation's: false)
 
 
 @dataclass

@@ -156,6 +156,7 @@ RULES: dict[str, Rule] = {
     "model.loss": one_of(LOSSES.names),
     "model.ohem_thresh": number(0, 1, low_open=True),
     "model.ohem_min_kept": integer(1),
+    "model.aux_channels": Rule(lambda v, cfg: v is None or (is_int(v) and v >= 1), "null or an integer >= 1"),
     "dataset.name": one_of(DATASETS.names),
     "dataset.num_classes": integer(1),
     "dataset.mean": Rule(lambda v, cfg: is_list(v, 3) and all(is_number(x) for x in v), "3 finite numbers"),

@@ -59,6 +59,47 @@ def test_upsample_is_bilinear_with_aligned_corners(shape, size):
     np.testing.assert_allclose(grad, transpose, rtol=0, atol=1e-4)
 
 
+def bilinear_half_pixel_reference(x: np.ndarray, size) -> np.ndarray:
+    """PyTorch's align_corners=False, per output pixel in float64: source (o + 0.5) * in / out - 0.5, negative
+    sources clamped to 0, the right/lower neighbour clamped at the border."""
+    _, _, h, w = x.shape
+    out = np.zeros(x.shape[:2] + tuple(size))
+    for oy in range(size[0]):
+        sy = max((oy + 0.5) * h / size[0] - 0.5, 0.0)
+        y0 = int(sy)
+        y1, fy = min(y0 + 1, h - 1), sy - y0
+        for ox in range(size[1]):
+            sx = max((ox + 0.5) * w / size[1] - 0.5, 0.0)
+            x0 = int(sx)
+            x1, fx = min(x0 + 1, w - 1), sx - x0
+            out[:, :, oy, ox] = (1 - fy) * ((1 - fx) * x[:, :, y0, x0] + fx * x[:, :, y0, x1]) + fy * (
+                (1 - fx) * x[:, :, y1, x0] + fx * x[:, :, y1, x1]
+            )
+    return out
+
+
+@pytest.mark.parametrize(
+    "shape, size", [((2, 3, 9, 8), (67, 61)), ((1, 2, 4, 5), (9, 7)), ((1, 2, 1, 5), (4, 9)), ((1, 3, 13, 17), (5, 6))]
+)
+def test_upsample_with_half_pixel_centres(shape, size):
+    """align_corners=False (mmsegmentation's 512x1024 / 512x512 models), up and down, against float64."""
+    x = np.random.default_rng(4).standard_normal(shape)
+    out = upsample_to(jt.array(x.astype(np.float32)), size, align_corners=False).numpy()
+    expected = bilinear_half_pixel_reference(x, size)
+    np.testing.assert_allclose(out, expected, rtol=0, atol=1e-5)
+    assert np.abs(expected - bilinear_align_corners_reference(x, size)).max() > 1e-2  # the two really differ
+
+
+def test_the_model_upsamples_with_its_align_corners():
+    """CCNet(align_corners=False) resizes its 1/8 logits with half-pixel centres: the head's own output, resized
+    by the float64 reference, is what the model returns."""
+    model = CCNet(build_backbone("resnet_tiny"), num_classes=3, head_channels=8, align_corners=False)
+    model.eval()
+    x = jt.array(np.random.default_rng(5).standard_normal((1, 3, 41, 57)).astype(np.float32))
+    low = model.head(model.backbone(x)[1]).numpy().astype(np.float64)
+    np.testing.assert_allclose(model(x).numpy(), bilinear_half_pixel_reference(low, (41, 57)), rtol=0, atol=1e-4)
+
+
 def test_resnet_output_stride_is_8_with_dilated_layers():
     backbone = build_backbone("resnet_tiny")
     backbone.eval()
@@ -117,3 +158,42 @@ def test_ohem_keeps_pixels_below_the_threshold():
     expected = -(picked[keep]).mean()
     got = ohem_cross_entropy(jt.array(logits), jt.array(target), 255, 0.7, min_kept).item()
     assert keep.sum() >= min_kept and abs(got - expected) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["resnet50", "resnet50_v1c"])
+def test_resnet_variants_stem_pooling_and_dilations(name):
+    """The authors': stem 64-64-128, ceil-mode pooling, every block of layer3/4 dilated 2/4. mmseg's V1c: stem
+    32-32-64, floor pooling, the first block of a dilated stage at half the dilation (contract_dilation)."""
+    backbone = build_backbone(name)
+    v1c = name.endswith("_v1c")
+    stem = [backbone.conv1.weight.shape[0], backbone.conv2.weight.shape[0], backbone.conv3.weight.shape[0]]
+    assert stem == ([32, 32, 64] if v1c else [64, 64, 128])
+    for layer, d in ((backbone.layer3, 2), (backbone.layer4, 4)):
+        dilations = [tuple(blk.conv2.dilation) for blk in layer]
+        assert dilations[0] == ((d // 2, d // 2) if v1c else (d, d)) and set(dilations[1:]) == {(d, d)}
+    assert [tuple(blk.conv2.dilation) for blk in backbone.layer2] == [(1, 1)] * 4
+    backbone.eval()
+    c3, c4 = backbone(jt.zeros((1, 3, 100, 129)))  # stem output 50x65: pooled to 26x33 (ceil) or 25x33 (floor)
+    assert c3.shape[2:] == c4.shape[2:] == (13, 17)
+    assert backbone.maxpool(jt.zeros((1, 1, 50, 65))).shape[2:] == ((25, 33) if v1c else (26, 33))
+
+
+def test_max_pool_sizes_follow_floor_and_ceil_rules():
+    """3x3, stride 2, pad 1 on n: floor (n - 1) // 2 + 1 without ceil mode; with it ceil((n - 1) / 2) + 1, less
+    one where the last window would start in the padding (PyTorch's rule)."""
+    authors, v1c = build_backbone("resnet_tiny").maxpool, build_backbone("resnet50_v1c").maxpool
+    for n in range(7, 40):
+        x = jt.zeros((1, 1, n, n))
+        ceil_size = -(-(n - 1) // 2) + 1
+        if (ceil_size - 1) * 2 >= n + 1:
+            ceil_size -= 1
+        assert authors(x).shape[2] == ceil_size and v1c(x).shape[2] == (n - 1) // 2 + 1
+
+
+def test_the_dsn_head_width_and_bias_are_settings():
+    """mmseg's FCNHead: 256 channels, conv without bias; the authors' DSN: the head's width, biased conv."""
+    mmseg = CCNet(build_backbone("resnet_tiny"), 19, head_channels=32, aux_channels=16, aux_bias=False)
+    keys = {k: tuple(v.shape) for k, v in mmseg.state_dict().items() if k.startswith("aux_head.conv.0")}
+    assert keys == {"aux_head.conv.0.weight": (16, 96, 3, 3)}
+    ours = CCNet(build_backbone("resnet_tiny"), 19, head_channels=32)
+    assert tuple(ours.state_dict()["aux_head.conv.0.bias"].shape) == (32,)

@@ -34,6 +34,7 @@ CASES = [
     ("model.aux_weight", [-0.1, "inf"], [0]),
     ("model.ohem_thresh", [0, 1.5, -0.1], [1.0, 1e-9]),
     ("model.ohem_min_kept", [0], [1]),
+    ("model.aux_channels", [0, -256], [1, None]),
     ("schedule.scale_range", [[0, 1], [1.5, 0.75], [1.0], [-1, 2]], [[1, 1], [1e-3, 4]]),
     ("schedule.scale_step", [-0.1], [0]),
     ("eval.scales", [[0], [], [1.0, -0.5]], [[0.25], [0.5, 1.0, 1.75]]),
@@ -190,7 +191,7 @@ def test_eval_modes_are_those_of_inference():
         predict(lambda x: x, image, "bogus")
 
 
-@pytest.mark.parametrize("name,side", [("resnet_tiny", 7), ("van_b0", 1)])
+@pytest.mark.parametrize("name,side", [("resnet_tiny", 7), ("resnet50_v1c", 7), ("van_b0", 1)])
 def test_the_smallest_crop_is_the_measured_one(compose, name, side):
     """The backbone's declared min_input: a training step at side x side works, one pixel less fails inside it."""
     import jittor as jt

@@ -14,23 +14,35 @@ from .heads import DSNHead, RCCAHead
 from .losses import cross_entropy, loss_settings
 
 
+def bilinear_taps(n_out: int, n_in: int, align_corners: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """1-D bilinear interpolation as (left index, right index, right weight) per output position, float64.
+
+    align_corners=True maps the end pixels onto each other: src = i (n_in - 1) / (n_out - 1). False uses
+    half-pixel centres as PyTorch does: src = (i + 0.5) n_in / n_out - 0.5, clamped at 0 (mmsegmentation's
+    default resize); the right neighbour is clamped at the border.
+    """
+    i = np.arange(n_out, dtype=np.float64)
+    if align_corners:
+        src = i * (n_in - 1) / (n_out - 1) if n_out > 1 else np.zeros(n_out)
+    else:
+        src = np.maximum((i + 0.5) * n_in / n_out - 0.5, 0.0)
+    left = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+    right = np.minimum(left + 1, n_in - 1)
+    return left, right, src - left
+
+
 @functools.lru_cache(maxsize=32)
-def bilinear_weights(n_out: int, n_in: int) -> np.ndarray:
-    """(n_in, n_out) float32 matrix of 1-D bilinear interpolation with align_corners=True (float64 maths)."""
+def bilinear_weights(n_out: int, n_in: int, align_corners: bool = True) -> np.ndarray:
+    """(n_in, n_out) float32 matrix of 1-D bilinear interpolation (float64 maths)."""
+    left, right, frac = bilinear_taps(n_out, n_in, align_corners)
     weights = np.zeros((n_out, n_in))
-    if n_in == 1 or n_out == 1:
-        weights[:, 0] = 1.0
-        return weights.T.astype(np.float32)
-    src = np.arange(n_out) * (n_in - 1) / (n_out - 1)
-    left = np.minimum(np.floor(src).astype(np.int64), n_in - 2)
-    frac = src - left
-    weights[np.arange(n_out), left] += 1.0 - frac
-    weights[np.arange(n_out), left + 1] += frac
+    np.add.at(weights, (np.arange(n_out), left), 1.0 - frac)
+    np.add.at(weights, (np.arange(n_out), right), frac)
     return weights.T.astype(np.float32)
 
 
-def upsample_to(logits, size):
-    """Bilinear resize (align_corners=True) of (B, C, h, w) to `size`, as two 2-D matmuls (rows, then columns).
+def upsample_to(logits, size, align_corners: bool = True):
+    """Bilinear resize of (B, C, h, w) to `size`, as two 2-D matmuls (rows, then columns).
 
     Same maths as nn.interpolate, whose gather-based CPU kernels, forward and backward, were a visible part of a
     training step (benchmarks/README.md); the matmuls take a small fraction of that.
@@ -39,8 +51,8 @@ def upsample_to(logits, size):
     out_h, out_w = int(size[0]), int(size[1])
     if (out_h, out_w) == (h, w):
         return logits
-    rows = jt.array(bilinear_weights(out_h, h))  # (h, out_h)
-    cols = jt.array(bilinear_weights(out_w, w))  # (w, out_w)
+    rows = jt.array(bilinear_weights(out_h, h, align_corners))  # (h, out_h)
+    cols = jt.array(bilinear_weights(out_w, w, align_corners))  # (w, out_w)
     x = nn.matmul(logits.transpose(0, 1, 3, 2).reshape(b * c * w, h), rows)  # (b c w, out_h)
     x = x.reshape(b, c, w, out_h).transpose(0, 1, 3, 2).reshape(b * c * out_h, w)
     return nn.matmul(x, cols).reshape(b, c, out_h, out_w)
@@ -57,21 +69,26 @@ class CCNet(nn.Module):
         dropout=0.1,
         aux_weight=0.4,
         loss=cross_entropy,
+        aux_channels=None,
+        aux_bias=True,
+        align_corners=True,
     ):
         super().__init__()
         self.backbone = backbone
         self.head = RCCAHead(backbone.out_channels, head_channels, num_classes, recurrence, act, dropout)
-        self.aux_head = DSNHead(backbone.aux_channels, head_channels, num_classes, act, dropout)
+        aux_channels = aux_channels or head_channels
+        self.aux_head = DSNHead(backbone.aux_channels, aux_channels, num_classes, act, dropout, aux_bias)
         self.aux_weight = aux_weight
         self.main_loss = loss  # loss(logits, labels, ignore_index): cross-entropy, OHEM, ... (losses.py)
+        self.align_corners = align_corners  # of the logits' upsampling (and of inference's resize back)
 
     def execute(self, images, with_aux=False):
         """(B, 3, H, W) -> logits (B, classes, H, W); with_aux also returns the DSN logits."""
         aux_feature, feature = self.backbone(images)
-        logits = upsample_to(self.head(feature), images.shape[2:])
+        logits = upsample_to(self.head(feature), images.shape[2:], self.align_corners)
         if not with_aux:
             return logits
-        return logits, upsample_to(self.aux_head(aux_feature), images.shape[2:])
+        return logits, upsample_to(self.aux_head(aux_feature), images.shape[2:], self.align_corners)
 
     def losses(self, images, labels, ignore_index=255):
         """Main loss (CE or OHEM, as built) + aux_weight x CE on the DSN logits; returns (total, main, aux)."""
@@ -112,4 +129,12 @@ def build_model(cfg) -> CCNet:
         m.dropout,
         m.aux_weight,
         LOSSES.build(m.loss, **loss_settings(m.loss, m)),
+        m.aux_channels,
+        m.aux_bias,
+        resolved_align_corners(m),
     )
+
+
+def resolved_align_corners(cfg_model) -> bool:
+    """model.align_corners, where null means our models' own: True (a published file's family sets its own)."""
+    return True if cfg_model.get("align_corners") is None else bool(cfg_model.align_corners)

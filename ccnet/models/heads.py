@@ -80,11 +80,13 @@ class RCCAHead(nn.Module):
 
 
 class DSNHead(nn.Module):
-    """Auxiliary (deep supervision) head on ResNet layer3: 3x3 conv (bias) + BN + act, dropout, 1x1."""
+    """Auxiliary (deep supervision) head on ResNet layer3: 3x3 conv + BN + act, dropout, 1x1.
 
-    def __init__(self, in_channels, channels, num_classes, act="relu", dropout=0.1):
+    The authors' conv has a bias and 512 channels; mmsegmentation's FCNHead has none and 256 channels."""
+
+    def __init__(self, in_channels, channels, num_classes, act="relu", dropout=0.1, bias=True):
         super().__init__()
-        self.conv = conv_bn_act(in_channels, channels, 3, act, bias=True)
+        self.conv = conv_bn_act(in_channels, channels, 3, act, bias=bias)
         self.dropout = ChannelDropout(dropout)
         self.classifier = Conv2d(channels, num_classes, 1)
 

@@ -1,8 +1,12 @@
-"""Dilated ResNet with the deep stem (output stride 8), as in the CCNet authors' code.
+"""Dilated ResNets with a deep stem (output stride 8): the CCNet authors' and mmsegmentation's ResNetV1c.
 
-Stem: 3x3 s2 3->64, 3x3 64->64, 3x3 64->128 (each BN + ReLU), max-pool 3x3 s2 ceil-mode. Layer3 runs at
-stride 1 with dilation 2 and layer4 at stride 1 with dilation 4, every block included, so a 769 input gives
-97x97 features. Parameter names match MIT CSAIL's `resnet101-imagenet.pth`.
+The authors' (`resnet50`, `resnet101`): stem 3x3 s2 3->64, 3x3 64->64, 3x3 64->128 (each BN + ReLU), max-pool
+3x3 s2 ceil-mode; layer3 at stride 1 with dilation 2 and layer4 with dilation 4, every block included, so a 769
+input gives 97x97 features. Parameter names match MIT CSAIL's `resnet101-imagenet.pth`.
+mmsegmentation's ResNetV1c-D8 (`resnet50_v1c`, `resnet101_v1c`), the backbone of its released CCNets: stem
+3->32->32->64, max-pool without ceil mode, dilations 1, 1, 2, 4 with contract_dilation (the first block of a
+dilated stage uses half the dilation: layer3 starts at 1, layer4 at 2). Same parameter names here; its files'
+`stem.N` keys are renamed on load (ccnet/models/ccnet_convert.py).
 """
 
 from __future__ import annotations
@@ -62,8 +66,11 @@ class Bottleneck(nn.Module):
 
 
 class ResNet(nn.Module):
-    def __init__(self, block, layers, stem=(64, 64, 128), widths=(64, 128, 256, 512)):
+    def __init__(
+        self, block, layers, stem=(64, 64, 128), widths=(64, 128, 256, 512), ceil_mode=True, contract_dilation=False
+    ):
         super().__init__()
+        self.contract_dilation = contract_dilation
         self.conv1 = Conv2d(3, stem[0], 3, stride=2, padding=1, bias=False)
         self.bn1 = BatchNorm2d(stem[0])
         self.conv2 = Conv2d(stem[0], stem[1], 3, padding=1, bias=False)
@@ -71,7 +78,7 @@ class ResNet(nn.Module):
         self.conv3 = Conv2d(stem[1], stem[2], 3, padding=1, bias=False)
         self.bn3 = BatchNorm2d(stem[2])
         self.relu = ReLU()
-        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True)
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=ceil_mode)
         self.inplanes = stem[2]
         self.layer1 = self._make_layer(block, widths[0], layers[0])
         self.layer2 = self._make_layer(block, widths[1], layers[1], stride=2)
@@ -87,7 +94,8 @@ class ResNet(nn.Module):
                 Conv2d(self.inplanes, planes * block.expansion, 1, stride=stride, bias=False),
                 BatchNorm2d(planes * block.expansion),
             )
-        layers = [block(self.inplanes, planes, stride, dilation, downsample)]
+        first = dilation // 2 if self.contract_dilation and dilation > 1 else dilation
+        layers = [block(self.inplanes, planes, stride, first, downsample)]
         self.inplanes = planes * block.expansion
         layers += [block(self.inplanes, planes, 1, dilation) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
@@ -125,6 +133,19 @@ def resnet50():
 @BACKBONES.register("resnet101", weights=MIT_RESNET, min_input=7)
 def resnet101():
     return ResNet(Bottleneck, [3, 4, 23, 3])
+
+
+V1C = dict(stem=(32, 32, 64), ceil_mode=False, contract_dilation=True)  # mmsegmentation's ResNetV1c-D8
+
+
+@BACKBONES.register("resnet50_v1c", min_input=7)
+def resnet50_v1c():
+    return ResNet(Bottleneck, [3, 4, 6, 3], **V1C)
+
+
+@BACKBONES.register("resnet101_v1c", min_input=7)
+def resnet101_v1c():
+    return ResNet(Bottleneck, [3, 4, 23, 3], **V1C)
 
 
 @BACKBONES.register("resnet_tiny", weights=MIT_RESNET, min_input=7)
