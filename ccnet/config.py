@@ -51,6 +51,8 @@ class ModelConfig:
     aux_bias: bool = True  # the DSN head's 3x3 conv has a bias (the authors'); mmseg's FCNHead has none
     align_corners: Optional[bool] = None  # of the logits' resizing; null: the model's family (ours, the authors':
     # true; mmsegmentation's: false)
+    init: Optional[str] = None  # job=train: start from a whole model (ours, an export, mmseg's or the authors' file,
+    # a run folder, or zoo: the zoo preset's file); its architecture, backbone and heads, a new classifier if needed
 
 
 @dataclass
@@ -106,6 +108,19 @@ class EvalConfig:  # conf/eval/
     num_vis: int = 4  # colourised predictions saved per evaluation
     max_images: int = 0  # 0: the whole split
     save_submission: bool = False  # job=eval on Cityscapes: label-id PNGs under run_dir/submission/
+    resize: Optional[List[int]] = None  # [long, short]: mmsegmentation's test resize (keep the ratio, fit the
+    # bound; logits back with model.align_corners); null: the image as it is (ccnet/engine/inference.py)
+    average: str = "logits"  # scales and flips combined as: logits (the authors, ours) | probs (mmseg: softmax)
+    pad_windows: bool = True  # slide: pad a window larger than the image (the authors); false: cut it (mmseg)
+
+
+@dataclass
+class ZooConfig:  # conf/experiment/zoo/: a published model's file; checkpoint=zoo / model.init=zoo fetch it
+    name: Optional[str] = None  # the preset's name: the released file's config name
+    family: Optional[str] = None  # mmseg | authors
+    url: Optional[str] = None  # where the file is published
+    sha256: Optional[str] = None  # the first hex digits of the file's SHA-256 (in mmseg's file names); null: the
+    # file cannot be fetched directly (the authors' Google Drive links): download it by hand
 
 
 @dataclass
@@ -114,7 +129,8 @@ class Config:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     verbose: bool = False  # show Jittor's compile logs
-    checkpoint: Optional[str] = None  # job=eval|visualize|predict: a checkpoint file or a run directory
+    checkpoint: Optional[str] = None  # job=eval|visualize|predict: a checkpoint, an export, a run directory, an
+    # mmsegmentation or the authors' CCNet file, or zoo (the zoo preset's published file)
     sweep_dir: Optional[str] = None  # job=sweep: the multirun folder to summarise
     image: Optional[str] = None  # job=visualize: the picture (default: the first val image)
     point: Optional[List[int]] = None  # job=visualize: [y, x] in image pixels (default: on an object)
@@ -128,6 +144,7 @@ class Config:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    zoo: ZooConfig = field(default_factory=ZooConfig)
     expected: Any = None  # experiment presets: the result they should reproduce (mIoU %, source)
 
 

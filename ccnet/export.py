@@ -82,7 +82,7 @@ def export_meta(state: dict, source) -> dict:
         "head_channels": int(backbone.get("head_channels", 512)),
         "recurrence": int(model["recurrence"]),
         "act": str(model.get("act", "relu")),
-        "align_corners": bool(model.get("align_corners", True)),  # our logits are upsampled with it (ccnet.py)
+        "align_corners": model.get("align_corners") is not False,  # of the logits' upsampling (ccnet.py; null: true)
         "num_classes": int(data["num_classes"]),
         "classes": class_names(data),
         "ignore_index": int(data.get("ignore_index", 255)),

@@ -1,8 +1,9 @@
 """Every way a file can be bad, on every path that takes one: one line naming the file, exit code 1, no traceback.
 
-Paths: checkpoint= (job=eval, predict, visualize), resume=, backbone.pretrained=, `python -m ccnet.weights
-convert` and `export`. The table runs in-process (each job raises an error that names the file on one line,
-of the kinds run.py reports as such); one case per path then goes through run.py / the CLI as a subprocess.
+Paths: checkpoint= (job=eval, predict, visualize), model.init= (job=train from a whole model), resume=,
+backbone.pretrained=, `python -m ccnet.weights convert` and `export`. The table runs in-process (each job raises an
+error that names the file on one line, of the kinds run.py reports as such); one case per path then goes through
+run.py / the CLI as a subprocess.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ TINY = [
     "eval.num_vis=0",
     "backbone.head_channels=8",
 ]
-PATHS = ("eval", "predict", "visualize", "resume", "pretrained", "convert", "export")
+PATHS = ("eval", "predict", "visualize", "init", "resume", "pretrained", "convert", "export")
+MODEL_PATHS = ("eval", "predict", "visualize", "init")  # whole models: ours, exports and the published CCNets
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +105,9 @@ def misshaped(good):
     return with_weights(good, weights)
 
 
+ZEROS = np.zeros((4, 3, 3, 3), np.float32)
+DETECTION = ("backbone.layer1.0.conv1.weight", "rpn_head.rpn_cls.weight", "roi_head.bbox_head.fc_cls.weight")
+PSPNET = ("backbone.stem.0.weight", "decode_head.psp_modules.0.1.conv.weight", "decode_head.bottleneck.conv.weight")
 RUN_DIR_MISSING = "a run directory without checkpoints/last.pkl"
 NOT_CHECKPOINT = "not a ccnet checkpoint"
 # case -> (how to make the file, {path: what the error says}); a path left out accepts that file
@@ -119,7 +124,7 @@ CATALOGUE = {
     "planted": (lambda d, g: planted_file(d / "evil.pkl", "pickle4", "os.system"), "it asks for posix.system"),
     "no_config": (
         lambda d, g: saved(d / "noconf.pkl", {k: v for k, v in g["state"].items() if k != "config"}),
-        {p: "without its config" for p in ("eval", "predict", "visualize", "resume", "export")},
+        {p: "without its config" for p in (*MODEL_PATHS, "resume", "export")},
     ),
     "no_state_dict": (
         lambda d, g: saved(d / "epoch.pth", {"epoch": 3, "lr": 0.1}),
@@ -131,12 +136,12 @@ CATALOGUE = {
     ),
     "wrong_family": (
         lambda d, g: saved(d / "van_ckpt.pkl", van_like(g)),
-        {p: "does not match the model" for p in ("eval", "predict", "visualize", "resume")},
+        {p: "does not match the model" for p in (*MODEL_PATHS, "resume")},
     ),
     "wrong_family_backbone": (
         lambda d, g: g["dir"] / "van.pkl",
         {
-            **{p: NOT_CHECKPOINT for p in ("eval", "predict", "visualize", "resume", "export")},
+            **{p: NOT_CHECKPOINT for p in (*MODEL_PATHS, "resume", "export")},
             "pretrained": "holds van weights, but the backbone is resnet",
             "convert": "holds van weights, not resnet",
         },
@@ -144,23 +149,36 @@ CATALOGUE = {
     "wrong_shapes": (
         lambda d, g: saved(d / "shapes.pkl", misshaped(g)),
         {
-            **{p: "shape mismatch (1): backbone.layer1.0.conv1.weight" for p in ("eval", "predict", "visualize")},
+            **{p: "shape mismatch (1): backbone.layer1.0.conv1.weight" for p in MODEL_PATHS},
             "resume": "shape mismatch (1): backbone.layer1.0.conv1.weight",
             "pretrained": "does not fit the ResNet backbone: shape mismatch (1): layer1.0.conv1.weight",
         },
     ),
     "config_with_a_wrong_type": (
         lambda d, g: saved(d / "newer.pkl", with_config(g, backbone={"head_channels": "wide"})),
-        {p: "its config does not fit this version of ccnet" for p in ("eval", "predict", "visualize")},
+        {p: "its config does not fit this version of ccnet" for p in MODEL_PATHS},
     ),
     "unknown_backbone": (
         lambda d, g: saved(d / "unknown.pkl", with_config(g, backbone={"name": "resnet_999"})),
         {
             p: "its config does not fit this version of ccnet (backbone.name='resnet_999' is unknown"
-            for p in ("eval", "predict", "visualize")
+            for p in MODEL_PATHS
         },
     ),
     "export_for_resume": (lambda d, g: g["dir"] / "good.pth", {"resume": "holds no optimizer state"}),
+    # files of other kinds than a CCNet, given where a whole model is expected
+    "backbone_only": (
+        lambda d, g: saved(d / "resnet101-imagenet.pkl", {"conv1.weight": ZEROS, "layer1.0.conv1.weight": ZEROS}),
+        {**dict.fromkeys(MODEL_PATHS, "a backbone-only file"), "resume": NOT_CHECKPOINT},
+    ),
+    "detection_model": (
+        lambda d, g: saved(d / "faster_rcnn.pkl", {"state_dict": dict.fromkeys(DETECTION, ZEROS)}),
+        {**dict.fromkeys(MODEL_PATHS, "a detection model (rpn_head.*, roi_head.*)"), "resume": NOT_CHECKPOINT},
+    ),
+    "another_mmseg_head": (
+        lambda d, g: saved(d / "pspnet.pkl", {"meta": {}, "state_dict": dict.fromkeys(PSPNET, ZEROS)}),
+        dict.fromkeys(MODEL_PATHS, "an mmsegmentation model whose decode head is not CCNet's CCHead"),
+    ),
 }
 
 
@@ -179,6 +197,7 @@ def run_path(path_name: str, file: Path, compose, good, out: Path, capsys):
         "eval": ["job=eval", f"checkpoint={file}", "eval.max_images=1"],
         "predict": ["job=predict", f"checkpoint={file}", f"input={good['image']}"],
         "visualize": ["job=visualize", f"checkpoint={file}", f"image={good['image']}"],
+        "init": [*TINY, f"model.init={file}"],
         "resume": [*TINY, f"resume={file}"],
         "pretrained": [*TINY, f"backbone.pretrained={file}"],
     }[path_name]
@@ -215,6 +234,8 @@ def test_the_good_files_pass_every_path(compose, good, tmp_path, capsys):
             ["job=eval", f"checkpoint={good['dir'] / 'good.pth'}", "eval.max_images=1"],
             ["job=predict", f"checkpoint={ckpt}", f"input={good['image']}"],
             ["job=visualize", f"checkpoint={ckpt}", f"image={good['image']}"],
+            [*TINY, f"model.init={ckpt}"],
+            [*TINY, f"model.init={good['dir'] / 'good.pth'}"],
             [*longer, f"resume={ckpt}"],
             [*TINY, f"backbone.pretrained={ckpt}"],
         )
@@ -248,6 +269,12 @@ def legacy_magic_then_garbage(path: Path) -> Path:
             lambda d: planted_file(d / "evil.pkl", "pickle4", "os.system"),
             lambda f, d: ["run.py", "job=eval", f"checkpoint={f}", f"hydra.run.dir={d / 'run'}"],
             "refused to load: it asks for posix.system",
+        ),
+        (
+            "model.init=",
+            lambda d: planted_file(d / "evil.pth", "torch_zip_beside_weights", "subprocess.Popen"),
+            lambda f, d: ["run.py", *TINY, f"model.init={f}", f"hydra.run.dir={d / 'run'}"],
+            "refused to load: it asks for subprocess.Popen",
         ),
         (
             "resume=",

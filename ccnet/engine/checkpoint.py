@@ -127,6 +127,15 @@ def _from_export(path, obj: dict) -> dict:
     return {"format": FORMAT, "iteration": meta.get("iteration", 0), "config": config, "model": weights}
 
 
+def is_ours(obj) -> bool:
+    """Our checkpoint, or what `export` made of one (a PyTorch file with our config in its meta)."""
+    if not isinstance(obj, dict):
+        return False
+    return obj.get("format") == FORMAT or (
+        isinstance(obj.get("meta"), dict) and obj["meta"].get("format") == EXPORT_FORMAT
+    )
+
+
 def load_checkpoint(path) -> dict:
     """{"iteration", "config", "model", ["optimizer", "best"]} of our checkpoint or exported file at `path`.
 
@@ -138,6 +147,11 @@ def load_checkpoint(path) -> dict:
         state = read_file(path)
     except FileError as err:
         raise CheckpointError(str(err)) from err
+    return checkpoint_state(path, state)
+
+
+def checkpoint_state(path, state) -> dict:
+    """The checks of load_checkpoint on an object already read from `path`."""
     if isinstance(state, dict) and isinstance(state.get("meta"), dict) and state["meta"].get("format") == EXPORT_FORMAT:
         state = _from_export(path, state)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
@@ -158,10 +172,11 @@ def load_checkpoint(path) -> dict:
     return state
 
 
-def load_model_state(model, weights: dict, path="checkpoint") -> None:
-    """Load every tensor; missing, unexpected or mis-shaped keys are one error line that names them."""
+def load_model_state(model, weights: dict, path="checkpoint", fresh=()) -> None:
+    """Load every tensor; missing, unexpected or mis-shaped keys are one error line that names them. `fresh`: keys
+    of the model that keep their initial values (model.init's new classifier)."""
     own = model.state_dict()
-    missing = sorted(set(own) - set(weights))
+    missing = sorted(set(own) - set(weights) - set(fresh))
     unexpected = sorted(set(weights) - set(own))
     mismatched = [
         f"{k}: checkpoint {tuple(weights[k].shape)} vs model {tuple(own[k].shape)}"

@@ -1,23 +1,34 @@
-"""A trained model back from a checkpoint, for the jobs that use one (eval, visualize, predict).
+"""A whole model back from a file: `checkpoint=` for the jobs that use one (eval, visualize, predict) and
+`model.init=` for training that starts from one.
 
-The architecture (backbone, model) always comes from the checkpoint's own config. The data set section comes
-from this run (job=eval: evaluate on any compatible data) or, with adopt_dataset, from the checkpoint too
-(visualize, predict: the same classes, normalisation and, by default, pictures the model was trained on).
+Our own checkpoints and exports: the architecture (backbone, model) comes from the file's config. The data set
+section comes from this run (job=eval: evaluate on any compatible data) or, with adopt_dataset, from the checkpoint
+too (visualize, predict: the same classes, normalisation and, by default, pictures the model was trained on).
+Published files (mmsegmentation's, the authors'): the architecture is read from the file's keys and shapes, the
+protocol from the zoo preset or else the family (ccnet/engine/model_files.py). `zoo` instead of a path fetches the
+zoo preset's published file once into the cache (ccnet/download.py).
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ccnet.engine.checkpoint import CheckpointError, load_checkpoint, load_model_state, resolve_checkpoint
+from ccnet.engine.checkpoint import CheckpointError, resolve_checkpoint
+from ccnet.engine.model_files import ModelFile, adopt_variant, load_model_file, read_model_file, report
 from ccnet.models import build_model
 from ccnet.models.ccnet import BACKBONE_COMMON_KEYS
 from ccnet.registry import BACKBONES, RegistryError
 
 from .common import prepare_run_dir
+
+log = logging.getLogger(__name__)
+CONF = Path(__file__).resolve().parents[2] / "conf"
+DATASET_OF_CLASSES = {19: "cityscapes", 150: "ade20k", 21: "voc"}  # the published models' data sets
+ARCHITECTURE = ("recurrence", "act", "aux_channels", "aux_bias", "align_corners")  # model.* keys a file decides
 
 
 def known_keys(section, saved) -> dict:
@@ -33,19 +44,33 @@ def saved_backbone(saved) -> dict:
     return {key: value for key, value in saved.items() if key in BACKBONE_COMMON_KEYS or key in takes}
 
 
-def restore_model(cfg, run_dir: Path, adopt_dataset: bool = False):
-    """Fill cfg from cfg.checkpoint (a file or a run directory), prepare run_dir, build the model, load weights.
+def model_source(value, cfg, key: str = "checkpoint") -> Path:
+    """checkpoint= / model.init= -> the file: a checkpoint or published file, a run folder's checkpoints/last.pkl,
+    or `zoo`: the zoo preset's published file, fetched once into the cache (a DownloadError on failure)."""
+    if str(value) != "zoo":
+        return resolve_checkpoint(value)
+    zoo = cfg.get("zoo") or {}
+    if not zoo.get("url"):
+        raise CheckpointError(f"{key}=zoo: needs a zoo preset, experiment=zoo/<name> (conf/experiment/zoo/)")
+    if not zoo.get("sha256"):
+        raise CheckpointError(
+            f"{key}=zoo: the file of zoo/{zoo.get('name')} is not directly downloadable ({zoo['url']}); "
+            f"download it by hand and pass {key}=FILE"
+        )
+    from ccnet import download
 
-    Returns (model in eval mode, the checkpoint's state dict, the checkpoint's path).
-    """
-    if not cfg.checkpoint:
-        raise CheckpointError(f"job={cfg.job} needs checkpoint=PATH (a checkpoint file or a run directory)")
-    path = resolve_checkpoint(cfg.checkpoint)
-    state = load_checkpoint(path)
+    return download.fetch_file(zoo["url"], sha256_prefix=zoo["sha256"])
+
+
+def adopt_saved_config(cfg, mf: ModelFile, adopt_dataset: bool, training: bool = False) -> None:
+    """cfg's architecture (and with adopt_dataset its data set section) from our checkpoint's saved config."""
     try:  # a config from another version or a hand-made file: unknown backbone, wrong types
-        saved = OmegaConf.create(state["config"])
+        saved = OmegaConf.create(mf.state["config"])
         cfg.backbone = OmegaConf.merge(cfg.backbone, saved_backbone(saved.backbone))
-        cfg.model = OmegaConf.merge(cfg.model, known_keys(cfg.model, saved.model))
+        model = {k: v for k, v in known_keys(cfg.model, saved.model).items() if k != "init"}  # its history
+        if training:  # model.init: the architecture only; loss, dropout and the rest are this run's
+            model = {k: v for k, v in model.items() if k in ARCHITECTURE}
+        cfg.model = OmegaConf.merge(cfg.model, model)
         cfg.backbone.pretrained = None  # the checkpoint holds every weight
         if adopt_dataset:
             root = cfg.dataset.root
@@ -55,16 +80,79 @@ def restore_model(cfg, run_dir: Path, adopt_dataset: bool = False):
         saved_classes = saved.dataset.num_classes
     except (OmegaConfBaseException, RegistryError) as err:
         problem = str(err).splitlines()[0]
-        raise CheckpointError(f"{path}: its config does not fit this version of ccnet ({problem})") from err
-    if saved_classes != cfg.dataset.num_classes:
+        raise CheckpointError(f"{mf.path}: its config does not fit this version of ccnet ({problem})") from err
+    if not training and saved_classes != cfg.dataset.num_classes:
         raise CheckpointError(
-            f"{path}: trained for {saved_classes} classes, but dataset.num_classes={cfg.dataset.num_classes}"
+            f"{mf.path}: trained for {saved_classes} classes, but dataset.num_classes={cfg.dataset.num_classes}"
         )
-    prepare_run_dir(cfg, run_dir)
+
+
+def adopt_published(cfg, mf: ModelFile, adopt_dataset: bool) -> list[str]:
+    """cfg's architecture from a published file; predict / visualize also take the data set of its class count
+    (its class names and colours)."""
+    notes, classes = [], mf.variant["num_classes"]
+    if adopt_dataset and classes != cfg.dataset.num_classes and classes in DATASET_OF_CLASSES:
+        name = DATASET_OF_CLASSES[classes]
+        cfg.dataset = OmegaConf.merge(cfg.dataset, OmegaConf.load(CONF / "dataset" / f"{name}.yaml"))
+        notes.append(f"{classes} classes: dataset={name} for the class names and colours")
+    return notes + adopt_variant(cfg, mf)
+
+
+def build(cfg, path):
     try:
-        model = build_model(cfg)
+        return build_model(cfg)
     except ValueError as err:  # a setting this version does not know (RegistryError is one)
         raise CheckpointError(f"{path}: its config cannot build a model here: {err}") from err
-    load_model_state(model, state["model"], path)
+
+
+def restore_model(cfg, run_dir: Path | None, adopt_dataset: bool = False):
+    """Fill cfg from cfg.checkpoint (a file, a run directory or `zoo`), prepare run_dir (None: no run folder),
+    build the model, load weights.
+
+    Returns (model in eval mode, the checkpoint's state ({"iteration", "family"} for a published file), its path).
+    """
+    if not cfg.checkpoint:
+        raise CheckpointError(f"job={cfg.job} needs checkpoint=PATH (a checkpoint file or a run directory)")
+    path = model_source(cfg.checkpoint, cfg)
+    mf = read_model_file(path)
+    if mf.family == "ccnet":
+        adopt_saved_config(cfg, mf, adopt_dataset)
+        notes = []
+    else:
+        notes = adopt_published(cfg, mf, adopt_dataset)
+    if run_dir is not None:
+        prepare_run_dir(cfg, run_dir)
+    model = build(cfg, path)
+    loaded = load_model_file(model, mf)
+    if mf.family != "ccnet":
+        log.info("%s", report(mf, loaded))
+    for note in notes:
+        log.info("%s", note)
     model.eval()
-    return model, state, path
+    state = mf.state if mf.family == "ccnet" else {"iteration": mf.iteration}
+    return model, {**state, "family": mf.family}, path
+
+
+def model_init(cfg):
+    """job=train with model.init=FILE|zoo: read the whole-model file and set cfg's architecture to it (before the
+    run folder's config.yaml is written). Returns (ModelFile, notes) or None; load_init() loads it."""
+    if not cfg.model.get("init"):
+        return None
+    if cfg.backbone.pretrained:
+        raise CheckpointError(
+            f"model.init={cfg.model.init} and backbone.pretrained={cfg.backbone.pretrained}: the whole model "
+            "already holds backbone weights; give one of the two"
+        )
+    mf = read_model_file(model_source(cfg.model.init, cfg, "model.init"))
+    if mf.family == "ccnet":
+        adopt_saved_config(cfg, mf, adopt_dataset=False, training=True)
+        return mf, []
+    return mf, adopt_variant(cfg, mf, training=True)
+
+
+def load_init(model, init) -> None:
+    """Load model.init's weights into the freshly built model; classifiers of another class count stay new."""
+    mf, notes = init
+    log.info("model.init: %s", report(mf, load_model_file(model, mf, reinit_classifier=True)))
+    for note in notes:
+        log.info("%s", note)

@@ -1,8 +1,10 @@
 """job=train: train on the train split, evaluate on the val split; returns the final val mIoU.
 
 `resume=true` continues this run directory's last checkpoint (use `hydra.run.dir=RUN_DIR resume=true`);
-`resume=PATH` continues another checkpoint or run directory into this run's folder. Under `mpirun` every
-rank trains on its slice of each batch and only rank 0 writes.
+`resume=PATH` continues another checkpoint or run directory into this run's folder. `model.init=FILE` (or `zoo`
+with a zoo preset) starts from a whole model, ours or a published one: its architecture, backbone and heads, with a
+new classifier where the data set's class count differs. Under `mpirun` every rank trains on its slice of each
+batch and only rank 0 writes.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from ccnet.registry import JOBS
 from ccnet.validate import check_batch_fits
 
 from .common import NullWriter, SummaryWriter, log_eval_to_tensorboard, log_hparams, prepare_run_dir, write_metrics
+from .restore import load_init, model_init
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +68,7 @@ def resume_checkpoint(resume, run_dir: Path) -> Path | None:
 @JOBS.register("train")
 def run(cfg, run_dir: Path) -> float:
     is_main = jt.rank == 0
+    init = model_init(cfg)  # model.init: the file's architecture into cfg before config.yaml is written
     config_dict = prepare_run_dir(cfg, run_dir, write=is_main)
     jt.set_global_seed(cfg.seed, different_seed_for_mpi=False)  # same initial weights on every MPI rank
     train_set, val_set = load_splits(cfg)
@@ -80,6 +84,8 @@ def run(cfg, run_dir: Path) -> float:
         load_optimizer_state(optimizer, state.get("optimizer"), resume_from)
         start_iter, best = state["iteration"], state.get("best")
         log.info("resumed from %s at iteration %d", resume_from, start_iter)
+    elif init is not None:
+        load_init(model, init)
     if is_main:
         remove_stale_temporaries(run_dir / "checkpoints")
     log.info(

@@ -310,11 +310,268 @@ def randomise(net, seed=0):
                 continue
             if name.endswith("running_var"):
                 t.copy_(0.5 + torch.rand(t.shape, generator=gen))
-            elif t.ndim == 1:  # BN / LayerNorm scale around 1; shifts, means, layer scales around 0
+            elif t.ndim <= 1:  # BN / LayerNorm scale around 1; shifts, means, layer scales, 0-d scales around 0
                 t.copy_(float(name.endswith("weight")) + 0.2 * torch.randn(t.shape, generator=gen))
             else:
                 t.copy_(torch.randn(t.shape, generator=gen) * math.sqrt(2.0 / t[0].numel()))
     return net.eval()
+
+
+# ------------------------------------------------------------------ whole CCNets of the published families
+
+
+def torch_ccnet_mmseg(depth, num_classes, align_corners, channels=512, aux_channels=256):
+    """mmsegmentation's CCNet as its configs describe it (configs/_base_/models/ccnet_r50-d8.py), mmseg key names:
+    ResNetV1c (deep stem 3->32->32->64 as stem.0/1/3/4/6/7, max-pool without ceil mode, strides 1,2,1,1,
+    dilations 1,1,2,4 with contract_dilation), CCHead (convs.0, cca, convs.1, conv_cat over concat(x, out),
+    dropout, conv_seg; ConvModule = conv without bias + bn + ReLU; mmcv's gamma as Scale), FCNHead on stage 3
+    (one ConvModule, conv_seg); logits resized to the input with the heads' align_corners."""
+    import torch
+    import torch.nn as tnn
+    import torch.nn.functional as F
+
+    class ConvModule(tnn.Module):
+        def __init__(self, cin, cout):
+            super().__init__()
+            self.conv = tnn.Conv2d(cin, cout, 3, padding=1, bias=False)
+            self.bn = tnn.BatchNorm2d(cout)
+            self.activate = tnn.ReLU()
+
+        def forward(self, x):
+            return self.activate(self.bn(self.conv(x)))
+
+    class Bottleneck(tnn.Module):
+        def __init__(self, cin, planes, stride, dilation, downsample):
+            super().__init__()
+            self.conv1 = tnn.Conv2d(cin, planes, 1, bias=False)
+            self.bn1 = tnn.BatchNorm2d(planes)
+            self.conv2 = tnn.Conv2d(planes, planes, 3, stride, dilation, dilation, bias=False)
+            self.bn2 = tnn.BatchNorm2d(planes)
+            self.conv3 = tnn.Conv2d(planes, planes * 4, 1, bias=False)
+            self.bn3 = tnn.BatchNorm2d(planes * 4)
+            self.relu = tnn.ReLU()
+            self.downsample = downsample
+
+        def forward(self, x):
+            out = self.relu(self.bn1(self.conv1(x)))
+            out = self.bn3(self.conv3(self.relu(self.bn2(self.conv2(out)))))
+            return self.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+    class ResNetV1c(tnn.Module):
+        def __init__(self):
+            super().__init__()
+            conv = lambda cin, cout, s: tnn.Conv2d(cin, cout, 3, s, 1, bias=False)  # noqa: E731
+            self.stem = tnn.Sequential(
+                conv(3, 32, 2), tnn.BatchNorm2d(32), tnn.ReLU(),
+                conv(32, 32, 1), tnn.BatchNorm2d(32), tnn.ReLU(),
+                conv(32, 64, 1), tnn.BatchNorm2d(64), tnn.ReLU(),
+            )  # fmt: skip
+            self.maxpool = tnn.MaxPool2d(3, 2, 1)
+            cin, blocks = 64, {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}[depth]
+            for i, (n, stride, dilation) in enumerate(zip(blocks, (1, 2, 1, 1), (1, 1, 2, 4))):
+                planes = 64 * 2**i
+                down = None
+                if stride != 1 or cin != planes * 4:
+                    down = tnn.Sequential(
+                        tnn.Conv2d(cin, planes * 4, 1, stride, bias=False), tnn.BatchNorm2d(planes * 4)
+                    )
+                first = dilation // 2 if dilation > 1 else dilation  # contract_dilation
+                layer = [Bottleneck(cin, planes, stride, first, down)]
+                layer += [Bottleneck(planes * 4, planes, 1, dilation, None) for _ in range(1, n)]
+                setattr(self, f"layer{i + 1}", tnn.Sequential(*layer))
+                cin = planes * 4
+
+        def forward(self, x):
+            x = self.maxpool(self.stem(x))
+            outs = []
+            for i in range(1, 5):
+                x = getattr(self, f"layer{i}")(x)
+                outs.append(x)
+            return outs
+
+    class Scale(tnn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = tnn.Parameter(torch.tensor(0.0))
+
+        def forward(self, x):
+            return x * self.scale
+
+    class CrissCrossAttention(tnn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.query_conv = tnn.Conv2d(c, c // 8, 1)
+            self.key_conv = tnn.Conv2d(c, c // 8, 1)
+            self.value_conv = tnn.Conv2d(c, c, 1)
+            self.gamma = Scale()
+
+        def forward(self, x):
+            return self.gamma(einsum_cca(self.query_conv(x), self.key_conv(x), self.value_conv(x))) + x
+
+    class CCHead(tnn.Module):
+        def __init__(self):
+            super().__init__()
+            self.convs = tnn.Sequential(ConvModule(2048, channels), ConvModule(channels, channels))
+            self.cca = CrissCrossAttention(channels)
+            self.conv_cat = ConvModule(2048 + channels, channels)
+            self.dropout = tnn.Dropout2d(0.1)
+            self.conv_seg = tnn.Conv2d(channels, num_classes, 1)
+
+        def forward(self, x):
+            out = self.convs[0](x)
+            for _ in range(2):
+                out = self.cca(out)
+            out = self.conv_cat(torch.cat([x, self.convs[1](out)], 1))
+            return self.conv_seg(self.dropout(out))
+
+    class FCNHead(tnn.Module):
+        def __init__(self):
+            super().__init__()
+            self.convs = tnn.Sequential(ConvModule(1024, aux_channels))
+            self.dropout = tnn.Dropout2d(0.1)
+            self.conv_seg = tnn.Conv2d(aux_channels, num_classes, 1)
+
+        def forward(self, x):
+            return self.conv_seg(self.dropout(self.convs(x)))
+
+    class EncoderDecoder(tnn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = ResNetV1c()
+            self.decode_head = CCHead()
+            self.auxiliary_head = FCNHead()
+
+        def forward(self, img):
+            feats = self.backbone(img)
+            up = lambda t: F.interpolate(t, img.shape[2:], mode="bilinear", align_corners=align_corners)  # noqa: E731
+            return up(self.decode_head(feats[3])), up(self.auxiliary_head(feats[2]))
+
+    return EncoderDecoder()
+
+
+def torch_ccnet_authors(depth, num_classes, align_corners=True, inplace_abn=True):
+    """The authors' CCNet (speedinghzl/CCNet networks/ccnet.py) with their key names: deep stem 3->64->64->128
+    (conv1..3, bn1..3), ceil-mode max-pool, layer3/layer4 dilated 2/4 in every block, head = RCCAModule (conva,
+    cca with gamma of shape (1,), convb, bottleneck = conv, BN, Dropout2d, classifier at .3), dsn (a biased 3x3
+    conv, BN, Dropout2d, classifier at .3). Every BN is InPlaceABNSync: scale |weight| + eps (inplace_abn=True;
+    False: a plain BN, as Jittor ports have), LeakyReLU(0.01) in the heads, none in the backbone. The network
+    returns logits at 1/8; evaluate.py upsamples them bilinearly (align_corners=True)."""
+    import torch
+    import torch.nn as tnn
+    import torch.nn.functional as F
+
+    class ABN(tnn.Module):
+        def __init__(self, c, leaky):
+            super().__init__()
+            self.weight = tnn.Parameter(torch.ones(c))
+            self.bias = tnn.Parameter(torch.zeros(c))
+            self.register_buffer("running_mean", torch.zeros(c))
+            self.register_buffer("running_var", torch.ones(c))
+            self.leaky = leaky
+
+        def forward(self, x):
+            scale = self.weight.abs() + 1e-5 if inplace_abn else self.weight
+            shape = (1, -1, 1, 1)
+            y = (x - self.running_mean.view(shape)) / torch.sqrt(self.running_var.view(shape) + 1e-5)
+            y = y * scale.view(shape) + self.bias.view(shape)
+            return F.leaky_relu(y, 0.01) if self.leaky else y
+
+    class Bottleneck(tnn.Module):
+        def __init__(self, cin, planes, stride, dilation, downsample):
+            super().__init__()
+            self.conv1 = tnn.Conv2d(cin, planes, 1, bias=False)
+            self.bn1 = ABN(planes, False)
+            self.conv2 = tnn.Conv2d(planes, planes, 3, stride, dilation, dilation, bias=False)
+            self.bn2 = ABN(planes, False)
+            self.conv3 = tnn.Conv2d(planes, planes * 4, 1, bias=False)
+            self.bn3 = ABN(planes * 4, False)
+            self.downsample = downsample
+
+        def forward(self, x):
+            out = F.relu(self.bn1(self.conv1(x)))
+            out = self.bn3(self.conv3(F.relu(self.bn2(self.conv2(out)))))
+            return F.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+    class CrissCrossAttention(tnn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.query_conv = tnn.Conv2d(c, c // 8, 1)
+            self.key_conv = tnn.Conv2d(c, c // 8, 1)
+            self.value_conv = tnn.Conv2d(c, c, 1)
+            self.gamma = tnn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            return self.gamma * einsum_cca(self.query_conv(x), self.key_conv(x), self.value_conv(x)) + x
+
+    class RCCAModule(tnn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conva = tnn.Sequential(tnn.Conv2d(2048, 512, 3, padding=1, bias=False), ABN(512, True))
+            self.cca = CrissCrossAttention(512)
+            self.convb = tnn.Sequential(tnn.Conv2d(512, 512, 3, padding=1, bias=False), ABN(512, True))
+            self.bottleneck = tnn.Sequential(
+                tnn.Conv2d(2560, 512, 3, padding=1, bias=False), ABN(512, True), tnn.Dropout2d(0.1),
+                tnn.Conv2d(512, num_classes, 1),
+            )  # fmt: skip
+
+        def forward(self, x, recurrence=2):
+            out = self.conva(x)
+            for _ in range(recurrence):
+                out = self.cca(out)
+            return self.bottleneck(torch.cat([x, self.convb(out)], 1))
+
+    class ResNet(tnn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = tnn.Conv2d(3, 64, 3, 2, 1, bias=False)
+            self.bn1 = ABN(64, False)
+            self.conv2 = tnn.Conv2d(64, 64, 3, 1, 1, bias=False)
+            self.bn2 = ABN(64, False)
+            self.conv3 = tnn.Conv2d(64, 128, 3, 1, 1, bias=False)
+            self.bn3 = ABN(128, False)
+            self.maxpool = tnn.MaxPool2d(3, 2, 1, ceil_mode=True)
+            cin, blocks = 128, {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}[depth]
+            for i, (n, stride, dilation) in enumerate(zip(blocks, (1, 2, 1, 1), (1, 1, 2, 4))):
+                planes = 64 * 2**i
+                down = None
+                if stride != 1 or cin != planes * 4:
+                    down = tnn.Sequential(tnn.Conv2d(cin, planes * 4, 1, stride, bias=False), ABN(planes * 4, False))
+                layer = [Bottleneck(cin, planes, stride, dilation, down)]
+                layer += [Bottleneck(planes * 4, planes, 1, dilation, None) for _ in range(1, n)]
+                setattr(self, f"layer{i + 1}", tnn.Sequential(*layer))
+                cin = planes * 4
+            self.head = RCCAModule()
+            self.dsn = tnn.Sequential(
+                tnn.Conv2d(1024, 512, 3, padding=1), ABN(512, True), tnn.Dropout2d(0.1), tnn.Conv2d(512, num_classes, 1)
+            )
+
+        def forward(self, img):
+            x = F.relu(self.bn1(self.conv1(img)))
+            x = F.relu(self.bn2(self.conv2(x)))
+            x = self.maxpool(F.relu(self.bn3(self.conv3(x))))
+            x = self.layer3(self.layer2(self.layer1(x)))
+            dsn = self.dsn(x)
+            out = self.head(self.layer4(x))
+            up = lambda t: F.interpolate(t, img.shape[2:], mode="bilinear", align_corners=align_corners)  # noqa: E731
+            return up(out), up(dsn)
+
+    return ResNet()
+
+
+def randomise_ccnet(net, seed=0, signed_bn=False):
+    """randomise(), then gamma of the attention away from 0 (0.5..1.5) and, with signed_bn, BN scales of both
+    signs (what InPlaceABN's |weight| + eps is sensitive to)."""
+    import torch
+
+    randomise(net, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, t in net.state_dict().items():
+            if name.endswith("gamma") or name.endswith("gamma.scale"):
+                t.copy_(0.5 + torch.rand(t.shape, generator=gen))
+            elif signed_bn and name.endswith("weight") and name[: -len("weight")] + "running_mean" in net.state_dict():
+                t.mul_(torch.where(torch.rand(t.shape, generator=gen) < 0.3, -1.0, 1.0))
+    return net
 
 
 # ---------------------------------------------------------------------------- jobs for the worker
@@ -485,3 +742,49 @@ def ccnet_logits_from_export(path, block, layers, stem, widths, x):
         logits, aux = twin(torch.from_numpy(x), with_aux=True)
     summary = {k: v for k, v in meta.items() if k != "config"}
     return logits.numpy(), aux.numpy(), list(missing), list(unexpected), summary
+
+
+def ccnet_reference(family, path, depth, num_classes, x, align_corners, save="zip", module_prefix=False, seed=0):
+    """Save a randomised twin of `family` (mmseg | authors | authors-jittor) as its published files are and
+    return its (main, auxiliary) logits on `x` at x's size, eval mode.
+
+    mmseg: torch.save({'meta', 'state_dict'}); authors: torch.save(state_dict) (with `module.` keys when
+    module_prefix); authors-jittor: a plain pickle of NumPy arrays with the authors' names (plain BN), as
+    jt.save writes. save='legacy' uses the pre-1.6 torch format."""
+    import pickle
+
+    import torch
+
+    if family == "mmseg":
+        twin = randomise_ccnet(torch_ccnet_mmseg(depth, num_classes, align_corners), seed)
+    else:
+        abn = family == "authors"
+        twin = randomise_ccnet(torch_ccnet_authors(depth, num_classes, align_corners, abn), seed, signed_bn=abn)
+    state = {k: v for k, v in twin.state_dict().items()}
+    if family == "authors-jittor":
+        with open(path, "wb") as f:
+            pickle.dump({k: v.numpy() for k, v in state.items()}, f)
+    else:
+        if module_prefix:
+            state = {f"module.{k}": v for k, v in state.items()}
+        obj = {"meta": {"iter": 80000, "CLASSES": list(map(str, range(num_classes)))}, "state_dict": state}
+        torch.save(obj if family == "mmseg" else state, path, _use_new_zipfile_serialization=save == "zip")
+    with torch.no_grad():
+        main, aux = twin(torch.from_numpy(x))
+    return main.numpy(), aux.numpy()
+
+
+def mmseg_logits_from_file(path, depth, x, align_corners=False, channels=512, aux_channels=256):
+    """torch.load(path, weights_only=True) of an mmseg-layout file (`export --format mmseg`) -> mmseg's CCNet twin
+    with every tensor loaded strictly (mmseg's names, num_batches_tracked included) -> (main, auxiliary) logits on
+    x in eval mode, and the file's meta."""
+    import torch
+
+    payload = torch.load(path, weights_only=True)
+    classes = payload["state_dict"]["decode_head.conv_seg.weight"].shape[0]
+    twin = torch_ccnet_mmseg(depth, classes, align_corners, channels, aux_channels)
+    twin.load_state_dict(payload["state_dict"], strict=True)
+    twin.eval()
+    with torch.no_grad():
+        main, aux = twin(torch.from_numpy(x))
+    return main.numpy(), aux.numpy(), payload["meta"]

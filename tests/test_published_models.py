@@ -1,0 +1,156 @@
+"""Published CCNets (mmsegmentation's, the authors') loaded through our loader vs PyTorch twins of each family.
+
+Each twin (ccnet/testing/torch_twins.py, written from the published descriptions with the published key names)
+gets random weights, random BN statistics, gamma != 0 (and, for the authors' InPlaceABN, BN scales of both signs),
+is saved as that family's files are, loaded with `checkpoint=FILE` (format and variant read from the file), and
+the whole model's logits are compared on a non-square input in eval mode.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+
+from ccnet import runtime
+from ccnet.testing import torch_twins as twins
+
+jt = runtime.setup()
+
+from ccnet.engine.checkpoint import CheckpointError  # noqa: E402
+from ccnet.fileio import read_file  # noqa: E402
+from ccnet.jobs.restore import restore_model  # noqa: E402
+
+DATASET_OF = {19: "cityscapes", 150: "ade20k", 21: "voc"}
+
+
+def rel_err(ours, ref) -> float:
+    return float(np.abs(ours - ref).max() / np.abs(ref).max())
+
+
+def load(compose, path, classes, *overrides):
+    cfg = compose(["job=eval", f"checkpoint={path}", f"dataset={DATASET_OF[classes]}", *overrides])
+    model, state, _ = restore_model(cfg, None)
+    return model, state, cfg
+
+
+CASES = [  # family, depth, classes, align_corners, file format, module. prefix
+    ("mmseg", 50, 19, False, "zip", False),
+    ("mmseg", 101, 150, True, "legacy", False),
+    ("authors", 101, 19, True, "legacy", True),
+    ("authors", 50, 150, False, "zip", False),
+    ("authors-jittor", 50, 19, True, "pickle", False),
+]
+
+
+@pytest.mark.parametrize("family, depth, classes, align_corners, save, prefix", CASES)
+def test_whole_model_matches_the_twin(
+    compose, torch_worker, tmp_path, caplog, family, depth, classes, align_corners, save, prefix
+):
+    x = np.random.default_rng(depth + classes).standard_normal((1, 3, 97, 129)).astype(np.float32)
+    path = tmp_path / ("model.pkl" if save == "pickle" else "model.pth")
+    ref_main, ref_aux = torch_worker(
+        twins.ccnet_reference, family, str(path), depth, classes, x, align_corners, save, prefix
+    )
+    with caplog.at_level(logging.INFO):
+        model, state, cfg = load(compose, path, classes, f"model.align_corners={str(align_corners).lower()}")
+    assert state["family"] == family
+    v1c = "_v1c" if family == "mmseg" else ""
+    assert cfg.backbone.name == f"resnet{depth}{v1c}" and cfg.model.act == ("relu" if v1c else "leaky_relu")
+    assert (cfg.model.aux_channels, cfg.model.aux_bias) == ((256, False) if v1c else (512, True))
+    assert model.align_corners is align_corners
+    assert f"loaded {len(model.state_dict())} tensors" in caplog.text
+    with jt.no_grad():
+        main, aux = model(jt.array(x), with_aux=True)
+    assert main.shape == ref_main.shape == (1, classes, 97, 129)
+    assert rel_err(main.numpy(), ref_main) < 1e-4 and rel_err(aux.numpy(), ref_aux) < 1e-4
+    assert len(np.unique(ref_main.argmax(1))) > 1  # a comparison of more than one class
+
+
+@pytest.mark.parametrize("family, align_corners", [("mmseg", False), ("authors", True)])
+def test_without_a_preset_the_family_protocol_applies(compose, torch_worker, tmp_path, family, align_corners):
+    """No zoo preset and model.align_corners left null: mmseg's files get RGB mean/std and half-pixel resizing,
+    the authors' BGR mean-only and aligned corners."""
+    path = tmp_path / "m.pth"
+    torch_worker(twins.ccnet_reference, family, str(path), 50, 21, np.zeros((1, 3, 9, 9), np.float32), True)
+    model, _, cfg = load(compose, path, 21)
+    mean, bgr = ([123.675, 116.28, 103.53], False) if family == "mmseg" else ([104.00698793, 116.66876762], True)
+    assert list(cfg.dataset.mean)[: len(mean)] == mean and cfg.dataset.bgr is bgr
+    assert model.align_corners is align_corners and cfg.model.align_corners is align_corners
+
+
+def test_inplace_abn_scale_is_what_makes_the_authors_files_match(compose, torch_worker, tmp_path):
+    """Loading the authors' file as if its BNs were plain (no |w| + eps) gives other logits: the conversion is
+    needed, and the twin's signed BN scales make it visible."""
+    from ccnet.engine.model_files import load_model_file, read_model_file
+    from ccnet.models.ccnet_convert import from_authors
+
+    x = np.random.default_rng(0).standard_normal((1, 3, 33, 41)).astype(np.float32)
+    path = tmp_path / "a.pth"
+    ref, _ = torch_worker(twins.ccnet_reference, "authors", str(path), 50, 19, x, True)
+    model, _, _ = load(compose, path, 19)
+    mf = read_model_file(path)
+    mf.tensors = from_authors(read_file(path), inplace_abn=False)[0]  # what a plain-BN reading would load
+    with jt.no_grad():
+        good = model(jt.array(x)).numpy()
+        load_model_file(model, mf)
+        plain = model(jt.array(x)).numpy()
+    assert rel_err(good, ref) < 1e-4 and rel_err(plain, ref) > 1e-2
+
+
+def test_mmseg_round_trip_through_to_mmseg_state_dict(compose, torch_worker, tmp_path):
+    """ours -> to_mmseg_state_dict -> the same keys, shapes and values the mmseg twin saved."""
+    from ccnet.models.ccnet_convert import to_mmseg_state_dict
+
+    path = tmp_path / "m.pth"
+    torch_worker(twins.ccnet_reference, "mmseg", str(path), 50, 21, np.zeros((1, 3, 17, 17), np.float32), False)
+    model, _, _ = load(compose, path, 21)
+    theirs = read_file(path)["state_dict"]
+    back = to_mmseg_state_dict({k: v.numpy() for k, v in model.state_dict().items()})
+    assert set(back) == set(theirs)
+    for k, v in theirs.items():
+        assert back[k].shape == v.shape, k
+        if not k.endswith("num_batches_tracked"):
+            np.testing.assert_array_equal(back[k], v, err_msg=k)
+    with pytest.raises(ValueError, match="aux_head.conv.0.bias"):
+        to_mmseg_state_dict({"aux_head.conv.0.bias": np.zeros(3, np.float32)})
+
+
+# ------------------------------------------------------------------------------------ wrong kinds of file
+# (a backbone-only file, a detection model and another mmseg head on every path: tests/test_bad_files.py)
+
+
+def one_line_error(compose, path, classes=19, *overrides):
+    with pytest.raises(CheckpointError) as err:
+        load(compose, path, classes, *overrides)
+    message = str(err.value)
+    assert "\n" not in message and str(path) in message
+    return message
+
+
+@pytest.fixture(scope="module")
+def mmseg_r50(torch_worker, tmp_path_factory):
+    path = tmp_path_factory.mktemp("mmseg") / "m.pth"
+    torch_worker(twins.ccnet_reference, "mmseg", str(path), 50, 19, np.zeros((1, 3, 9, 9), np.float32), False)
+    return path
+
+
+def test_a_ccnet_with_another_head_names_what_differs(compose, torch_worker, mmseg_r50, tmp_path):
+    """An mmseg CCNet whose CCHead has no conv_cat (concat_input=False) and an extra conv: one line naming both."""
+    sd = read_file(mmseg_r50)["state_dict"]
+    sd = {k: v for k, v in sd.items() if not k.startswith("decode_head.conv_cat.")}
+    sd["decode_head.convs.2.conv.weight"] = np.zeros((512, 512, 3, 3), np.float32)
+    torch_worker(twins.torch_save, {"meta": {}, "state_dict": sd}, str(tmp_path / "other.pth"))
+    message = one_line_error(compose, tmp_path / "other.pth")
+    assert "missing decode_head.conv_cat.conv.weight, decode_head.conv_cat.bn.* (4) (mmseg names)" in message
+    assert "unused decode_head.convs.2.conv.weight" in message
+
+
+def test_class_count_and_preset_must_fit_the_file(compose, mmseg_r50):
+    message = one_line_error(compose, mmseg_r50, 150)
+    assert "a model for 19 classes, but dataset.num_classes=150" in message
+    message = one_line_error(compose, mmseg_r50, 19, "experiment=zoo/ccnet_r101-d8_512x1024_80k_cityscapes")
+    assert "holds a resnet50_v1c model, but the preset zoo/ccnet_r101-d8_512x1024_80k_cityscapes is for " in message
+    message = one_line_error(compose, mmseg_r50, 19, "experiment=zoo/ccnet_authors_r2_cityscapes")
+    assert "an mmsegmentation CCNet, but the preset zoo/ccnet_authors_r2_cityscapes is for authors files" in message
