@@ -13,6 +13,8 @@ A renamed key is a one-line edit of RULES (tests/test_validate.py checks that ev
 from __future__ import annotations
 
 import math
+import re
+import urllib.parse
 from typing import Any, Callable, NamedTuple
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -32,6 +34,13 @@ class Rule(NamedTuple):
 
 
 EVAL_MODES = ("whole", "slide")  # ccnet/engine/inference.py predict()
+EVAL_AVERAGES = ("logits", "probs")  # ccnet/engine/inference.py predict_views()
+ZOO_FAMILIES = ("mmseg", "authors")  # ccnet/engine/model_files.py: the published families
+
+
+def is_url(v) -> bool:
+    parts = urllib.parse.urlparse(str(v))
+    return parts.scheme in ("http", "https") and bool(parts.netloc) and bool(parts.path.rsplit("/", 1)[-1])
 
 
 def kernel_choices() -> list[str]:
@@ -100,6 +109,30 @@ def needed_by(*jobs: str) -> Rule:
     return Rule(lambda v, cfg: cfg.job not in jobs or bool(v), f"a path (job={'|'.join(jobs)} needs one)")
 
 
+def has_zoo_file(cfg) -> bool:
+    return bool(OmegaConf.select(cfg, "zoo.url", default=None))
+
+
+def model_file(key: str, *jobs: str, only: tuple = ()) -> Rule:
+    """checkpoint= / model.init=: a path (which `jobs` need), or zoo with a zoo preset naming the file; with `only`,
+    null for every other job."""
+
+    def test(v, cfg):
+        if v is None or v == "":
+            return cfg.job not in jobs
+        return (not only or cfg.job in only) and (str(v) != "zoo" or has_zoo_file(cfg))
+
+    def expected(cfg):
+        value = OmegaConf.select(cfg, key, default=None)
+        if only and value not in (None, "") and cfg.job not in only:
+            return f"null for job={cfg.job} ({key} is for job={'|'.join(only)})"
+        if str(value) == "zoo":
+            return "a path, or zoo with a zoo preset that names the file (experiment=zoo/<name>)"
+        return f"a path (job={'|'.join(jobs)} needs one)"
+
+    return Rule(test, expected)
+
+
 def min_input(cfg) -> int:
     """The smallest input side the backbone takes, as it declares at registration (measured; default 1)."""
     name = str(OmegaConf.select(cfg, "backbone.name", default=""))
@@ -138,7 +171,8 @@ RULES: dict[str, Rule] = {
     "job": one_of(JOBS.names),
     "device": one_of(DEVICES),
     "seed": integer(0),  # NumPy's seeded generators take no negative seeds
-    "checkpoint": needed_by("eval", "visualize", "predict"),
+    "checkpoint": model_file("checkpoint", "eval", "visualize", "predict"),
+    "model.init": model_file("model.init", only=("train",)),
     "sweep_dir": needed_by("sweep"),
     "input": needed_by("predict"),
     "point": Rule(
@@ -185,9 +219,21 @@ RULES: dict[str, Rule] = {
     "eval.scales": Rule(
         lambda v, cfg: is_list(v) and len(v) > 0 and all(is_number(x) and x > 0 for x in v), "numbers > 0"
     ),
+    "eval.resize": Rule(
+        lambda v, cfg: v is None or (is_list(v, 2) and all(is_int(s) and s >= 1 for s in v)),
+        "null or [long, short], 2 integers >= 1",
+    ),
+    "eval.average": one_of(EVAL_AVERAGES),
     "eval.num_vis": integer(0),
     "eval.max_images": integer(0),
     **{f"kernels.{op}": one_of(kernel_choices) for op in ("cca", "conv", "batch_norm", "relu")},
+    "zoo.name": Rule(lambda v, cfg: v is None or bool(re.fullmatch(r"[\w.-]+", str(v))), "null or a preset's name"),
+    "zoo.family": one_of(ZOO_FAMILIES, optional=True),
+    "zoo.url": Rule(lambda v, cfg: v is None or is_url(v), "null or an http(s):// address of the file"),
+    "zoo.sha256": Rule(
+        lambda v, cfg: v is None or bool(re.fullmatch(r"[0-9a-f]{8,64}", str(v))),
+        "null or 8 to 64 lower-case hex digits (the start of the file's SHA-256)",
+    ),
 }
 
 

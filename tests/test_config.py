@@ -14,7 +14,8 @@ GROUPS = ["paths", "backbone", "dataset", "normalization", "schedule", "recurren
 
 
 def options(group):
-    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+    """The group's options, those of its sub-folders too (experiment=zoo/<name>)."""
+    return sorted(str(p.relative_to(CONF / group).with_suffix("")) for p in (CONF / group).rglob("*.yaml"))
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
@@ -108,20 +109,40 @@ def test_group_options_state_only_what_the_schema_does_not(group):
 
 
 def group_overrides(preset: Path) -> list[str]:
-    """The group choices a preset makes in its defaults list ('override /dataset: voc' -> 'dataset=voc')."""
+    """The group choices a preset makes in its defaults list ('override /dataset: voc' -> 'dataset=voc'), those of
+    the shared bases it names ('/_zoo_mmseg': conf/_zoo_mmseg.yaml) first."""
     entries = OmegaConf.to_container(OmegaConf.load(preset)).get("defaults", [])
-    return [f"{key.split('/')[-1]}={value}" for entry in entries for key, value in entry.items()]
+    choices = [
+        group_overrides(CONF / f"{entry[1:]}.yaml") for entry in entries if isinstance(entry, str) and entry[0] == "/"
+    ]
+    return [c for chosen in choices for c in chosen] + [
+        f"{key.split('/')[-1]}={value}" for entry in entries if isinstance(entry, dict) for key, value in entry.items()
+    ]
 
 
-@pytest.mark.parametrize("preset", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))
-def test_experiment_presets_override_only_what_differs(compose, preset):
-    """Every value a preset sets differs from what its chosen groups already give (e.g. schedule/paper)."""
-    path = CONF / "experiment" / f"{preset}.yaml"
-    body = OmegaConf.to_container(OmegaConf.load(path))
-    body.pop("defaults", None)
+def preset_body(preset: Path) -> dict:
+    """The leaves a preset sets, with those of the bases it names (a preset restating its base counts too)."""
+    body = OmegaConf.to_container(OmegaConf.load(preset))
+    found = {}
+    for entry in body.pop("defaults", []):
+        if isinstance(entry, str) and entry[0] == "/":
+            base = preset_body(CONF / f"{entry[1:]}.yaml")
+            assert not base.keys() & found.keys(), f"{preset.name}: bases set {base.keys() & found.keys()} twice"
+            found.update(base)
     body.pop("expected", None)
+    own = leaves(body)
+    restated = {k for k in own.keys() & found.keys() if own[k] == found[k]}
+    assert not restated, f"{preset.name} restates {restated} (its base gives it already)"
+    return {**found, **own}
+
+
+@pytest.mark.parametrize("preset", options("experiment"))
+def test_experiment_presets_override_only_what_differs(compose, preset):
+    """Every value a preset (or a base it names) sets differs from what its chosen groups already give (e.g.
+    schedule/paper); the zoo presets' shared bases (conf/_zoo_*.yaml) count as part of each preset."""
+    path = CONF / "experiment" / f"{preset}.yaml"
     base = leaves(OmegaConf.to_container(compose(group_overrides(path))))
-    for key, value in leaves(body).items():
+    for key, value in preset_body(path).items():
         assert key in base, f"{preset}: {key} is not a config key"
         assert base[key] != value, f"experiment/{preset} restates {key}={value} (its groups give it already)"
 
@@ -132,6 +153,7 @@ def test_schema_entries_are_no_group_options(tmp_path):
     )
     assert proc.returncode == 0 and "schedule: context, cpu, paper" in proc.stdout
     assert "_schema" not in proc.stdout.replace("config_schema", "")
+    assert "experiment/zoo: ccnet_authors_r1_cityscapes," in proc.stdout and "_zoo" not in proc.stdout  # no bases
     refused = subprocess.run(
         [sys.executable, "run.py", "schedule=schedule_schema", f"hydra.run.dir={tmp_path}/run"],
         cwd=CONF.parent,

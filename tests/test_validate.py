@@ -35,6 +35,11 @@ CASES = [
     ("model.ohem_thresh", [0, 1.5, -0.1], [1.0, 1e-9]),
     ("model.ohem_min_kept", [0], [1]),
     ("model.aux_channels", [0, -256], [1, None]),
+    ("model.init", ["zoo"], [None, "/models/ccnet.pth"]),
+    ("zoo.name", ["a/b"], [None, "ccnet_r50-d8_512x1024_40k_cityscapes"]),
+    ("zoo.family", ["detectron"], [None, "mmseg", "authors"]),
+    ("zoo.url", ["download.openmmlab.com/x.pth", "x.pth"], [None, "https://h/x-ad3cd481.pth"]),  # no ":" (split)
+    ("zoo.sha256", ["ad3cd48", "AD3CD481", "zz3cd481"], [None, "ad3cd481", "0" * 64]),
     ("schedule.scale_range", [[0, 1], [1.5, 0.75], [1.0], [-1, 2]], [[1, 1], [1e-3, 4]]),
     ("schedule.scale_step", [-0.1], [0]),
     ("eval.scales", [[0], [], [1.0, -0.5]], [[0.25], [0.5, 1.0, 1.75]]),
@@ -52,6 +57,8 @@ CASES = [
     ("seed", [-1], [0]),
     ("backbone.head_channels", [0], [1]),
     ("backbone.drop_path", [1.0], [0, None]),
+    ("eval.resize", [[2048], [0, 512], [2048, -1]], [None, [2048, 1024], [1, 1]]),
+    ("eval.average", ["mean", "softmax"], ["logits", "probs"]),
     ("eval.num_vis", [-1], [0]),
     ("eval.max_images", [-1], [0]),
     ("point", [[1], [-1, 3]], [[0, 0], None]),
@@ -133,6 +140,22 @@ def test_jobs_name_the_path_they_need(compose):
     assert problems(compose(["job=sweep"])) == ["sweep_dir=None: expected a path (job=sweep needs one)"]
 
 
+def test_zoo_files_need_a_preset_and_model_init_is_for_training(compose):
+    """checkpoint=zoo / model.init=zoo name no file without a zoo preset; model.init with another job is refused."""
+    assert problems(compose(["job=eval", "checkpoint=zoo"])) == [
+        "checkpoint='zoo': expected a path, or zoo with a zoo preset that names the file (experiment=zoo/<name>)"
+    ]
+    assert problems(compose(["model.init=zoo"])) == [
+        "model.init='zoo': expected a path, or zoo with a zoo preset that names the file (experiment=zoo/<name>)"
+    ]
+    preset = "experiment=zoo/ccnet_r50-d8_512x1024_40k_cityscapes"
+    assert problems(compose(["job=eval", "checkpoint=zoo", preset])) == []
+    assert problems(compose(["model.init=zoo", preset])) == []
+    assert problems(compose(["job=eval", "checkpoint=c.pth", "model.init=m.pth"])) == [
+        "model.init='m.pth': expected null for job=eval (model.init is for job=train)"
+    ]
+
+
 def test_crop_minimum_follows_the_backbone(compose):
     assert (
         problems(compose(["backbone=van_b0", "schedule.crop_size=[1,1]", "eval.crop_size=[1,1]", "eval.stride=[1,1]"]))
@@ -189,6 +212,10 @@ def test_eval_modes_are_those_of_inference():
         assert predict(lambda x: x[:, :2], image, mode, tile=(4, 4), stride=(4, 4)).shape == (2, 8, 8)
     with pytest.raises(ValueError):  # predict rejects what the list leaves out
         predict(lambda x: x, image, "bogus")
+    for average in v.EVAL_AVERAGES:
+        assert predict(lambda x: x[:, :2], image, average=average).shape == (2, 8, 8)
+    with pytest.raises(ValueError):
+        predict(lambda x: x, image, average="bogus")
 
 
 @pytest.mark.parametrize("name,side", [("resnet_tiny", 7), ("resnet50_v1c", 7), ("van_b0", 1)])
@@ -220,7 +247,10 @@ def test_the_smallest_crop_is_the_measured_one(compose, name, side):
 GROUPS = ["paths", "backbone", "dataset", "normalization", "schedule", "recurrence", "kernels", "eval", "experiment"]
 
 
-@pytest.mark.parametrize("preset", [f"{g}={p.stem}" for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))])
+@pytest.mark.parametrize(
+    "preset",
+    [f"{g}={p.relative_to(CONF / g).with_suffix('')}" for g in GROUPS for p in sorted((CONF / g).rglob("*.yaml"))],
+)
 def test_every_preset_passes_validation(compose, preset):
     assert problems(compose([preset])) == []
 

@@ -12,9 +12,8 @@ from tqdm import tqdm
 
 from ccnet.data.datasets import DataError
 from ccnet.data.loader import eval_samples
-from ccnet.data.transforms import eval_transform
 
-from .inference import predict
+from .inference import predict_prepared, prepare_views
 from .metrics import confusion_matrix, format_table, segmentation_metrics
 
 log = logging.getLogger(__name__)
@@ -42,18 +41,15 @@ def evaluate(
     conf = np.zeros((dataset.num_classes, dataset.num_classes), np.int64)
     pictures, start = [], time.time()
     subset = _Head(dataset, n)
-    bar = tqdm(
-        eval_samples(subset, lambda im: eval_transform(im, cfg_dataset), cfg_dataset.num_workers),
+    bar = tqdm(  # the loader's threads decode, resize and normalise (prepare_views); the model runs here
+        eval_samples(subset, lambda im: prepare_views(im, cfg_dataset, cfg_eval), cfg_dataset.num_workers),
         total=n,
         desc=desc,
         dynamic_ncols=True,
         leave=False,
     )
-    for index, image, label in bar:
-        logits = predict(
-            model, image, cfg_eval.mode, cfg_eval.crop_size, cfg_eval.stride, cfg_eval.scales, cfg_eval.flip
-        )
-        pred = logits.argmax(0)
+    for index, prepared, label in bar:
+        pred = predict_prepared(model, prepared, cfg_eval).argmax(0)
         conf += confusion_matrix(pred, label, dataset.num_classes, dataset.ignore_index)
         if write_submission is not None:
             write_submission(pred, dataset.pairs[index][0], submission_dir)

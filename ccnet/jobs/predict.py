@@ -2,7 +2,7 @@
 
 Writes, per image, into the run folder: `ids/<name>.png` (class ids), `color/<name>.png` (class colours) and
 `overlay/<name>.png` (colours blended over the image). Normalisation and classes come from the checkpoint;
-inference follows this run's `eval` settings (whole / slide, scales, flip).
+inference follows this run's `eval` settings (whole / slide, scales, flip, test resize: a zoo preset's protocol).
 """
 
 from __future__ import annotations
@@ -14,8 +14,7 @@ import cv2
 from tqdm import tqdm
 
 from ccnet.data.datasets import DataError, SegmentationDataset, build_dataset, read_image
-from ccnet.data.transforms import eval_transform
-from ccnet.engine.inference import predict
+from ccnet.engine.inference import predict_image
 from ccnet.registry import JOBS
 
 from .restore import restore_model
@@ -46,11 +45,9 @@ def run(cfg, run_dir: Path) -> None:
         colorize = SegmentationDataset("predict", [], tuple(map(str, range(cfg.dataset.num_classes)))).color
     for sub in ("ids", "color", "overlay"):
         (run_dir / sub).mkdir(parents=True, exist_ok=True)
-    e = cfg.eval
     for file in tqdm(files, desc="predict", dynamic_ncols=True):
         image = read_image(str(file))
-        logits = predict(model, eval_transform(image, cfg.dataset), e.mode, e.crop_size, e.stride, e.scales, e.flip)
-        pred = logits.argmax(0)
+        pred = predict_image(model, image, cfg.dataset, cfg.eval).argmax(0)
         color = colorize(pred)
         cv2.imwrite(str(run_dir / "ids" / f"{file.stem}.png"), pred.astype("uint8"))
         cv2.imwrite(str(run_dir / "color" / f"{file.stem}.png"), color[:, :, ::-1])
