@@ -61,6 +61,7 @@ def main(cfg) -> float | None:
         record_status(run_dir, status="failed", error=f"ConfigValueError: {err}", seconds=0.0)
         return float("-inf")  # this job is recorded as failed; the sweep goes on
     from ccnet.data.datasets import DataError
+    from ccnet.download import DownloadError
     from ccnet.engine.checkpoint import CheckpointError
     from ccnet.engine.trainer import NonFiniteLossError, TrainingInterrupted
     from ccnet.fileio import FileError
@@ -89,6 +90,7 @@ def main(cfg) -> float | None:
         DataError,
         CheckpointError,
         FileError,
+        DownloadError,
         RunDirError,
         NonFiniteLossError,
         RegistryError,

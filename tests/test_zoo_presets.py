@@ -1,0 +1,203 @@
+"""Each zoo preset (conf/experiment/zoo/) against the published configuration it reproduces, written out here from
+mmsegmentation's configs (configs/ccnet/*.py, configs/_base_/models/ccnet_r50-d8.py, configs/_base_/datasets/
+{cityscapes,cityscapes_769x769,ade20k,pascal_voc12(_aug)}.py, README) and the authors' README / evaluate.py;
+`checkpoint=zoo` fetches the preset's file through ccnet.download from an HTTP server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import subprocess
+import sys
+import threading
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ccnet.download import DownloadError, sha256_prefix_from_name
+from ccnet.engine.checkpoint import CheckpointError
+from ccnet.testing import torch_twins as twins
+
+ROOT = Path(__file__).resolve().parents[1]
+ZOO = ROOT / "conf" / "experiment" / "zoo"
+RGB = ([123.675, 116.28, 103.53], [58.395, 57.12, 57.375], False)  # mmseg img_norm_cfg, to_rgb=True
+AUTHORS_BGR = ([104.00698793, 116.66876762, 122.67891434], [1.0, 1.0, 1.0], True)  # evaluate.py IMG_MEAN
+
+# config: (single-scale mIoU, ms+flip mIoU, file suffix) from mmsegmentation's configs/ccnet/README.md
+MMSEG = {
+    "ccnet_r50-d8_512x1024_40k_cityscapes": (77.76, 78.87, "20200616_142517-4123f401"),
+    "ccnet_r101-d8_512x1024_40k_cityscapes": (76.35, 78.19, "20200616_142540-a3b84ba6"),
+    "ccnet_r50-d8_769x769_40k_cityscapes": (78.46, 79.93, "20200616_145125-76d11884"),
+    "ccnet_r101-d8_769x769_40k_cityscapes": (76.94, 78.62, "20200617_101428-4f57c8d0"),
+    "ccnet_r50-d8_512x1024_80k_cityscapes": (79.03, 80.16, "20200617_010421-869a3423"),
+    "ccnet_r101-d8_512x1024_80k_cityscapes": (78.87, 79.90, "20200617_203935-ffae8917"),
+    "ccnet_r50-d8_769x769_80k_cityscapes": (79.29, 81.08, "20200617_010421-73eed8ca"),
+    "ccnet_r101-d8_769x769_80k_cityscapes": (79.45, 80.66, "20200618_011502-ad3cd481"),
+    "ccnet_r50-d8_512x512_80k_ade20k": (41.78, 42.98, "20200615_014848-aa37f61e"),
+    "ccnet_r101-d8_512x512_80k_ade20k": (43.97, 45.13, "20200615_014848-1f4929a3"),
+    "ccnet_r50-d8_512x512_160k_ade20k": (42.08, 43.13, "20200616_084435-7c97193b"),
+    "ccnet_r101-d8_512x512_160k_ade20k": (43.71, 45.04, "20200616_000644-e849e007"),
+    "ccnet_r50-d8_512x512_20k_voc12aug": (76.17, 77.51, "20200617_193212-fad81784"),
+    "ccnet_r101-d8_512x512_20k_voc12aug": (77.27, 79.02, "20200617_193212-0007b61d"),
+    "ccnet_r50-d8_512x512_40k_voc12aug": (75.96, 77.04, "20200613_232127-c2a15f02"),
+    "ccnet_r101-d8_512x512_40k_voc12aug": (77.87, 78.90, "20200613_232127-c30da577"),
+}
+# data set: (our data set, classes, test img_scale, test_cfg mode, crop, stride, align_corners)
+PIPELINES = {
+    "512x1024_cityscapes": ("cityscapes", 19, [2048, 1024], "whole", None, None, False),
+    "769x769_cityscapes": ("cityscapes", 19, [2049, 1025], "slide", [769, 769], [513, 513], True),
+    "ade20k": ("ade20k", 150, [2048, 512], "whole", None, None, False),
+    "voc12aug": ("voc", 21, [2048, 512], "whole", None, None, False),
+}
+AUTHORS = {  # preset: (R, loss, mIoU) from speedinghzl/CCNet's README
+    "ccnet_authors_r1_cityscapes": (1, "ce", 77.91),
+    "ccnet_authors_r2_cityscapes": (2, "ce", 79.74),
+    "ccnet_authors_r2_ohem_cityscapes": (2, "ohem", 80.00),
+}
+
+
+def pipeline_of(name):
+    if name.endswith("cityscapes"):
+        return PIPELINES["769x769_cityscapes" if "769x769" in name else "512x1024_cityscapes"]
+    return PIPELINES[name.split("_")[-1]]
+
+
+def test_every_published_file_has_a_preset():
+    assert {p.stem for p in ZOO.glob("*.yaml")} == set(MMSEG) | set(AUTHORS)
+
+
+@pytest.mark.parametrize("name", sorted(MMSEG))
+def test_mmseg_preset_is_the_published_protocol(compose, name):
+    miou, ms_flip, suffix = MMSEG[name]
+    dataset, classes, img_scale, mode, crop, stride, align_corners = pipeline_of(name)
+    cfg = compose(["job=eval", f"experiment=zoo/{name}"])
+    assert cfg.backbone.name == ("resnet101_v1c" if "r101" in name else "resnet50_v1c")
+    assert (cfg.backbone.head_channels, cfg.model.aux_channels, cfg.model.aux_bias) == (512, 256, False)
+    assert (cfg.model.recurrence, cfg.model.act, cfg.model.align_corners) == (2, "relu", align_corners)
+    d = cfg.dataset
+    assert (d.name, d.num_classes, (list(d.mean), list(d.std), d.bgr)) == (dataset, classes, RGB)
+    assert d.reduce_zero_label is (dataset == "ade20k")
+    e = cfg.eval
+    assert (list(e.resize), e.mode, list(e.scales), e.flip) == (img_scale, mode, [1.0], False)
+    if crop:
+        assert (list(e.crop_size), list(e.stride)) == (crop, stride)
+    assert (e.average, e.pad_windows) == ("probs", False)  # mmseg's aug_test and slide_inference
+    assert cfg.zoo.url == f"https://download.openmmlab.com/mmsegmentation/v0.5/ccnet/{name}/{name}_{suffix}.pth"
+    assert (cfg.zoo.name, cfg.zoo.family, cfg.zoo.sha256) == (name, "mmseg", suffix[-8:])
+    assert sha256_prefix_from_name(cfg.zoo.url) == cfg.zoo.sha256
+    assert (cfg.expected.miou, cfg.expected.miou_ms_flip) == (miou, ms_flip)
+    ms = compose(["job=eval", f"experiment=zoo/{name}", "eval=ms_flip_mmseg"]).eval
+    assert (list(ms.scales), ms.flip, ms.mode, list(ms.resize)) == (
+        [0.5, 0.75, 1.0, 1.25, 1.5, 1.75],
+        True,
+        mode,
+        img_scale,
+    )
+
+
+@pytest.mark.parametrize("name", sorted(AUTHORS))
+def test_authors_preset_is_their_protocol(compose, name):
+    recurrence, loss, miou = AUTHORS[name]
+    cfg = compose(["job=eval", f"experiment=zoo/{name}"])
+    assert (cfg.backbone.name, cfg.backbone.head_channels, cfg.model.recurrence) == ("resnet101", 512, recurrence)
+    m = cfg.model
+    assert (m.act, m.aux_channels or 512, m.aux_bias, m.align_corners, m.loss) == ("leaky_relu", 512, True, True, loss)
+    d = cfg.dataset
+    assert (d.name, d.num_classes, (list(d.mean), list(d.std), d.bgr)) == ("cityscapes", 19, AUTHORS_BGR)
+    e = cfg.eval
+    assert (e.resize, e.mode, list(e.crop_size), list(e.stride), list(e.scales), e.flip) == (
+        None,
+        "slide",
+        [769, 769],
+        [513, 513],
+        [1.0],
+        False,
+    )
+    assert (e.average, e.pad_windows) == ("logits", True)
+    assert cfg.expected.miou == miou and cfg.zoo.family == "authors" and cfg.zoo.sha256 is None
+    assert cfg.zoo.url.startswith("https://drive.google.com/")
+
+
+# ------------------------------------------------------------------------------------------ checkpoint=zoo
+
+
+@pytest.fixture(scope="module")
+def served(torch_worker, tmp_path_factory):
+    """A randomised mmseg R-50 CCNet (19 classes) under its released name, served over HTTP on 127.0.0.1."""
+    folder = tmp_path_factory.mktemp("server")
+    scratch = folder / "model.pth"
+    torch_worker(twins.ccnet_reference, "mmseg", str(scratch), 50, 19, np.zeros((1, 3, 9, 9), np.float32), False)
+    sha = hashlib.sha256(scratch.read_bytes()).hexdigest()
+    name = f"ccnet_r50-d8_512x1024_40k_cityscapes_20200616_142517-{sha[:8]}.pth"
+    scratch.rename(folder / name)
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(folder))
+    handler.log_message = lambda *args: None
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield {"url": f"http://127.0.0.1:{server.server_port}/{name}", "sha": sha, "file": folder / name}
+    server.shutdown()
+    server.server_close()
+
+
+def zoo_overrides(url, sha, *more):
+    return ["job=eval", "experiment=zoo/ccnet_r50-d8_512x1024_40k_cityscapes", "checkpoint=zoo", f"zoo.url={url}"] + [
+        f"zoo.sha256={sha}",
+        *more,
+    ]
+
+
+def test_checkpoint_zoo_fetches_the_presets_file_once(compose, served, tmp_path, monkeypatch):
+    from ccnet.jobs.restore import restore_model
+
+    monkeypatch.setenv("CCNET_CACHE", str(tmp_path / "cache"))
+    cfg = compose(zoo_overrides(served["url"], served["sha"][:8]))
+    model, state, path = restore_model(cfg, None)
+    assert path == tmp_path / "cache" / "checkpoints" / served["file"].name
+    assert path.read_bytes() == served["file"].read_bytes() and state["family"] == "mmseg"
+    assert cfg.backbone.name == "resnet50_v1c" and not model.is_training()
+    served["file"].rename(served["file"].with_suffix(".gone"))  # the second time needs no server
+    try:
+        assert restore_model(compose(zoo_overrides(served["url"], served["sha"][:8])), None)[2] == path
+    finally:
+        served["file"].with_suffix(".gone").rename(served["file"])
+
+
+def test_checkpoint_zoo_refuses_a_file_of_another_hash(compose, served, tmp_path, monkeypatch):
+    from ccnet.jobs.restore import restore_model
+
+    monkeypatch.setenv("CCNET_CACHE", str(tmp_path / "cache"))
+    wrong = "0" * 8 if not served["sha"].startswith("0" * 8) else "1" * 8
+    with pytest.raises(DownloadError) as err:
+        restore_model(compose(zoo_overrides(served["url"], wrong)), None)
+    assert f"SHA-256 is {served['sha']}, expected one starting with {wrong}" in str(err.value)
+    assert not list((tmp_path / "cache" / "checkpoints").glob("*.pth"))
+
+
+def test_the_authors_files_are_fetched_by_hand(compose):
+    from ccnet.jobs.restore import model_source
+
+    cfg = compose(["job=eval", "experiment=zoo/ccnet_authors_r2_cityscapes", "checkpoint=zoo"])
+    with pytest.raises(CheckpointError) as err:
+        model_source("zoo", cfg)
+    assert "not directly downloadable (https://drive.google.com/" in str(err.value)
+    assert "download it by hand and pass checkpoint=FILE" in str(err.value)
+
+
+def test_an_offline_machine_is_told_where_to_put_the_file(tmp_path):
+    """run.py, checkpoint=zoo, nothing listening on the port: one line naming the URL and the cache path."""
+    with ThreadingHTTPServer(("127.0.0.1", 0), SimpleHTTPRequestHandler) as closed:
+        port = closed.server_port  # closed again at once: nothing listens there
+    name = "ccnet_r50-d8_512x1024_40k_cityscapes_20200616_142517-4123f401.pth"
+    url = f"http://127.0.0.1:{port}/{name}"
+    run = [sys.executable, "run.py", *zoo_overrides(url, "4123f401"), f"hydra.run.dir={tmp_path / 'run'}"]
+    proc = subprocess.run(
+        run, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "CCNET_CACHE": str(tmp_path)}
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and f"cannot download {url}" in lines[0], proc.stderr[-2000:]
+    assert f"put it at {tmp_path / 'checkpoints' / name}" in lines[0]
