@@ -219,6 +219,23 @@ def ensure_setup():
     return setup()
 
 
+def import_tensorboardx():
+    """tensorboardX, imported with torch hidden: its writer module imports torch when torch is installed (only to
+    accept torch tensors), and torch and Jittor in one process have crashed (tests run torch in a worker process).
+    Where the user imported torch already, it is imported as it is."""
+    if "tensorboardX" in sys.modules or "torch" in sys.modules:
+        import tensorboardX
+
+        return tensorboardX
+    sys.modules["torch"] = None  # `import torch` now raises ImportError, which tensorboardX expects without torch
+    try:
+        import tensorboardX
+    finally:
+        if "torch" in sys.modules and sys.modules["torch"] is None:
+            del sys.modules["torch"]
+    return tensorboardX
+
+
 def mpi_rank() -> int:
     """This process's rank under mpirun (OpenMPI, or PMI-style launchers), read before Jittor is imported."""
     for name in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"):

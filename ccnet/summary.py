@@ -20,7 +20,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
 from ccnet.fileio import atomic_file
-from ccnet.runtime import mpi_rank
+from ccnet.runtime import import_tensorboardx, mpi_rank
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,7 @@ def record_status(run_dir: Path, **status) -> None:
 
 def read_scalars(tb_dir: Path, tag: str) -> list[tuple[int, float]]:
     """(step, value) of one scalar tag from every event file in tb_dir; a half-written last record is skipped."""
+    import_tensorboardx()  # with torch hidden (its writer imports torch; Jittor may be in this process)
     from tensorboardX.proto import event_pb2
 
     points = []

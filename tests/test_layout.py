@@ -31,7 +31,8 @@ MAY_IMPORT = {
     "export": {"engine", "data", "fileio"},
     "jobs": {"runtime", "registry", "ops", "data", "engine", "models", "weights", "summary", "download", "fileio"}
     | {"validate"},
-    "api": {"runtime", "registry", "ops", "data", "engine", "models", "weights", "jobs", "config", "download"},
+    "api": {"runtime", "registry", "ops", "data", "engine", "models", "weights", "jobs", "config", "download"}
+    | {"validate"},
 }
 
 
@@ -102,7 +103,9 @@ sys.exit(1 if failed else 0)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
 
 
-@pytest.mark.parametrize("module", ["ccnet.models", "ccnet.ops.cca", "ccnet.engine.inference", "ccnet.jobs"])
+@pytest.mark.parametrize(
+    "module", ["ccnet.models", "ccnet.ops.cca", "ccnet.engine.inference", "ccnet.jobs", "ccnet.api"]
+)
 def test_library_import_needs_no_set_up_call(module):
     """A fresh interpreter (nvcc on this machine, no CUDA driver: Jittor crashes unless set up) imports and runs."""
     script = f"""
@@ -133,3 +136,29 @@ except RuntimeError as error:
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "refused: device=cuda asked for, but Jittor was already set up for cpu" in proc.stdout
+
+
+def test_a_training_job_leaves_torch_out_of_the_process(tmp_path):
+    """tensorboardX's writer imports torch when it is installed; torch and Jittor in one process have crashed. A
+    training job (TensorBoard events, HParams, its evaluation) and the sweep summary's reader, in one fresh
+    interpreter, never import torch; where the user imported torch first, tensorboardX takes its tensors as usual."""
+    script = f"""
+import sys
+from ccnet import runtime
+runtime.setup("cpu")
+from ccnet.api import compose_config
+from ccnet.jobs import get_job
+from ccnet.summary import read_scalars
+import pathlib
+run = pathlib.Path({str(tmp_path / "run")!r})
+get_job("train")(compose_config(["experiment=tiny", "schedule.iters=2", "schedule.checkpoint_every=2"]), run)
+assert len(read_scalars(run / "tb", "val/mIoU")) == 1  # what a sweep summary reads
+print("torch" in sys.modules, sys.modules.get("tensorboardX") is not None)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split()[-2:] == ["False", "True"], proc.stdout[-500:]
+    first = "import torch, sys\nfrom ccnet import runtime\ntb = runtime.import_tensorboardx()\n"
+    first += "print(tb.writer.numpy_compatible is torch.Tensor)"
+    proc = subprocess.run([sys.executable, "-c", first], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.split()[-1] == "True", proc.stderr[-2000:]

@@ -6,10 +6,12 @@ import json
 import logging
 from pathlib import Path
 
-import tensorboardX
 from omegaconf import OmegaConf
 
+from ccnet import runtime
 from ccnet.engine.checkpoint import atomic_write_bytes
+
+tensorboardX = runtime.import_tensorboardx()  # with torch hidden: torch and Jittor must not share this process
 
 log = logging.getLogger("ccnet")
 
@@ -103,7 +105,6 @@ def log_hparams(run_dir: Path, config: dict, metrics: dict) -> None:
     of a sweep as one session with the same hyper-parameter keys and the metrics hparams/mIoU, hparams/best_mIoU,
     hparams/pixel_accuracy.
     """
-    from tensorboardX import SummaryWriter
     from tensorboardX.summary import hparams
 
     final = {
@@ -112,7 +113,7 @@ def log_hparams(run_dir: Path, config: dict, metrics: dict) -> None:
         "hparams/pixel_accuracy": metrics["pixel_accuracy"],
     }
     # its own file name: a second writer opened in the same second as the run's would overwrite its file
-    with SummaryWriter(str(run_dir / "tb"), filename_suffix=".hparams") as writer:
+    with tensorboardX.SummaryWriter(str(run_dir / "tb"), filename_suffix=".hparams") as writer:
         for summary in hparams(flatten_config(config), final):
             writer.file_writer.add_summary(summary)
         for tag, value in final.items():

@@ -8,13 +8,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from tensorboardX import SummaryWriter
-
 from ccnet.data.datasets import build_dataset
 from ccnet.engine.evaluate import evaluate
 from ccnet.registry import JOBS
 
-from .common import log_eval_to_tensorboard, write_metrics
+from .common import SummaryWriter, log_eval_to_tensorboard, write_metrics
 from .restore import restore_model
 
 log = logging.getLogger(__name__)

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from tensorboardX import SummaryWriter
 
 from ccnet.data.datasets import build_dataset, read_image
 from ccnet.data.transforms import eval_transform
 from ccnet.engine.attention import attention_figure, attention_maps_at
 from ccnet.registry import JOBS
 
+from .common import SummaryWriter
 from .restore import restore_model
 
 log = logging.getLogger(__name__)
