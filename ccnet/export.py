@@ -9,9 +9,10 @@ written atomically in torch.save's zip layout without importing torch (ccnet/fil
   align_corners of the logits' upsampling, recurrence, backbone, head width, activation, the iteration, and the
   whole resolved config as YAML text (from which `checkpoint=OUT.pth` rebuilds the model: the loop closes).
 - `--format mmseg`: mmsegmentation's CCNet layout, `{"meta": {"CLASSES", "PALETTE", "ccnet": ...},
-  "state_dict": mmseg keys}`, for a model that is one of mmseg's variants (ResNetV1c-D8 backbone, CCHead,
-  FCNHead). None of today's backbones is: the command names what differs. A variant that is registers its key
-  mapping `to_mmseg_state_dict(state_dict, variant) -> dict` in MMSEG_KEY_MAPPINGS.
+  "state_dict": mmseg keys}`, for a model that is one of mmseg's variants: backbone resnet50_v1c / resnet101_v1c
+  (ResNetV1c-D8), the RCCA head (CCHead) and a DSN head without conv bias (FCNHead: model.aux_bias=false), ReLU.
+  Any other model is refused, naming what differs. A backbone of mmseg's layout registers its key mapping
+  `to_mmseg_state_dict(state_dict, variant) -> dict` in MMSEG_KEY_MAPPINGS.
 """
 
 from __future__ import annotations
@@ -26,9 +27,18 @@ from .engine.checkpoint import EXPORT_FORMAT, load_checkpoint, resolve_checkpoin
 from .fileio import FileError, save_torch_file
 
 FORMATS = ("torch", "mmseg")
+
+
+def mmseg_ccnet(state_dict: dict, variant: str) -> dict:
+    """ResNetV1c-D8 CCNets: the inverse of the conversion that loads mmseg's files (ccnet/models/ccnet_convert.py)."""
+    from .models.ccnet_convert import to_mmseg_state_dict  # Jittor's models come with it: only --format mmseg pays
+
+    return to_mmseg_state_dict(state_dict, variant)
+
+
 # backbone.name -> to_mmseg_state_dict(state_dict, variant): our keys -> mmsegmentation's, for the variants that
-# have mmseg's architecture (the model-zoo work registers them beside its key mapping for loading mmseg files)
-MMSEG_KEY_MAPPINGS: dict[str, Callable[[dict, str], dict]] = {}
+# have mmseg's architecture
+MMSEG_KEY_MAPPINGS: dict[str, Callable[[dict, str], dict]] = {"resnet50_v1c": mmseg_ccnet, "resnet101_v1c": mmseg_ccnet}
 
 
 class ExportError(FileError):
@@ -97,24 +107,26 @@ def mmseg_differences(config: dict, state_dict: dict) -> list[str]:
     """What keeps this model from being one of mmsegmentation's CCNets (empty: it is one)."""
     name = config["backbone"]["name"]
     found = []
-    if all(f"backbone.conv{i}.weight" in state_dict for i in (1, 2, 3)):
-        stem = "-".join(str(state_dict[f"backbone.conv{i}.weight"].shape[0]) for i in (1, 2, 3))
-        found.append(
-            f"backbone {name} has the MIT deep stem 3-{stem} (conv1/bn1..conv3/bn3) and dilates every block of "
-            "layer3/layer4, where mmseg's ResNetV1c has stem.0-7 3-32-32-64 and contracts the first block's dilation"
-        )
-    elif not any(k.startswith("backbone.stem.") for k in state_dict):
-        found.append(f"backbone {name} is not a ResNet (mmseg's CCNets use ResNetV1c)")
+    if name not in MMSEG_KEY_MAPPINGS:
+        if all(f"backbone.conv{i}.weight" in state_dict for i in (1, 2, 3)):
+            stem = "-".join(str(state_dict[f"backbone.conv{i}.weight"].shape[0]) for i in (1, 2, 3))
+            found.append(
+                f"backbone {name} has the MIT deep stem 3-{stem} (conv1/bn1..conv3/bn3) and dilates every block of "
+                "layer3/layer4, where mmseg's ResNetV1c has stem.0-7 3-32-32-64 and contracts the first block's "
+                "dilation (backbone=resnet50_v1c or resnet101_v1c is mmseg's)"
+            )
+        elif not any(k.startswith("backbone.stem.") for k in state_dict):
+            found.append(f"backbone {name} is not a ResNet (mmseg's CCNets use ResNetV1c: resnet50_v1c, resnet101_v1c)")
+        else:
+            found.append(f"no mmseg key mapping is registered for backbone {name}")
     if "aux_head.conv.0.bias" in state_dict:
         width = state_dict["aux_head.conv.0.weight"].shape[0]
         found.append(
             f"the DSN head's 3x3 conv has a bias and {width} channels, where mmseg's FCNHead conv has no bias "
-            "and 256 channels"
+            "and 256 channels (model.aux_bias=false model.aux_channels=256)"
         )
     if config["model"].get("act", "relu") != "relu":
         found.append(f"model.act={config['model']['act']} (mmseg's heads use ReLU)")
-    if name not in MMSEG_KEY_MAPPINGS:
-        found.append(f"no mmseg key mapping is registered for backbone {name}")
     return found
 
 

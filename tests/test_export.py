@@ -163,3 +163,49 @@ def test_export_of_a_run_folder_and_a_re_export(source, tmp_path, torch_worker):
         np.testing.assert_array_equal(a["state_dict"][key], value)
         np.testing.assert_array_equal(b["state_dict"][key], value)
     assert pickle.loads(source["ckpt"].read_bytes())["iteration"] == b["meta"]["iteration"] == 5
+
+
+# ------------------------------------------- our mmseg-compatible CCNet -> mmseg's layout -> mmseg's PyTorch twin
+MMSEG_VARIANT = ["backbone=resnet50_v1c", "backbone.head_channels=64", "model.aux_channels=32", "model.aux_bias=false"]
+
+
+@pytest.mark.parametrize("align_corners", [True, False])
+def test_mmseg_export_runs_in_mmsegs_twin(compose, tmp_path, torch_worker, align_corners):
+    """issue 13's proof for a real variant: a randomised resnet50_v1c CCNet with an FCN-style DSN head ->
+    `export --format mmseg` -> torch.load(weights_only=True) -> mmsegmentation's CCNet twin (ResNetV1c, CCHead,
+    FCNHead; every tensor loaded strictly, num_batches_tracked included) -> our logits within 1e-4."""
+    from omegaconf import OmegaConf
+
+    from ccnet.models import build_model
+
+    cfg = compose([*MMSEG_VARIANT, f"model.align_corners={str(align_corners).lower()}"])
+    model = build_model(cfg)
+    randomise(model, seed=3)
+    model.eval()
+    save_checkpoint(tmp_path / "last.pkl", model, 7, OmegaConf.to_container(cfg, resolve=True))
+    out = tmp_path / "mmseg.pth"
+    assert main(["export", str(tmp_path / "last.pkl"), str(out), "--format", "mmseg"]) == 0
+    x = np.random.default_rng(2).standard_normal((1, 3, 97, 129)).astype(np.float32)
+    theirs, their_aux, meta = torch_worker(twins.mmseg_logits_from_file, str(out), 50, x, align_corners, 64, 32)
+    ours, our_aux = (v.numpy() for v in model(jt.array(x), with_aux=True))
+    assert ours.shape == theirs.shape == (1, 7, 97, 129)
+    for a, b in ((ours, theirs), (our_aux, their_aux)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(b).max())
+    assert np.abs(theirs).max() > 1 and len(np.unique(theirs.argmax(1))) > 1  # a non-trivial comparison
+    assert meta["ccnet"]["align_corners"] is align_corners and meta["ccnet"]["backbone"] == "resnet50_v1c"
+    assert meta["CLASSES"] == ("background", "disc", "square", "triangle", "ring", "cross", "bar")
+
+
+def test_mmseg_export_names_what_does_not_fit_a_v1c_model(compose, tmp_path, capsys):
+    """resnet50_v1c with our DSN head (a biased conv) and LeakyReLU: refused, naming both, not the backbone."""
+    from omegaconf import OmegaConf
+
+    from ccnet.models import build_model
+
+    cfg = compose(["backbone=resnet50_v1c", "backbone.head_channels=64", "model.act=leaky_relu"])
+    save_checkpoint(tmp_path / "last.pkl", build_model(cfg), 1, OmegaConf.to_container(cfg, resolve=True))
+    assert main(["export", str(tmp_path / "last.pkl"), str(tmp_path / "m.pth"), "--format", "mmseg"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not an mmseg-compatible variant" in err and "stem" not in err
+    assert "the DSN head's 3x3 conv has a bias and 64 channels" in err and "model.act=leaky_relu" in err
+    assert not (tmp_path / "m.pth").exists()

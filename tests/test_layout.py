@@ -28,7 +28,7 @@ MAY_IMPORT = {
     "data": {"registry"},
     "models": {"runtime", "registry", "ops", "weights"},
     "engine": {"runtime", "data", "models", "ops", "weights", "fileio"},
-    "export": {"engine", "data", "fileio"},
+    "export": {"engine", "data", "fileio", "models"},  # models: the mmseg key mapping, for --format mmseg only
     "jobs": {"runtime", "registry", "ops", "data", "engine", "models", "weights", "summary", "download", "fileio"}
     | {"validate"},
     "api": {"runtime", "registry", "ops", "data", "engine", "models", "weights", "jobs", "config", "download"}
