@@ -202,8 +202,8 @@ def describe_file(mf: ModelFile) -> str:
     if mf.family == "ccnet":
         c = mf.state["config"]
         return (
-            f"{FAMILIES['ccnet']} (iteration {mf.iteration}): {c['backbone']['name']}, "
-            f"{c['dataset']['num_classes']} classes, R={c['model']['recurrence']}"
+            f"{FAMILIES['ccnet']} (iteration {mf.iteration}): {c['backbone'].get('name')}, "
+            f"{c['dataset'].get('num_classes')} classes, R={c['model'].get('recurrence')}"
         )
     v = mf.variant
     bias = "with" if v["aux_bias"] else "without"
