@@ -35,8 +35,13 @@ def main(cfg) -> float | None:
         for handler in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
             root.removeHandler(handler)
         root.setLevel(logging.WARNING)
-    runtime.setup(cfg.device, cfg.verbose)  # before anything imports Jittor
+    try:
+        runtime.setup(cfg.device, cfg.verbose)  # before anything imports Jittor
+    except runtime.DeviceError as err:
+        log.error("%s", err)
+        sys.exit(1)
     from ccnet.data.datasets import DataError
+    from ccnet.engine.amp import AmpUnavailableError
     from ccnet.engine.checkpoint import CheckpointError
     from ccnet.engine.trainer import NonFiniteLossError, TrainingInterrupted
     from ccnet.jobs import get_job
@@ -61,7 +66,7 @@ def main(cfg) -> float | None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(130 if stop.signal_name == "SIGINT" else 143)
-    except (DataError, CheckpointError, RunDirError, NonFiniteLossError) as err:
+    except (DataError, CheckpointError, RunDirError, NonFiniteLossError, AmpUnavailableError) as err:
         log.error("%s", err)
         sys.exit(1)
 

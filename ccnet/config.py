@@ -71,6 +71,7 @@ class ScheduleConfig:
     max_bad_steps: int = 3  # consecutive non-finite losses (steps skipped) before the run stops
     eval_every: int = 0  # 0: evaluate once, at the end
     log_every: int = 20
+    amp: bool = False  # mixed precision (float16 forward, loss scaling) on the GPU; an error on the CPU
 
 
 @dataclass

@@ -34,6 +34,9 @@ def upsample_to(logits, size):
     Same maths as nn.interpolate; on the CPU Jittor's gather-based interpolation, forward and backward, took
     ~0.3 s of a 9 s ResNet-50 step at 512x512 (two 19-class maps, 64 -> 512); these matmuls take ~30 ms.
     """
+    if logits.dtype == "float16":  # schedule.amp: upsampled logits in float32 (amp makes new arrays float16)
+        with jt.flag_scope(auto_mixed_precision_level=0):
+            return upsample_to(logits.float32(), size)
     b, c, h, w = logits.shape
     out_h, out_w = int(size[0]), int(size[1])
     if (out_h, out_w) == (h, w):
@@ -74,9 +77,10 @@ class CCNet(nn.Module):
     def losses(self, images, labels, ignore_index=255, loss="ce", ohem_thresh=0.7, ohem_min_kept=100000):
         """Main loss (CE or OHEM) + aux_weight x CE on the DSN logits; returns (total, main, aux)."""
         logits, aux_logits = self(images, with_aux=True)
-        main = segmentation_loss(loss, logits, labels, ignore_index, ohem_thresh, ohem_min_kept)
-        aux = cross_entropy(aux_logits, labels, ignore_index)
-        return main + self.aux_weight * aux, main, aux
+        with jt.flag_scope(auto_mixed_precision_level=0):  # float32 also under schedule.amp (pixel counts > 65504)
+            main = segmentation_loss(loss, logits, labels, ignore_index, ohem_thresh, ohem_min_kept)
+            aux = cross_entropy(aux_logits, labels, ignore_index)
+            return main + self.aux_weight * aux, main, aux
 
 
 def build_model(cfg) -> CCNet:

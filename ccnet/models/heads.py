@@ -13,14 +13,14 @@ from jittor import nn
 from .cca import CrissCrossAttention
 from .conv import Conv2d
 from .norm import BatchNorm2d
-from .relu import ReLU
+from .relu import LeakyReLU, ReLU
 
 
 def activation(name: str) -> nn.Module:
     if name == "relu":
         return ReLU()
     if name == "leaky_relu":
-        return nn.LeakyReLU(0.01)
+        return LeakyReLU(0.01)
     raise ValueError(f"model.act={name!r}: expected relu or leaky_relu")
 
 
