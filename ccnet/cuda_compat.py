@@ -39,7 +39,8 @@ from pathlib import Path
 
 # Libraries Jittor links its CUDA modules against (compile_extern.setup_cuda_extern), and the ones they need.
 JITTOR_LIBS = ["cublas", "cudnn", "curand", "cufft", "cusparse"]
-PRELOAD = ["cublasLt", "cublas", "cudnn", "curand", "cufft", "cusparse"]
+# nvrtc and nvJitLink: cuDNN 9's runtime-compiled engines and cuSPARSE load them by name
+PRELOAD = ["nvrtc", "nvJitLink", "cublasLt", "cublas", "cudnn", "curand", "cufft", "cusparse"]
 HEADERS = {
     "cublas": "cublas_v2.h",
     "cudnn": "cudnn.h",
