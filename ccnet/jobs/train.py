@@ -17,6 +17,7 @@ from ccnet import runtime
 from ccnet.data.datasets import DataError, build_dataset, verify_dataset
 from ccnet.data.loader import train_batches
 from ccnet.data.transforms import train_transform
+from ccnet.engine import amp
 from ccnet.engine.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -64,6 +65,7 @@ def resume_checkpoint(resume, run_dir: Path) -> Path | None:
 
 @JOBS.register("train")
 def run(cfg, run_dir: Path) -> float:
+    amp.check_device(cfg.schedule.amp)  # before any data is read
     is_main = jt.rank == 0
     config_dict = prepare_run_dir(cfg, run_dir, write=is_main)
     jt.set_global_seed(cfg.seed, different_seed_for_mpi=False)  # same initial weights on every MPI rank
@@ -72,13 +74,13 @@ def run(cfg, run_dir: Path) -> float:
     check_batch_fits(s.batch_size, len(train_set), cfg.dataset.train_split)  # the other values: ccnet/validate.py
     model = build_model(cfg)
     optimizer = nn.SGD(model.parameters(), s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
-    start_iter, best = 0, None
+    start_iter, best, amp_state = 0, None, None
     resume_from = resume_checkpoint(cfg.resume, run_dir)
     if resume_from is not None:
         state = load_checkpoint(resume_from)
         load_model_state(model, state["model"], resume_from)
         load_optimizer_state(optimizer, state.get("optimizer"), resume_from)
-        start_iter, best = state["iteration"], state.get("best")
+        start_iter, best, amp_state = state["iteration"], state.get("best"), state.get("amp")
         log.info("resumed from %s at iteration %d", resume_from, start_iter)
     if is_main:
         remove_stale_temporaries(run_dir / "checkpoints")
@@ -134,6 +136,7 @@ def run(cfg, run_dir: Path) -> float:
             start_iter,
             best,
             is_main,
+            amp_state,
         )
     finally:
         batches.close()
