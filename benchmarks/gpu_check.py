@@ -43,6 +43,8 @@ import threading
 import time
 from pathlib import Path
 
+from ccnet.testing.torch_twins import einsum_cca  # NumPy only at import; torch inside
+
 ROOT = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
 
@@ -373,17 +375,6 @@ def time_jittor_cca(jt, op, arrays, dtype, repeats, memory):
 # ---------------------------------------------------------------- check 3: CCA vs PyTorch einsum
 
 
-def torch_cca(torch, q, k, v):
-    """mmcv's einsum formulation of criss-cross attention."""
-    h = q.shape[2]
-    centre = torch.eye(h, dtype=torch.bool, device=q.device).view(1, 1, h, h)
-    energy_h = torch.einsum("bchw,bciw->bwhi", q, k).masked_fill(centre, float("-inf")).transpose(1, 2)
-    energy_w = torch.einsum("bchw,bchj->bhwj", q, k)
-    attn = torch.softmax(torch.cat([energy_h, energy_w], dim=-1), dim=-1)
-    out = torch.einsum("bciw,bhwi->bchw", v, attn[..., :h])
-    return out + torch.einsum("bchj,bhwj->bchw", v, attn[..., h:])
-
-
 def work_cca_torch(w: Worker):
     import numpy as np
     import torch
@@ -401,7 +392,7 @@ def work_cca_torch(w: Worker):
         q, k, v, g = (torch.tensor(a, device=device, dtype=getattr(torch, dtype)) for a in arrays)
         for t in (q, k, v):
             t.requires_grad_()
-        out = torch_cca(torch, q, k, v)
+        out = einsum_cca(q, k, v)
         (out * g).sum().backward()
         return [t.detach().float().cpu().numpy() for t in (out, q.grad, k.grad, v.grad)]
 
@@ -458,7 +449,7 @@ def time_torch_cca(torch, arrays, dtype, device, repeats, memory) -> dict:
 
     def step():
         q.grad = k.grad = v.grad = None
-        (torch_cca(torch, q, k, v) * g).sum().backward()
+        (einsum_cca(q, k, v) * g).sum().backward()
 
     ms = median_ms(step, torch.cuda.synchronize if gpu else (lambda: None), repeats)
     if not gpu:

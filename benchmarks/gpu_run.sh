@@ -12,8 +12,9 @@ PYTHON=${PYTHON:-python3}
 SITE=${CCNET_CARRIED_SITE:-/tmp/site}
 start=$(date +%s)
 "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl
-# the carried site first: its NumPy 1.26 for Jittor; gpu_check.py takes it off again for the PyTorch workers
-export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" CCNET_CARRIED_SITE="$SITE" PYTHONUNBUFFERED=1
+# the carried site first: its NumPy 1.26 for Jittor; gpu_check.py takes it off again for the PyTorch workers.
+# The repository itself is the ccnet package there (not installed): every worker imports it from here.
+export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}" CCNET_CARRIED_SITE="$SITE" PYTHONUNBUFFERED=1
 "$PYTHON" - <<'EOF'
 import importlib.metadata as md, sys
 import numpy, hydra, omegaconf, tensorboardX, astunparse  # noqa: F401
