@@ -96,6 +96,7 @@ class ScheduleConfig:  # conf/schedule/
     max_bad_steps: int = 3  # consecutive non-finite losses (steps skipped) before the run stops
     eval_every: int = 0  # 0: evaluate once, at the end
     log_every: int = MISSING  # 0: only at the end
+    amp: bool = False  # mixed precision (float16 forward, loss scaling) on the GPU; an error on the CPU
 
 
 @dataclass

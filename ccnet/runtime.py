@@ -22,6 +22,11 @@ from pathlib import Path
 _state: dict = {}
 DEVICES = ("auto", "cpu", "cuda")
 
+
+class DeviceError(RuntimeError):
+    """The asked-for device cannot be used (no GPU for device=cuda, no CUDA compiler)."""
+
+
 # Where Jittor looks for oneDNN (compile_extern.setup_mkl); the folder name is fixed in Jittor.
 JITTOR_DNNL_DIR = Path.home() / ".cache" / "jittor" / "mkl" / "dnnl_lnx_2.2.0_cpu_gomp"
 
@@ -191,9 +196,18 @@ def setup(device: str = "auto", verbose: bool = False):
         hide_compile_progress()
     use_cuda = device == "cuda" or (device == "auto" and cuda_driver_available())
     if device == "cuda" and not cuda_driver_available():
-        raise RuntimeError("device=cuda was asked for, but no CUDA driver or GPU was found")
+        raise DeviceError("device=cuda was asked for, but no CUDA driver or GPU was found")
     if not use_cuda:
         os.environ["nvcc_path"] = ""  # Jittor crashes at import when nvcc exists without a driver
+    else:
+        from ccnet import cuda_compat  # CUDA 13 and pip's CUDA libraries; nothing downloaded (cuda_compat.py)
+
+        try:
+            _state["cuda"] = cuda_compat.prepare()
+        except cuda_compat.CudaSetupError as error:
+            raise DeviceError(str(error)) from None
+        if _find_onednn() is None:
+            os.environ.setdefault("use_mkl", "0")  # a GPU run needs no CPU convolutions: no warning about them
     status = setup_onednn() if os.environ.get("use_mkl", "1") == "1" else "oneDNN: disabled"
     import jittor as jt
 
@@ -324,5 +338,11 @@ def launch_alive(identity: str) -> bool:
     return str(_process_start(int(pid))) == start
 
 
+def current_device() -> str | None:
+    """ "cpu" or "cuda" once Jittor is set up, else None."""
+    return _state.get("device")
+
+
 def describe() -> str:
-    return f"device={_state.get('device', '?')} {_state.get('onednn', '')}"
+    cuda = f" {_state['cuda']['summary']}" if _state.get("device") == "cuda" and "cuda" in _state else ""
+    return f"device={_state.get('device', '?')} {_state.get('onednn', '')}{cuda}"

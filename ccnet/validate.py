@@ -213,6 +213,10 @@ RULES: dict[str, Rule] = {
     "schedule.max_bad_steps": integer(1),
     "schedule.eval_every": integer(0),
     "schedule.log_every": integer(0),
+    "schedule.amp": Rule(
+        lambda v, cfg: v is False or (v is True and (cfg.device == "cuda" or runtime.current_device() == "cuda")),
+        "false on the CPU (mixed precision runs on the GPU only, device=cuda)",
+    ),
     "eval.mode": one_of(EVAL_MODES),
     "eval.crop_size": EVAL_CROP,
     "eval.stride": Rule(stride_ok, "2 integers, 1 <= stride <= eval.crop_size (eval.mode=slide needs them)"),
@@ -274,7 +278,10 @@ def check(cfg) -> None:
     """`device` first, Jittor set up for it (the registries of backbones, losses and activations import the models),
     then every value."""
     validate(cfg, keys=("device",))
-    runtime.setup(cfg.device, cfg.verbose)
+    try:
+        runtime.setup(cfg.device, cfg.verbose)
+    except runtime.DeviceError as err:  # device=cuda without a GPU, a CUDA set-up that cannot work
+        raise ConfigValueError(f"device={cfg.device}: {err}") from None
     validate(cfg)
 
 

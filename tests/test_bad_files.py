@@ -23,13 +23,10 @@ from ccnet.fileio import FileError
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
+    "experiment=tiny",
     "schedule.iters=2",
-    "schedule.checkpoint_every=2",
-    "schedule.crop_size=[48,48]",
-    "schedule.batch_size=2",
     "eval.max_images=1",
     "eval.num_vis=0",
-    "backbone.head_channels=8",
 ]
 PATHS = ("eval", "predict", "visualize", "init", "resume", "pretrained", "convert", "export")
 MODEL_PATHS = ("eval", "predict", "visualize", "init")  # whole models: ours, exports and the published CCNets

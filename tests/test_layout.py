@@ -13,7 +13,8 @@ PACKAGE = ROOT / "ccnet"
 
 # Who may import whom (ccnet.<layer>): data flows run.py -> jobs -> engine -> models/data/ops, never back up.
 MAY_IMPORT = {
-    "runtime": set(),
+    "runtime": {"cuda_compat"},
+    "cuda_compat": set(),
     "registry": set(),
     "fileio": set(),
     "config": {"runtime", "run_dirs"},

@@ -20,15 +20,10 @@ from ccnet.runtime import launch_alive, launch_identity
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
+    "experiment=tiny",
     "schedule.iters=2",
     "schedule.checkpoint_every=1",
-    "schedule.log_every=1",
-    "schedule.crop_size=[48,48]",
-    "schedule.batch_size=2",
-    "eval.max_images=2",
     "eval.num_vis=0",
-    "backbone.head_channels=8",
-    "dataset.num_workers=1",
 ]
 
 

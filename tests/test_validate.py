@@ -54,6 +54,7 @@ CASES = [
     ("schedule.log_every", [-1], [0]),
     ("schedule.keep_checkpoints", [-1], [0]),
     ("schedule.max_bad_steps", [0], [1]),
+    ("schedule.amp", [True], [False]),  # this machine has no GPU
     ("seed", [-1], [0]),
     ("backbone.head_channels", [0], [1]),
     ("backbone.drop_path", [1.0], [0, None]),

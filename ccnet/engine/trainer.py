@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from ccnet import runtime
 
+from . import amp
 from .checkpoint import link_as, prune_checkpoints, save_checkpoint
 
 jt = runtime.ensure_setup()  # Jittor, set up first (a no-op after run.py's own set-up)
@@ -98,13 +99,18 @@ def train(
     start_iter: int = 0,
     best: dict | None = None,
     is_main: bool = True,
+    amp_state: dict | None = None,
 ) -> tuple[dict | None, dict]:
     """Iterations start_iter..cfg.schedule.iters; `batches` yields (images, labels) NumPy arrays for each one.
 
     evaluate_fn(step) -> metrics runs every schedule.eval_every iterations and at the end. Returns (the last
     evaluation's metrics, the best one: {"mIoU", "iteration"}). Only the main process writes files.
+    schedule.amp: float16 forward with loss scaling (engine/amp.py); amp_state is a checkpoint's loss scale.
     """
     s = cfg.schedule
+    amp.check_device(s.amp)
+    stepper = amp.make_step(s.amp)
+    stepper.load_state_dict(amp_state or {})
     ckpt_dir = run_dir / "checkpoints"
     best = dict(best or {"mIoU": -1.0, "iteration": 0})
     metrics, bad_steps = None, 0
@@ -119,7 +125,8 @@ def train(
             )
         if is_main:
             flush_logs(writer)  # first: once a checkpoint exists, every event logged before it is on disk
-            save_checkpoint(path, model, step, config_dict, optimizer, {"best": best})
+            extra = {"best": best, "amp": stepper.state_dict()} if s.amp else {"best": best}
+            save_checkpoint(path, model, step, config_dict, optimizer, extra)
             link_as(path, ckpt_dir / "last.pkl")
             prune_checkpoints(ckpt_dir, s.keep_checkpoints)
         return path
@@ -142,7 +149,9 @@ def train(
             lr = poly_lr(s.lr, it, s.iters, s.poly_power)
             optimizer.lr = lr
             images, labels = next(batches)
-            loss, main, aux = model.losses(jt.array(images), jt.array(labels), cfg.dataset.ignore_index)
+            with amp.autocast(s.amp):
+                images_in = amp.model_input(jt.array(images), s.amp)
+                loss, main, aux = model.losses(images_in, jt.array(labels), cfg.dataset.ignore_index)
             loss_value = loss.item()
             if not math.isfinite(loss_value):  # skip the update: the weights stay as they were
                 bad_steps += 1
@@ -154,7 +163,8 @@ def train(
                     )
                 continue
             bad_steps = 0
-            optimizer.step(loss)
+            if not stepper.step(optimizer, loss):  # amp: the scaled gradients overflowed; the scale was halved
+                log.debug("iteration %d: gradients overflowed, loss scale now %g", step, stepper.scale)
             jt.sync_all()
             images_per_s = len(images) / max(time.time() - tick, 1e-9)
             bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", img_s=f"{images_per_s:.1f}")
@@ -166,7 +176,7 @@ def train(
                     ("aux_loss", aux_value),
                     ("lr", lr),
                     ("images_per_s", images_per_s),
-                ]:
+                ] + ([("loss_scale", stepper.scale)] if s.amp else []):
                     writer.add_scalar(f"train/{tag}", value, step)
                 writer.add_scalar("train/memory_mb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, step)
                 log.info(

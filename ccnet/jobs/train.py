@@ -19,6 +19,7 @@ from ccnet import runtime
 from ccnet.data.datasets import DataError, build_dataset, verify_dataset
 from ccnet.data.loader import train_batches
 from ccnet.data.transforms import train_transform
+from ccnet.engine import amp
 from ccnet.engine.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -67,6 +68,7 @@ def resume_checkpoint(resume, run_dir: Path) -> Path | None:
 
 @JOBS.register("train")
 def run(cfg, run_dir: Path) -> float:
+    amp.check_device(cfg.schedule.amp)  # before any data is read
     is_main = jt.rank == 0
     init = model_init(cfg)  # model.init: the file's architecture into cfg before config.yaml is written
     config_dict = prepare_run_dir(cfg, run_dir, write=is_main)
@@ -76,13 +78,13 @@ def run(cfg, run_dir: Path) -> float:
     check_batch_fits(s.batch_size, len(train_set), cfg.dataset.train_split)  # the other values: ccnet/validate.py
     model = build_model(cfg)
     optimizer = nn.SGD(model.parameters(), s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
-    start_iter, best = 0, None
+    start_iter, best, amp_state = 0, None, None
     resume_from = resume_checkpoint(cfg.resume, run_dir)
     if resume_from is not None:
         state = load_checkpoint(resume_from)
         load_model_state(model, state["model"], resume_from)
         load_optimizer_state(optimizer, state.get("optimizer"), resume_from)
-        start_iter, best = state["iteration"], state.get("best")
+        start_iter, best, amp_state = state["iteration"], state.get("best"), state.get("amp")
         log.info("resumed from %s at iteration %d", resume_from, start_iter)
     elif init is not None:
         load_init(model, init)
@@ -140,6 +142,7 @@ def run(cfg, run_dir: Path) -> float:
             start_iter,
             best,
             is_main,
+            amp_state,
         )
     finally:
         batches.close()

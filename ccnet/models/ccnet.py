@@ -47,6 +47,9 @@ def upsample_to(logits, size, align_corners: bool = True):
     Same maths as nn.interpolate, whose gather-based CPU kernels, forward and backward, were a visible part of a
     training step (benchmarks/README.md); the matmuls take a small fraction of that.
     """
+    if logits.dtype == "float16":  # schedule.amp: upsampled logits in float32 (amp makes new arrays float16)
+        with jt.flag_scope(auto_mixed_precision_level=0):
+            return upsample_to(logits.float32(), size)
     b, c, h, w = logits.shape
     out_h, out_w = int(size[0]), int(size[1])
     if (out_h, out_w) == (h, w):
@@ -93,9 +96,10 @@ class CCNet(nn.Module):
     def losses(self, images, labels, ignore_index=255):
         """Main loss (CE or OHEM, as built) + aux_weight x CE on the DSN logits; returns (total, main, aux)."""
         logits, aux_logits = self(images, with_aux=True)
-        main = self.main_loss(logits, labels, ignore_index)
-        aux = cross_entropy(aux_logits, labels, ignore_index)
-        return main + self.aux_weight * aux, main, aux
+        with jt.flag_scope(auto_mixed_precision_level=0):  # float32 also under schedule.amp (pixel counts > 65504)
+            main = self.main_loss(logits, labels, ignore_index)
+            aux = cross_entropy(aux_logits, labels, ignore_index)
+            return main + self.aux_weight * aux, main, aux
 
 
 # Keys of the `backbone` config section that every backbone has; the others are the named backbone's own settings

@@ -12,7 +12,7 @@ from jittor import nn
 
 from ccnet.ops.batch_norm import BatchNorm2d
 from ccnet.ops.conv import Conv2d
-from ccnet.ops.relu import ReLU
+from ccnet.ops.relu import LeakyReLU, ReLU
 from ccnet.registry import ACTIVATIONS
 
 from .cca import CrissCrossAttention
@@ -25,7 +25,7 @@ def relu() -> nn.Module:
 
 @ACTIVATIONS.register("leaky_relu")
 def leaky_relu() -> nn.Module:
-    return nn.LeakyReLU(0.01)  # the slope of the authors' InPlaceABN
+    return LeakyReLU(0.01)  # the slope of the authors' InPlaceABN
 
 
 def conv_bn_act(cin: int, cout: int, kernel: int, act: str, bias: bool = False) -> nn.Sequential:

@@ -75,6 +75,9 @@ class BatchNorm2d(nn.BatchNorm):
     """jt.nn.BatchNorm (same arguments, parameters and buffers) with the fast CPU training path."""
 
     def execute(self, x):
+        if x.dtype == "float16":  # schedule.amp: statistics and running buffers in float32, as PyTorch's autocast;
+            with jt.flag_scope(auto_mixed_precision_level=0):  # amp would make eps and momentum float16
+                return self.execute(x.float32()).float16()
         plain = not self.is_train or jt.flags.use_cuda or not self.affine or x.dtype != "float32"
         if plain or not one_pass_available():
             return super().execute(x)

@@ -43,9 +43,24 @@ class ReLU(nn.ReLU):
     """jt.nn.ReLU with the multi-threaded CPU training path."""
 
     def execute(self, x):
+        if x.dtype == "float16":  # schedule.amp; Jittor's relu compares with a float32 0, which float16 cannot compile
+            return x.maximum(jt.zeros(1, dtype=x.dtype))
         if not self.is_train or jt.flags.use_cuda or x.dtype != "float32" or not threaded_available():
             return super().execute(x)
         return _TrainReLU.apply(x)
+
+
+class LeakyReLU(nn.Module):
+    """Jittor's leaky_relu; in float16 (schedule.amp) with a float16 0, as Jittor's compares with a float32 one."""
+
+    def __init__(self, slope: float = 0.01):
+        super().__init__()
+        self.slope = slope
+
+    def execute(self, x):
+        if x.dtype == "float16":
+            return jt.ternary(x > jt.zeros_like(x), x, x * self.slope)
+        return nn.leaky_relu(x, self.slope)
 
 
 def _self_test() -> None:
