@@ -56,8 +56,8 @@ def init_model(checkpoint, overrides=()):
     from ccnet.jobs.restore import restore_model
     from ccnet.validate import validate
 
-    cfg = compose_config(["job=predict", *overrides])
-    cfg.checkpoint, cfg.input = str(checkpoint), "(ccnet.api)"  # set here: a path may hold '=' or ','
+    cfg = compose_config(["job=eval", *overrides])  # the job whose checks fit: a checkpoint, no training
+    cfg.checkpoint = str(checkpoint)  # set here, not as an override: a path may hold '=' or ','
     validate(cfg)
     model, _, _ = restore_model(cfg, None, adopt_dataset=True)
     model.cfg = cfg

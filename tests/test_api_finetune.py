@@ -69,6 +69,17 @@ def test_init_model_from_a_published_layout(tiny_file, caplog):
     assert model(x).shape == (2, 19, 45, 61) and not model.is_training()
 
 
+def test_init_model_checks_values_and_files_as_run_py_does(tiny_file, tmp_path):
+    from ccnet.api import init_model
+    from ccnet.validate import ConfigValueError
+
+    path, _ = tiny_file
+    with pytest.raises(ConfigValueError, match=r"^model.recurrence=-1: expected an integer >= 0$"):
+        init_model(path, ["model.recurrence=-1"])
+    with pytest.raises(CheckpointError, match=f"^{tmp_path / 'nope.pth'}: no such file$"):
+        init_model(tmp_path / "nope.pth")
+
+
 def test_inference_model_applies_the_protocol(tiny_file, tmp_path):
     """A path or an array; the authors' zoo preset: BGR mean-only, a 769 window padded with zeros (the mean)."""
     from ccnet.api import inference_model, init_model
