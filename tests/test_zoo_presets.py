@@ -177,6 +177,35 @@ def test_checkpoint_zoo_refuses_a_file_of_another_hash(compose, served, tmp_path
     assert not list((tmp_path / "cache" / "checkpoints").glob("*.pth"))
 
 
+def test_model_init_zoo_fine_tunes_from_the_fetched_file(compose, served, tmp_path, monkeypatch, caplog):
+    """model.init=zoo with the preset: the file fetched, its R-50 V1c backbone and heads loaded, the 19-class
+    classifiers replaced for the 7 classes of the embedded data set; two iterations train."""
+    import logging
+
+    from ccnet.jobs import get_job
+
+    monkeypatch.setenv("CCNET_CACHE", str(tmp_path / "cache"))
+    overrides = [
+        "experiment=zoo/ccnet_r50-d8_512x1024_40k_cityscapes",
+        "dataset=embedded",
+        "model.init=zoo",
+        f"zoo.url={served['url']}",
+        f"zoo.sha256={served['sha'][:8]}",
+        "schedule.iters=2",
+        "schedule.batch_size=2",
+        "schedule.crop_size=[48,48]",
+        "schedule.checkpoint_every=2",
+        "eval.max_images=1",
+        "eval.num_vis=0",
+        "eval.resize=null",  # the embedded images as they are (the preset would upscale them to 2048x1024)
+    ]
+    with caplog.at_level(logging.INFO):
+        miou = get_job("train")(compose(overrides), tmp_path / "run")
+    assert 0 <= miou <= 1 and (tmp_path / "cache" / "checkpoints" / served["file"].name).is_file()
+    assert "an mmsegmentation CCNet: resnet50_v1c backbone, 19 classes" in caplog.text
+    assert "new classifier for 7 classes (the file's has 19)" in caplog.text
+
+
 def test_the_authors_files_are_fetched_by_hand(compose):
     from ccnet.jobs.restore import model_source
 

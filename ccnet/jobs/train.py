@@ -88,6 +88,8 @@ def run(cfg, run_dir: Path) -> float:
         log.info("resumed from %s at iteration %d", resume_from, start_iter)
     elif init is not None:
         load_init(model, init)
+    if resume_from is not None and init is not None:
+        log.info("model.init=%s not loaded: the resumed checkpoint holds the weights", cfg.model.init)
     if is_main:
         remove_stale_temporaries(run_dir / "checkpoints")
     log.info(
