@@ -160,6 +160,36 @@ def test_missing_and_misshaped_tensors(tmp_path, caplog, torch_save):
     np.testing.assert_array_equal(model.state_dict()["layer2.0.conv1.weight"].numpy(), before)
 
 
+def test_strict_compares_with_the_models_own_keys(tmp_path, torch_save, monkeypatch):
+    """A converter that loses tensors (here every running_var) makes strict loading fail, instead of passing with
+    those tensors left at their initial values (the model's keys must not go through the file's converter)."""
+    import ccnet.models.resnet as resnet
+
+    model = build_backbone("resnet_tiny")
+    path = torch_save(numpy_state(model), tmp_path / "r.pth")
+    real = resnet.convert_mit_resnet_state_dict
+
+    def lossy(state_dict):
+        converted, dropped = real(state_dict)
+        lost = [k for k in converted if k.endswith("running_var")]
+        return {k: v for k, v in converted.items() if k not in lost}, dropped + lost
+
+    monkeypatch.setattr(resnet, "convert_mit_resnet_state_dict", lossy)
+    n_var = sum(k.endswith("running_var") for k in model.state_dict())
+    with pytest.raises(WeightsError, match=rf"missing \({n_var}\): bn1.running_var, "):
+        load_backbone_weights(model, path)
+
+
+def test_classifier_of_a_plain_van_is_not_required(tmp_path, torch_save):
+    from ccnet.models.van import VAN
+
+    model = VAN(**TINY_VAN, num_classes=5)  # has head.weight / head.bias; a backbone file has no classifier
+    state = {k: v for k, v in numpy_state(model).items() if not k.startswith("head.")}
+    path = torch_save({"state_dict": state}, tmp_path / "v.pth.tar")
+    assert load_backbone_weights(model, path).loaded == len(state)
+    assert_holds(model, state)
+
+
 def test_wrong_family(tmp_path, torch_save):
     van_file = torch_save({"state_dict": numpy_state(VANBackbone(TINY_VAN).van)}, tmp_path / "v.pth.tar")
     with pytest.raises(WeightsError, match="holds van weights, but the backbone is resnet") as err:
