@@ -66,8 +66,13 @@ def run(cfg, run_dir: Path) -> float:
     config_dict = prepare_run_dir(cfg, run_dir, write=is_main)
     jt.set_global_seed(cfg.seed, different_seed_for_mpi=False)  # same initial weights on every MPI rank
     train_set, val_set = load_splits(cfg)
-    model = build_model(cfg)
     s = cfg.schedule
+    if s.batch_size > len(train_set):  # before any work; the batch loader would fail only at the first batch
+        raise DataError(
+            f"schedule.batch_size={s.batch_size} is larger than the training split "
+            f"(dataset.train_split={cfg.dataset.train_split!r}: {len(train_set)} images)"
+        )
+    model = build_model(cfg)
     optimizer = nn.SGD(model.parameters(), s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
     start_iter, best = 0, None
     resume_from = resume_checkpoint(cfg.resume, run_dir)
