@@ -193,6 +193,9 @@ def setup(device: str = "auto", verbose: bool = False):
     status = setup_onednn() if os.environ.get("use_mkl", "1") == "1" else "oneDNN: disabled"
     import jittor as jt
 
+    from . import crash_guard
+
+    crash_guard.install(jt)  # a crash in a compile thread ends the process instead of hanging it (Jittor's handler)
     shield_compile_pool()
     # Jittor ends the process at once when any child dies by a signal (meant for its own data workers); we
     # have none of those, and it would kill a training run when, say, a subprocess it started is killed.
