@@ -11,7 +11,15 @@ ROOT = Path(__file__).resolve().parents[1]
 # Jittor compiles (or loads from its cache) every kernel a graph needs on its compile threads, one dlopen each;
 # these kernels' libraries crash when loaded, so the crash happens in the thread that loads them.
 CRASHING_KERNELS = r"""
-from ccnet import runtime
+import os
+from ccnet import crash_guard, runtime
+
+if os.environ.get("CRASH_GUARD_TEST_NO_COMPILER"):  # as on a machine where the guard cannot be built
+
+    def no_compiler(*args):
+        raise RuntimeError("g++: not found")
+
+    crash_guard._build = no_compiler
 
 jt = runtime.setup("cpu")
 HEADER = '''
@@ -56,6 +64,15 @@ def test_crash_in_a_compile_thread_ends_the_process_instead_of_hanging():
     assert "SimpleThread3run" in output and "load_jit_lib" in output  # the native stack: a compile thread, dlopen
     sync_line = CRASHING_KERNELS.splitlines().index("jt.sync(ys)") + 1
     assert f'File "<string>", line {sync_line} in <module>' in output  # the Python stack: at jt.sync(ys)
+
+
+def test_without_the_guards_library_a_crash_still_ends_the_process():
+    """The guard cannot be built: a warning, Jittor's handler replaced by the default action after Python's
+    stacks (faulthandler), so a crash in a compile thread still ends the process instead of hanging it."""
+    code, output = run_crashing({"CRASH_GUARD_TEST_NO_COMPILER": "1"})
+    assert code is not None, "the process hung after a crash in a compile thread (killed after 180 s)"
+    assert code == -signal.SIGSEGV, output
+    assert "crash guard not built (g++: not found)" in output and "Fatal Python error: Segmentation fault" in output
 
 
 def test_crash_in_the_main_thread_ends_the_process_with_the_message():
