@@ -14,6 +14,9 @@ Probes (each a fresh `python` process, run from the repository root):
              val images), backbone resnet101, van_b0, van_b3 in turn (run i uses the (i mod 3)-th)
   eval       `python run.py job=eval` of one ResNet-101 checkpoint (made once, by a 1-iteration training, before
              the probes), four val images
+  heavy      (for experiments) twice the kernels of `backbones`: a training step (forward, grads) and an eval
+             forward of resnet101, van_b0, van_b3 and resnet50
+  fresh      (for experiments) `backbones` plus 8 kernels new to the cache, compiled by g++ on the compile threads
 
     python benchmarks/stress.py backbones -n 100
     python benchmarks/stress.py backbones -n 40 --parallel 2           # 20 rounds of 2 processes at once
@@ -101,12 +104,67 @@ def probe_backbones() -> None:
         print(name, tuple(feature.shape), float(feature.mean()), flush=True)
 
 
-PROBES = {"backbones": probe_backbones}
+def probe_heavy() -> None:
+    """More kernels per process (about 160 vs 80): each backbone's training step (forward + grads of all
+    parameters at 2x3x64x64) and an eval forward; for the experiments on the cause, not one of the targets."""
+    from ccnet import runtime
+
+    jt = runtime.setup("cpu")
+    import numpy as np
+
+    import ccnet.models.resnet  # noqa: F401
+    import ccnet.models.van  # noqa: F401
+    from ccnet.models.registry import build_backbone
+
+    rng = np.random.default_rng(0)
+    x_eval = jt.array(rng.standard_normal((1, 3, 96, 128)).astype(np.float32))
+    x_train = jt.array(rng.standard_normal((2, 3, 64, 64)).astype(np.float32))
+    for name in ("resnet101", "van_b0", "van_b3", "resnet50"):
+        model = build_backbone(name)
+        model.train()
+        aux, feature = model(x_train)
+        jt.sync(jt.grad(feature.sum() + aux.sum(), model.parameters()))
+        model.eval()
+        with jt.no_grad():
+            print(name, float(model(x_eval)[1].mean()), flush=True)
+
+
+def probe_fresh() -> None:
+    """`backbones`, plus 8 small kernels that exist in no cache (a nonce in their source), synced together with the
+    first forward: Jittor's compile threads run g++ for those while they load the cached ones. For experiments;
+    run it with a cache of its own (`--env cache_name=NAME`), it leaves 8 kernels per run in the cache."""
+    from ccnet import runtime
+
+    jt = runtime.setup("cpu")
+    import os
+    import time
+
+    import numpy as np
+
+    import ccnet.models.resnet  # noqa: F401
+    import ccnet.models.van  # noqa: F401
+    from ccnet.models.registry import build_backbone
+
+    nonce = f"{os.getpid()}_{time.time_ns()}"
+    x = jt.array(np.random.default_rng(0).standard_normal((1, 3, 96, 128)).astype(np.float32))
+    fresh = [
+        jt.code(x.shape, x.dtype, [x], cpu_header=f"// {nonce} {i}", cpu_src=f"out0_p[0] = in0_p[0] + {i};")
+        for i in range(8)
+    ]
+    for name in ("resnet101", "van_b0", "van_b3"):
+        model = build_backbone(name)
+        model.eval()
+        _, feature = model(x)
+        jt.sync([feature, *fresh])
+        print(name, tuple(feature.shape), float(feature.mean()), flush=True)
+
+
+PROBES = {"backbones": probe_backbones, "heavy": probe_heavy, "fresh": probe_fresh}
 
 
 def probe_command(probe: str, index: int, work: Path) -> list[str]:
     """The command line of run `index` of `probe`; `work` is a scratch folder shared by all runs."""
-    if probe == "backbones":
+    if probe in PROBES:
         return [sys.executable, str(Path(__file__).resolve()), "--child", probe]
     run_dir = work / f"run_{index:04d}"
     if probe == "train":
@@ -282,7 +340,7 @@ def summary_table(results: list[dict]) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("probe", choices=["backbones", "train", "eval"])
+    parser.add_argument("probe", choices=["backbones", "train", "eval", "heavy", "fresh"])
     parser.add_argument("-n", type=int, default=30, help="processes in all")
     parser.add_argument("--parallel", type=int, default=1, help="processes started at once (rounds of K)")
     parser.add_argument("--timeout", type=float, default=None, help="seconds per process (default 240; train 900)")
