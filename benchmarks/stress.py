@@ -323,6 +323,16 @@ def run_all(args, env: dict, work: Path, logs: Path) -> list[dict]:
     return results
 
 
+def _commit() -> str:
+    """The checked-out commit (+ "-dirty" with uncommitted changes), so that a result names the code it measured."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "-uno"], cwd=ROOT, capture_output=True, text=True)
+    except OSError:
+        return "?"
+    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
 def summary_table(results: list[dict]) -> str:
     counts = Counter(r["signature"] for r in results)
     lines = ["| outcome | runs | share |", "|---|---|---|"]
@@ -388,6 +398,7 @@ def main(argv=None) -> int:
         started=started,
         wall_s=round(wall, 1),
         cpus=os.cpu_count(),
+        commit=_commit(),
         outcomes=dict(Counter(r["signature"] for r in results)),
         runs=results,
     )
