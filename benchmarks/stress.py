@@ -17,6 +17,8 @@ Probes (each a fresh `python` process, run from the repository root):
   heavy      (for experiments) twice the kernels of `backbones`: a training step (forward, grads) and an eval
              forward of resnet101, van_b0, van_b3 and resnet50
   fresh      (for experiments) `backbones` plus 8 kernels new to the cache, compiled by g++ on the compile threads
+  relay      (for experiments) the minimal reproduction: 54 depthwise convolutions, forward and backward, whose
+             kernels Jittor's conv tuner relays to oneDNN while compiling them
 
     python benchmarks/stress.py backbones -n 100
     python benchmarks/stress.py backbones -n 40 --parallel 2           # 20 rounds of 2 processes at once
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import os
 import re
@@ -159,7 +162,26 @@ def probe_fresh() -> None:
         print(name, tuple(feature.shape), float(feature.mean()), flush=True)
 
 
-PROBES = {"backbones": probe_backbones, "heavy": probe_heavy, "fresh": probe_fresh}
+def probe_relay() -> None:
+    """The minimal reproduction of the crash: 54 depthwise convolutions (kernel 3/5/7, dilation 1/2/3, stride 1/2,
+    8/16/24 channels), forward and backward, compiled in one go; Jittor's conv tuner relays each to oneDNN, which
+    adds ops to the shared graph while the kernel is being compiled."""
+    from ccnet import runtime
+
+    jt = runtime.setup("cpu")
+    import numpy as np
+    from jittor import nn
+
+    x = jt.array(np.random.default_rng(0).standard_normal((2, 24, 20, 20)).astype(np.float32))
+    loss = 0
+    for k, d, s, c in itertools.product((3, 5, 7), (1, 2, 3), (1, 2), (8, 16, 24)):
+        y = nn.Conv2d(c, c, k, stride=s, padding=d * (k // 2), dilation=d, groups=c)(x if c == 24 else x[:, :c])
+        loss = loss + (y * y).mean()
+    jt.sync(jt.grad(loss, [x]) + [loss])
+    print("loss", float(loss), flush=True)
+
+
+PROBES = {"backbones": probe_backbones, "heavy": probe_heavy, "fresh": probe_fresh, "relay": probe_relay}
 
 
 def probe_command(probe: str, index: int, work: Path) -> list[str]:
@@ -350,7 +372,7 @@ def summary_table(results: list[dict]) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("probe", choices=["backbones", "train", "eval", "heavy", "fresh"])
+    parser.add_argument("probe", choices=["backbones", "train", "eval", "heavy", "fresh", "relay"])
     parser.add_argument("-n", type=int, default=30, help="processes in all")
     parser.add_argument("--parallel", type=int, default=1, help="processes started at once (rounds of K)")
     parser.add_argument("--timeout", type=float, default=None, help="seconds per process (default 240; train 900)")

@@ -54,8 +54,12 @@ def run_crashing(env: dict | None = None, timeout: float = 180):
     return proc.returncode, out + err
 
 
+# ccnet.runtime keeps compilation on the main thread; a user may turn Jittor's compile threads back on
+COMPILE_THREADS = {"use_parallel_op_compiler": "16"}
+
+
 def test_crash_in_a_compile_thread_ends_the_process_instead_of_hanging():
-    code, output = run_crashing()
+    code, output = run_crashing(COMPILE_THREADS)
     assert code is not None, "the process hung after a crash in a compile thread (killed after 180 s)"
     assert code == -signal.SIGSEGV, output
     assert "survived" not in output
@@ -69,14 +73,14 @@ def test_crash_in_a_compile_thread_ends_the_process_instead_of_hanging():
 def test_without_the_guards_library_a_crash_still_ends_the_process():
     """The guard cannot be built: a warning, Jittor's handler replaced by the default action after Python's
     stacks (faulthandler), so a crash in a compile thread still ends the process instead of hanging it."""
-    code, output = run_crashing({"CRASH_GUARD_TEST_NO_COMPILER": "1"})
+    code, output = run_crashing({"CRASH_GUARD_TEST_NO_COMPILER": "1", **COMPILE_THREADS})
     assert code is not None, "the process hung after a crash in a compile thread (killed after 180 s)"
     assert code == -signal.SIGSEGV, output
     assert "crash guard not built (g++: not found)" in output and "Fatal Python error: Segmentation fault" in output
 
 
 def test_crash_in_the_main_thread_ends_the_process_with_the_message():
-    code, output = run_crashing({"use_parallel_op_compiler": "0"})  # Jittor compiles on the main thread
+    code, output = run_crashing()  # ccnet's default: Jittor compiles on the main thread
     assert code == -signal.SIGSEGV, output
     assert "ccnet: fatal SIGSEGV (invalid memory access) at address 0x0 in the main thread." in output, output
     assert "rerunning the same command is safe" in output
