@@ -241,6 +241,21 @@ def classify(returncode: int | None, output: str, waiting_for: str = "") -> tupl
     return f"exit {returncode}", output.strip().splitlines()[-1][:300] if output.strip() else ""
 
 
+def native_stack(output: str) -> list[str]:
+    """The crashed thread's frames that ccnet's crash guard printed (function names only), else []."""
+    lines = output.splitlines()
+    try:
+        first = lines.index("native stack of the crashed thread:") + 1
+    except ValueError:
+        return []
+    frames = []
+    for line in lines[first:]:
+        if not line.startswith("/"):
+            break
+        frames.append(line.rsplit("/", 1)[-1].split("[0x")[0])  # "libx.so(symbol+0x4d)"
+    return frames
+
+
 def _line_of(text: str, match: re.Match) -> str:
     start = text.rfind("\n", 0, match.start()) + 1
     end = text.find("\n", match.end())
@@ -318,6 +333,7 @@ def finish(run: dict, hung: bool, gdb: bool, logs: Path) -> dict:
         signature=signature,
         line=line,
         tail=output.strip().splitlines()[-15:] if signature != "ok" else [],
+        native_stack=native_stack(output),
         backtrace=trace,
         load_before=round(run["load_before"], 2),
         load_after=round(os.getloadavg()[0], 2),
