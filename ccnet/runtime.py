@@ -182,10 +182,10 @@ def setup(device: str = "auto", verbose: bool = False):
     # Jittor compiles (or loads from its cache) the kernels of a graph on a pool of threads (parallel_compiler.cc),
     # and runs its tuners there. The conv and matmul tuners (opt/tuner/conv_tuner.cc, matmul_tuner.cc) add new ops
     # to the shared graph and rewire it (VarRelayManager::add_relay_group) with no lock, while the other threads read
-    # it: about 1 process in 20 that compiles many depthwise convs or matmuls (VAN, the heads' upsampling) crashed
-    # in VarRelayManager (issue 11; numbers in benchmarks/README.md). On the main thread the same work is safe. Not
-    # reported upstream as far as we found (Jittor/jittor#42 is a related open "Segfault, exit"). Costs start-up time
-    # only where kernels are compiled; set use_parallel_op_compiler=N to opt back in.
+    # it: processes that compile many depthwise convs or matmuls (VAN, the heads' upsampling) crashed there or with
+    # a corrupted heap (issue 11; rates in benchmarks/README.md). On the main thread the same work is safe. Not
+    # reported upstream as far as we found (Jittor/jittor#42 is a related open "Segfault, exit"). Set
+    # use_parallel_op_compiler=N to opt back in (faster first compiles on many cores, at that risk).
     os.environ.setdefault("use_parallel_op_compiler", "0")
     # Where torch is installed, Jittor imports it at import time and reloads it with RTLD_DEEPBIND ("fix
     # torch error"): seconds of start-up, ~1 GB of address space, and a segfault in our CI. We never need it.
