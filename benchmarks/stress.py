@@ -415,7 +415,7 @@ def main(argv=None) -> int:
         logs = args.logs or work / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         prepare(args.probe, work, env, args.timeout)
-        started = datetime.datetime.now().isoformat(timespec="seconds")
+        started, commit = datetime.datetime.now().isoformat(timespec="seconds"), _commit()
         t0 = time.monotonic()
         results = run_all(args, env, work, logs)
         wall = time.monotonic() - t0
@@ -436,7 +436,7 @@ def main(argv=None) -> int:
         started=started,
         wall_s=round(wall, 1),
         cpus=os.cpu_count(),
-        commit=_commit(),
+        commit=commit,
         outcomes=dict(Counter(r["signature"] for r in results)),
         runs=results,
     )
