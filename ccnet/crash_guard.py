@@ -15,6 +15,8 @@ wait_all). Not reported upstream as far as we found; Jittor/jittor#42 ("Segfault
 it prints what happened and that rerunning is safe, the native stack of the crashed thread and the Python stacks,
 then re-raises the signal with the default action, so the process dies by that signal (exit status 128 + N in a
 shell), without running exit handlers. Built once with Jittor's C++ compiler into Jittor's cache folder.
+ccnet.runtime also keeps Jittor's compilation on the main thread (the crashes behind those hangs); the guard covers
+what is left: users who turn the compile threads back on, and any other fatal signal.
 """
 
 from __future__ import annotations
