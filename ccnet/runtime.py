@@ -73,7 +73,7 @@ def _prepend_env_path(name: str, path: Path) -> None:
 def setup_onednn() -> str:
     """Make Jittor's oneDNN folder point at an installed oneDNN 2.x. Returns a short status."""
     lib_file = JITTOR_DNNL_DIR / "lib" / "libmkldnn.so"
-    # Our own oneDNN op (ccnet/models/conv.py) includes <dnnl.hpp>; Jittor passes that -I to its own oneDNN ops
+    # Our own oneDNN op (ccnet/ops/conv.py) includes <dnnl.hpp>; Jittor passes that -I to its own oneDNN ops
     # only. The compiler reads this variable; it is not part of Jittor's cache keys, so nothing recompiles.
     _prepend_env_path("CPLUS_INCLUDE_PATH", JITTOR_DNNL_DIR / "include")
     if lib_file.is_file() and not lib_file.is_symlink():
@@ -188,6 +188,14 @@ def setup(device: str = "auto", verbose: bool = False):
     # Idle OpenMP threads sleep instead of spinning: with spinning, two jobs on one machine (a parallel
     # sweep, a benchmark beside a run) slowed each other down many times over. Set OMP_WAIT_POLICY to override.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # Jittor compiles (or loads from its cache) the kernels of a graph on a pool of threads (parallel_compiler.cc),
+    # and runs its tuners there. The conv and matmul tuners (opt/tuner/conv_tuner.cc, matmul_tuner.cc) add new ops
+    # to the shared graph and rewire it (VarRelayManager::add_relay_group) with no lock, while the other threads read
+    # it: processes that compile many depthwise convs or matmuls (VAN, the heads' upsampling) crashed there or with
+    # a corrupted heap (issue 11; rates in benchmarks/README.md). On the main thread the same work is safe. Not
+    # reported upstream as far as we found (Jittor/jittor#42 is a related open "Segfault, exit"). Set
+    # use_parallel_op_compiler=N to opt back in (faster first compiles on many cores, at that risk).
+    os.environ.setdefault("use_parallel_op_compiler", "0")
     # Where torch is installed, Jittor imports it at import time and reloads it with RTLD_DEEPBIND ("fix
     # torch error"): seconds of start-up, ~1 GB of address space, and a segfault in our CI. We never need it.
     os.environ.setdefault("FIX_TORCH_ERROR", "0")
@@ -211,6 +219,9 @@ def setup(device: str = "auto", verbose: bool = False):
     status = setup_onednn() if os.environ.get("use_mkl", "1") == "1" else "oneDNN: disabled"
     import jittor as jt
 
+    from . import crash_guard
+
+    crash_guard.install(jt)  # a crash in a compile thread ends the process instead of hanging it (Jittor's handler)
     shield_compile_pool()
     # Jittor ends the process at once when any child dies by a signal (meant for its own data workers); we
     # have none of those, and it would kill a training run when, say, a subprocess it started is killed.

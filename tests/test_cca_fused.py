@@ -290,3 +290,22 @@ def test_cpu_kernels_stay_inside_their_buffers(tmp_path):
         run = subprocess.run(["./driver", *map(str, shape)], cwd=tmp_path, capture_output=True, text=True, env=env)
         assert run.returncode == 0, f"{shape}: {run.stderr[-3000:]}"
         assert abs(float(run.stdout) - 1.0) < 1e-4, shape
+
+
+@pytest.mark.parametrize("wrong", [0, 1, 2])
+def test_self_test_checks_the_backward_under_no_grad(monkeypatch, wrong):
+    """First use is often in eval (jt.no_grad()): the self-test must still compare real gradients."""
+    from ccnet.ops import cca as cca_ops
+
+    real = cca_ops.CrissCrossAttentionFunction.grad
+
+    def one_grad_off(self, grad_out):
+        grads = list(real(self, grad_out))
+        grads[wrong] = grads[wrong] * 1.1
+        return tuple(grads)
+
+    with jt.no_grad():
+        cca_ops._self_test("float32")  # the real kernels pass
+        monkeypatch.setattr(cca_ops.CrissCrossAttentionFunction, "grad", one_grad_off)
+        with pytest.raises(RuntimeError, match=f"{'dq dk dv'.split()[wrong]} differs from the plain ops"):
+            cca_ops._self_test("float32")

@@ -132,3 +132,21 @@ def test_falls_back_to_jittor_conv_with_a_warning(monkeypatch):
         y = ours(x)
     np.testing.assert_allclose(y.numpy(), theirs(x).numpy(), rtol=1e-6, atol=1e-6)
     assert ops._self_tests[("conv",)] is False
+
+
+@pytest.mark.parametrize("wrong", ["dx", "dw"])
+def test_self_test_checks_the_backward_under_no_grad(monkeypatch, wrong):
+    """First use is often in eval (jt.no_grad()): the self-test must still compare real gradients."""
+    from ccnet.ops import conv as conv_module
+
+    real = conv_module._OneDNNConv.grad
+
+    def off_by_ten_percent(self, grad_y):
+        dx, dw = real(self, grad_y)
+        return (dx * 1.1, dw) if wrong == "dx" else (dx, dw * 1.1)
+
+    with jt.no_grad():
+        conv_module._self_test()  # the real op passes
+        monkeypatch.setattr(conv_module._OneDNNConv, "grad", off_by_ten_percent)
+        with pytest.raises(RuntimeError, match=f"{wrong} differs from Jittor's conv"):
+            conv_module._self_test()

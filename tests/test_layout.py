@@ -13,8 +13,9 @@ PACKAGE = ROOT / "ccnet"
 
 # Who may import whom (ccnet.<layer>): data flows run.py -> jobs -> engine -> models/data/ops, never back up.
 MAY_IMPORT = {
-    "runtime": {"cuda_compat"},
+    "runtime": {"cuda_compat", "crash_guard"},
     "cuda_compat": set(),
+    "crash_guard": set(),
     "registry": set(),
     "fileio": set(),
     "config": {"runtime", "run_dirs"},

@@ -143,3 +143,17 @@ def test_run_py_end_to_end(tmp_path, data_home):
     assert (out / ".hydra" / "config.yaml").is_file() and (out / "run.log").is_file()
     assert json.loads((out / "metrics.json").read_text())["iteration"] == 2
     assert "Compiling Operators" not in proc.stderr  # silent unless verbose=true
+
+
+def test_batch_larger_than_the_training_split_is_a_one_line_error(tmp_path, data_home):
+    proc = subprocess.run(
+        [sys.executable, "run.py", "schedule.batch_size=400", f"hydra.run.dir={tmp_path}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 1 and "Traceback" not in output, output
+    errors = [line for line in output.splitlines() if "schedule.batch_size=400" in line]
+    assert errors == ["error: schedule.batch_size=400: expected at most the 320 images of the train split"], output

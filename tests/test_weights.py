@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import pickle
 
@@ -16,6 +17,7 @@ jt = runtime.setup()
 from ccnet.fileio import FileError, UnsafeFileError  # noqa: E402
 from ccnet.models import build_backbone  # noqa: E402
 from ccnet.models.van import VANBackbone  # noqa: E402
+from ccnet.registry import BACKBONES  # noqa: E402
 from ccnet.weights import WeightsError, load_backbone_weights, main, read_file  # noqa: E402
 
 TINY_VAN = dict(embed_dims=(8, 16, 24, 32), depths=(1, 1, 1, 1))
@@ -162,6 +164,39 @@ def test_missing_and_misshaped_tensors(tmp_path, caplog, torch_save):
     assert report.loaded == len(state) - 2
     assert "missing (1): layer2.0.conv1.weight" in caplog.text
     np.testing.assert_array_equal(model.state_dict()["layer2.0.conv1.weight"].numpy(), before)
+
+
+def test_strict_compares_with_the_models_own_keys(tmp_path, torch_save, monkeypatch):
+    """A converter that loses tensors (here every running_var) makes strict loading fail, instead of passing with
+    those tensors left at their initial values (the model's keys must not go through the file's converter)."""
+    import ccnet.models.resnet as resnet
+
+    model = build_backbone("resnet_tiny")
+    path = torch_save(numpy_state(model), tmp_path / "r.pth")
+    real = resnet.convert_mit_resnet_state_dict
+
+    def lossy(state_dict):
+        converted, dropped = real(state_dict)
+        lost = [k for k in converted if k.endswith("running_var")]
+        return {k: v for k, v in converted.items() if k not in lost}, dropped + lost
+
+    lossy_weights = dataclasses.replace(resnet.MIT_RESNET, convert=lossy)
+    for entry in BACKBONES.entries():  # the ResNets declare their weights format at registration
+        if entry.info.get("weights") is resnet.MIT_RESNET:
+            monkeypatch.setitem(entry.info, "weights", lossy_weights)
+    n_var = sum(k.endswith("running_var") for k in model.state_dict())
+    with pytest.raises(WeightsError, match=rf"missing \({n_var}\): bn1.running_var, "):
+        load_backbone_weights(model, path)
+
+
+def test_classifier_of_a_plain_van_is_not_required(tmp_path, torch_save):
+    from ccnet.models.van import VAN
+
+    model = VAN(**TINY_VAN, num_classes=5)  # has head.weight / head.bias; a backbone file has no classifier
+    state = {k: v for k, v in numpy_state(model).items() if not k.startswith("head.")}
+    path = torch_save({"state_dict": state}, tmp_path / "v.pth.tar")
+    assert load_backbone_weights(model, path).loaded == len(state)
+    assert_holds(model, state)
 
 
 def test_wrong_family(tmp_path, torch_save):
