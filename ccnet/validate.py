@@ -208,6 +208,11 @@ RULES: dict[str, Rule] = {
         "[low, high], 0 < low <= high",
     ),
     "schedule.scale_step": number(0),
+    "schedule.resize_bound": Rule(
+        lambda v, cfg: v is None or (is_list(v, 2) and all(is_int(s) and s >= 1 for s in v)),
+        "null or [long, short], 2 integers >= 1",
+    ),
+    "schedule.cat_max_ratio": number(0, 1, low_open=True),
     "schedule.checkpoint_every": integer(0),
     "schedule.keep_checkpoints": integer(0),
     "schedule.max_bad_steps": integer(1),
