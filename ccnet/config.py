@@ -91,12 +91,13 @@ class ScheduleConfig:  # conf/schedule/
     scale_range: List[float] = MISSING
     scale_step: float = 0.0  # 0: continuous scales; 0.1: the authors' grid
     mirror: bool = True
-    # mmsegmentation 0.x's training pipeline (conf/schedule/mmseg_*.yaml); the defaults leave ours as it
+    # mmsegmentation 0.x's training pipeline and schedule (conf/schedule/mmseg_*.yaml); the defaults leave ours as it
     # is (ccnet/data/transforms.py):
     resize_bound: Optional[List[int]] = None  # [long, short]: resize keeping the ratio to fit scale x this bound
     # (mmseg's Resize(img_scale, ratio_range=scale_range)); null: scale x the image's own size
     cat_max_ratio: float = 1.0  # < 1: retry a crop (up to 10 times) until no class covers this share of it; 1: off
     photometric: bool = False  # mmseg's PhotoMetricDistortion (brightness, contrast, saturation, hue) on the crop
+    min_lr: float = 0.0  # poly schedule's floor: lr = (lr - min_lr) * (1 - it / iters) ** poly_power + min_lr
     checkpoint_every: int = MISSING  # 0: only at the end (and at evaluations)
     keep_checkpoints: int = 3  # newest iter_*.pkl kept (plus last.pkl and best.pkl); 0 keeps all
     max_bad_steps: int = 3  # consecutive non-finite losses (steps skipped) before the run stops

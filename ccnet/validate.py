@@ -167,6 +167,16 @@ def stride_ok(v, cfg) -> bool:
     return is_list(v, 2) and all(is_int(s) and 1 <= s <= c for s, c in zip(v, limits))
 
 
+def base_lr(cfg):
+    return OmegaConf.select(cfg, "schedule.lr", default=None)  # None while missing (???)
+
+
+def min_lr_ok(v, cfg) -> bool:
+    """The poly schedule's floor: >= 0 and at most schedule.lr (a bad schedule.lr is named on its own)."""
+    lr = base_lr(cfg)
+    return is_number(v) and v >= 0 and (not is_number(lr) or lr <= 0 or v <= lr)
+
+
 RULES: dict[str, Rule] = {
     "job": one_of(JOBS.names),
     "device": one_of(DEVICES),
@@ -213,6 +223,7 @@ RULES: dict[str, Rule] = {
         "null or [long, short], 2 integers >= 1",
     ),
     "schedule.cat_max_ratio": number(0, 1, low_open=True),
+    "schedule.min_lr": Rule(min_lr_ok, lambda cfg: f"a number in [0, schedule.lr] (schedule.lr={show(base_lr(cfg))})"),
     "schedule.checkpoint_every": integer(0),
     "schedule.keep_checkpoints": integer(0),
     "schedule.max_bad_steps": integer(1),

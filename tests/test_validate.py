@@ -44,6 +44,7 @@ CASES = [
     ("schedule.scale_step", [-0.1], [0]),
     ("schedule.resize_bound", [[2048], [0, 512], [2048, -1]], [None, [2048, 512], [1, 1]]),
     ("schedule.cat_max_ratio", [0, -0.5, 1.01, "nan"], [1.0, 0.75, 1e-9]),
+    ("schedule.min_lr", [-1e-4, 0.021, "nan", "inf"], [0, 1e-4, 0.02]),  # schedule/cpu: lr 0.02
     ("eval.scales", [[0], [], [1.0, -0.5]], [[0.25], [0.5, 1.0, 1.75]]),
     ("eval.stride", [[0, 0], [770, 770], [513]], [[1, 1], [769, 769]]),
     ("eval.crop_size", [[6, 6], [0, 769]], [[7, 7]]),
@@ -316,6 +317,7 @@ REJECTED = [
     ("schedule.lr=inf", "schedule.lr=inf: expected a finite number > 0"),
     ("model.act=bogus", "model.act='bogus': expected one of leaky_relu, relu"),
     ("device=gpu", "device='gpu': expected one of auto, cpu, cuda"),
+    ("schedule.min_lr=0.5", "schedule.min_lr=0.5: expected a number in [0, schedule.lr] (schedule.lr=0.02)"),
 ]
 
 

@@ -1,6 +1,7 @@
-"""mmsegmentation 0.x's training pipeline (ccnet/data/transforms.py, schedule.resize_bound / cat_max_ratio /
-photometric), each step against numbers worked out by hand or a NumPy float64 reference written here from mmseg's
-description; and ours, with the new keys at their defaults, bit for bit as it was before they existed."""
+"""mmsegmentation 0.x's training recipe: its pipeline (ccnet/data/transforms.py, schedule.resize_bound /
+cat_max_ratio / photometric), each step against numbers worked out by hand or a NumPy float64 reference written here
+from mmseg's description, and ours, with the new keys at their defaults, bit for bit as it was before they existed;
+the poly schedule with its floor (schedule.min_lr)."""
 
 from __future__ import annotations
 
@@ -376,7 +377,7 @@ def legacy_train_transform(image, label, rng, d, s):
 def test_default_pipeline_is_unchanged_bit_for_bit(compose, overrides):
     cfg = compose(overrides)
     s = cfg.schedule
-    assert (s.resize_bound, s.cat_max_ratio, s.photometric) == (None, 1.0, False)
+    assert (s.resize_bound, s.cat_max_ratio, s.photometric, s.min_lr) == (None, 1.0, False, 0.0)
     train = build_dataset(cfg.dataset, "train")
     for index in range(6):
         image, label = train.read(index)
@@ -431,3 +432,28 @@ def test_mmseg_pipeline_end_to_end_on_one_sample():
         np.testing.assert_array_equal(out_label[:ch, :cw], lb[y : y + 64, x : x + 96])
         assert (out_image[:, ch:] == 0).all() and (out_image[:, :, cw:] == 0).all()
         assert (out_label[ch:] == 255).all() and (out_label[:, cw:] == 255).all()
+
+
+# ------------------------------------------------------------------------------------------- poly schedule
+
+
+def test_poly_lr_with_mmsegs_floor():
+    """mmcv's PolyLrUpdaterHook: (lr - min_lr) * (1 - it / iters) ** 0.9 + min_lr at the 0-based iteration, with
+    mmseg's lr 0.01, min_lr 1e-4 over 80k iterations; numbers worked out by hand."""
+    from ccnet.engine.trainer import poly_lr
+
+    assert poly_lr(0.01, 0, 80000, 0.9, 1e-4) == pytest.approx(0.01, rel=1e-12)  # (0.01 - 1e-4) * 1 + 1e-4
+    # the middle: 0.5 ** 0.9 = 0.535886731268...; 0.0099 * 0.535886731268 + 1e-4 = 0.005405278639...
+    assert poly_lr(0.01, 40000, 80000, 0.9, 1e-4) == pytest.approx(0.005405278639, rel=1e-9)
+    # the last step: (1 / 80000) ** 0.9 = 3.8656187e-5; 0.0099 * 3.8656187e-5 + 1e-4 = 1.00382696e-4
+    assert poly_lr(0.01, 79999, 80000, 0.9, 1e-4) == pytest.approx(1.00382696e-4, rel=1e-7)
+    assert poly_lr(0.01, 80000, 80000, 0.9, 1e-4) == pytest.approx(1e-4, rel=1e-12)  # the floor, never below
+
+
+def test_poly_lr_without_a_floor_is_ours_bit_for_bit():
+    from ccnet.engine.trainer import poly_lr
+
+    for base, iters, power in [(0.02, 3000, 0.9), (0.01, 60000, 0.9), (0.05, 1500, 1.0)]:
+        for it in list(range(0, iters, max(1, iters // 97))) + [iters - 1]:
+            assert poly_lr(base, it, iters, power) == base * (1 - it / iters) ** power  # the formula as it was
+            assert poly_lr(base, it, iters, power, 0.0) == base * (1 - it / iters) ** power
