@@ -45,6 +45,8 @@ class ModelConfig:
     dropout: float = 0.1
     aux_weight: float = 0.4
     loss: str = "ce"  # ce | ohem (ccnet.registry.LOSSES); settings of loss X are the keys X_*
+    ce_average: str = "valid"  # cross-entropy (loss=ce, and the DSN's always) averaged over the valid pixels (ours,
+    # PyTorch's) | all: over every pixel of the batch, ignored and padded ones too (mmsegmentation 0.x)
     ohem_thresh: float = 0.7
     ohem_min_kept: int = 100000
     aux_channels: Optional[int] = None  # DSN head width; null: backbone.head_channels (mmseg's FCNHead: 256)

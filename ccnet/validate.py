@@ -36,6 +36,7 @@ class Rule(NamedTuple):
 EVAL_MODES = ("whole", "slide")  # ccnet/engine/inference.py predict()
 EVAL_AVERAGES = ("logits", "probs")  # ccnet/engine/inference.py predict_views()
 ZOO_FAMILIES = ("mmseg", "authors")  # ccnet/engine/model_files.py: the published families
+CE_AVERAGES = ("valid", "all")  # ccnet/models/losses.py cross_entropy()
 
 
 def is_url(v) -> bool:
@@ -198,6 +199,7 @@ RULES: dict[str, Rule] = {
     "model.dropout": number(0, 1, high_open=True),
     "model.aux_weight": number(0),
     "model.loss": one_of(LOSSES.names),
+    "model.ce_average": one_of(CE_AVERAGES),
     "model.ohem_thresh": number(0, 1, low_open=True),
     "model.ohem_min_kept": integer(1),
     "model.aux_channels": Rule(lambda v, cfg: v is None or (is_int(v) and v >= 1), "null or an integer >= 1"),

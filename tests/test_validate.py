@@ -68,6 +68,7 @@ CASES = [
     ("point", [[1], [-1, 3]], [[0, 0], None]),
     ("model.act", ["bogus", "ReLU"], ["relu", "leaky_relu"]),
     ("model.loss", ["focal"], ["ce", "ohem"]),
+    ("model.ce_average", ["mean", "non_ignore"], ["valid", "all"]),
     ("kernels.cca", ["cuda", "ops"], ["fused", "jittor"]),
     ("kernels.conv", ["onednn"], ["fused", "jittor"]),
     ("kernels.batch_norm", ["oneDNN"], ["fused", "jittor"]),

@@ -103,8 +103,9 @@ def test_mmseg_preset_is_the_published_protocol(compose, name):
 # 0.01, momentum 0.9, weight decay 0.0005; poly, power 0.9, min_lr 1e-4; a checkpoint and an evaluation every 2000 /
 # 4000 / 8000 / 16000 iterations), configs/_base_/datasets/*.py (train pipeline: Resize(img_scale, ratio_range=(0.5,
 # 2.0)), RandomCrop(crop_size, cat_max_ratio=0.75), RandomFlip(prob=0.5), PhotoMetricDistortion, Normalize, Pad;
-# samples_per_gpu 2 on Cityscapes, 4 on ADE20K and VOC), configs/_base_/models/ccnet_r50-d8.py (auxiliary loss 0.4),
-# 4 GPUs (configs/ccnet/README.md). data set: (img_scale, crop, global batch = 4 GPUs x samples_per_gpu)
+# samples_per_gpu 2 on Cityscapes, 4 on ADE20K and VOC), configs/_base_/models/ccnet_r50-d8.py (auxiliary loss 0.4;
+# CrossEntropyLoss, in 0.x a mean over every pixel: avg_non_ignore came in 0.23, default False), 4 GPUs
+# (configs/ccnet/README.md). data set: (img_scale, crop, global batch = 4 GPUs x samples_per_gpu)
 TRAIN_PIPELINES = {
     "512x1024_cityscapes": ([2048, 1024], [512, 1024], 8),
     "769x769_cityscapes": ([2049, 1025], [769, 769], 8),
@@ -135,7 +136,7 @@ def test_mmseg_preset_trains_with_the_published_recipe(compose, name):
     )
     assert (s.cat_max_ratio, s.mirror, s.photometric) == (0.75, True, True)
     assert (s.lr, s.momentum, s.weight_decay, s.poly_power, s.min_lr) == (0.01, 0.9, 0.0005, 0.9, 1e-4)
-    assert (cfg.model.aux_weight, cfg.model.loss, cfg.model.dropout) == (0.4, "ce", 0.1)
+    assert (cfg.model.aux_weight, cfg.model.loss, cfg.model.dropout, cfg.model.ce_average) == (0.4, "ce", 0.1, "all")
     assert s.amp is False and cfg.dataset.ignore_index == 255
     assert problems(cfg) == []
 
@@ -148,8 +149,10 @@ def test_our_presets_train_as_before(compose):
         ["experiment=ade20k_r101"],
         ["experiment=zoo/ccnet_authors_r2_cityscapes"],
     ):
-        s = compose(overrides).schedule
+        cfg = compose(overrides)
+        s = cfg.schedule
         assert (s.resize_bound, s.cat_max_ratio, s.photometric, s.min_lr) == (None, 1.0, False, 0.0), overrides
+        assert cfg.model.ce_average == "valid", overrides  # the authors' CriterionDSN: PyTorch's mean, valid pixels
 
 
 @pytest.mark.parametrize("name", sorted(AUTHORS))
