@@ -45,6 +45,8 @@ class ModelConfig:
     dropout: float = 0.1
     aux_weight: float = 0.4
     loss: str = "ce"  # ce | ohem (ccnet.registry.LOSSES); settings of loss X are the keys X_*
+    ce_average: str = "valid"  # cross-entropy (loss=ce, and the DSN's always) averaged over the valid pixels (ours,
+    # PyTorch's) | all: over every pixel of the batch, ignored and padded ones too (mmsegmentation 0.x)
     ohem_thresh: float = 0.7
     ohem_min_kept: int = 100000
     aux_channels: Optional[int] = None  # DSN head width; null: backbone.head_channels (mmseg's FCNHead: 256)
@@ -91,6 +93,13 @@ class ScheduleConfig:  # conf/schedule/
     scale_range: List[float] = MISSING
     scale_step: float = 0.0  # 0: continuous scales; 0.1: the authors' grid
     mirror: bool = True
+    # mmsegmentation 0.x's training pipeline and schedule (conf/schedule/mmseg_*.yaml); the defaults leave ours as it
+    # is (ccnet/data/transforms.py):
+    resize_bound: Optional[List[int]] = None  # [long, short]: resize keeping the ratio to fit scale x this bound
+    # (mmseg's Resize(img_scale, ratio_range=scale_range)); null: scale x the image's own size
+    cat_max_ratio: float = 1.0  # < 1: retry a crop (up to 10 times) until no class covers this share of it; 1: off
+    photometric: bool = False  # mmseg's PhotoMetricDistortion (brightness, contrast, saturation, hue) on the crop
+    min_lr: float = 0.0  # poly schedule's floor: lr = (lr - min_lr) * (1 - it / iters) ** poly_power + min_lr
     checkpoint_every: int = MISSING  # 0: only at the end (and at evaluations)
     keep_checkpoints: int = 3  # newest iter_*.pkl kept (plus last.pkl and best.pkl); 0 keeps all
     max_bad_steps: int = 3  # consecutive non-finite losses (steps skipped) before the run stops

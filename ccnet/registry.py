@@ -2,7 +2,7 @@
 
 A part registers itself where it is defined, with a decorator:
 
-    @BACKBONES.register("resnet50", weights=MIT_RESNET)
+    @BACKBONES.register("resnet50", weights=RESNET_WEIGHTS)
     def resnet50(): ...
 
 and is looked up by the name the config gives (`backbone.name`, `dataset.name`, `job`, `model.loss`, `model.act`).

@@ -36,6 +36,7 @@ class Rule(NamedTuple):
 EVAL_MODES = ("whole", "slide")  # ccnet/engine/inference.py predict()
 EVAL_AVERAGES = ("logits", "probs")  # ccnet/engine/inference.py predict_views()
 ZOO_FAMILIES = ("mmseg", "authors")  # ccnet/engine/model_files.py: the published families
+CE_AVERAGES = ("valid", "all")  # ccnet/models/losses.py cross_entropy()
 
 
 def is_url(v) -> bool:
@@ -167,6 +168,16 @@ def stride_ok(v, cfg) -> bool:
     return is_list(v, 2) and all(is_int(s) and 1 <= s <= c for s, c in zip(v, limits))
 
 
+def base_lr(cfg):
+    return OmegaConf.select(cfg, "schedule.lr", default=None)  # None while missing (???)
+
+
+def min_lr_ok(v, cfg) -> bool:
+    """The poly schedule's floor: >= 0 and at most schedule.lr (a bad schedule.lr is named on its own)."""
+    lr = base_lr(cfg)
+    return is_number(v) and v >= 0 and (not is_number(lr) or lr <= 0 or v <= lr)
+
+
 RULES: dict[str, Rule] = {
     "job": one_of(JOBS.names),
     "device": one_of(DEVICES),
@@ -188,6 +199,7 @@ RULES: dict[str, Rule] = {
     "model.dropout": number(0, 1, high_open=True),
     "model.aux_weight": number(0),
     "model.loss": one_of(LOSSES.names),
+    "model.ce_average": one_of(CE_AVERAGES),
     "model.ohem_thresh": number(0, 1, low_open=True),
     "model.ohem_min_kept": integer(1),
     "model.aux_channels": Rule(lambda v, cfg: v is None or (is_int(v) and v >= 1), "null or an integer >= 1"),
@@ -208,6 +220,12 @@ RULES: dict[str, Rule] = {
         "[low, high], 0 < low <= high",
     ),
     "schedule.scale_step": number(0),
+    "schedule.resize_bound": Rule(
+        lambda v, cfg: v is None or (is_list(v, 2) and all(is_int(s) and s >= 1 for s in v)),
+        "null or [long, short], 2 integers >= 1",
+    ),
+    "schedule.cat_max_ratio": number(0, 1, low_open=True),
+    "schedule.min_lr": Rule(min_lr_ok, lambda cfg: f"a number in [0, schedule.lr] (schedule.lr={show(base_lr(cfg))})"),
     "schedule.checkpoint_every": integer(0),
     "schedule.keep_checkpoints": integer(0),
     "schedule.max_bad_steps": integer(1),

@@ -8,7 +8,7 @@ and the pickles written by `python -m ccnet.weights convert IN.pth OUT.pkl [--fa
 our models as a PyTorch file (ccnet/export.py).
 
 Each backbone family declares its weights where it registers (`PretrainedWeights`: a signature key, the key
-conversion beside the model, the module they fit), e.g. `MIT_RESNET` in ccnet/models/resnet.py and `VAN_WEIGHTS`
+conversion beside the model, the module they fit), e.g. `RESNET_WEIGHTS` in ccnet/models/resnet.py and `VAN_WEIGHTS`
 in ccnet/models/van.py; this module only looks them up.
 """
 

@@ -22,7 +22,7 @@ from ccnet.models import build_backbone  # noqa: E402
 from ccnet.models.resnet import BasicBlock, Bottleneck, ResNet  # noqa: E402
 from ccnet.models.van import VAN_ALIASES, VANBackbone, van  # noqa: E402
 from ccnet.registry import BACKBONES  # noqa: E402
-from ccnet.weights import load_backbone_weights  # noqa: E402
+from ccnet.weights import WeightsError, load_backbone_weights  # noqa: E402
 
 
 def n_params(module) -> int:
@@ -68,6 +68,28 @@ def test_resnet_matches_torch_twin(tmp_path, torch_worker, block, layers, stem, 
     assert rel_err(aux, ref[3]) < 1e-4 and rel_err(out, ref[4]) < 1e-4
     assert out.shape[2:] == (9, 8)  # stride 8 (ceil-mode pooling): 67x61 -> 9x8
     assert (ours.aux_channels, ours.out_channels) == (ref[3].shape[1], ref[4].shape[1])
+
+
+def test_mmcv_v1c_imagenet_file_into_resnet50_v1c(tmp_path, torch_worker):
+    """open-mmlab://resnet50_v1c as mmcv saves it ({'meta', 'state_dict'}, the stem as stem.0/1/3/4/6/7, the
+    ImageNet fc): backbone.pretrained loads it into resnet50_v1c strictly, and our stages 3 and 4 equal the twin's."""
+    path = tmp_path / "resnet50_v1c-2cccc1ad.pth"
+    x = np.random.default_rng(1).standard_normal((1, 3, 61, 53)).astype(np.float32)
+    ref = torch_worker(twins.v1c_imagenet_reference, str(path), 50, x)
+
+    ours = build_backbone("resnet50_v1c")
+    report = load_backbone_weights(ours, str(path))
+    assert not report.missing and not report.mismatched and not report.unexpected
+    assert {"fc.weight", "fc.bias", "stem.1.num_batches_tracked"} <= set(report.dropped)
+    ours.eval()
+    c3, c4 = ours(jt.array(x))
+    assert c4.shape[2:] == ref[3].shape[2:] == (8, 7)  # no ceil mode: 61x53 -> 31x27 -> 16x14 -> 8x7
+    assert rel_err(c3, ref[2]) < 1e-4 and rel_err(c4, ref[3]) < 1e-4
+
+    # the two stems are told apart by their shapes, in one line naming the file and the first misfit
+    with pytest.raises(WeightsError, match=r"conv1.weight: file \(32, 3, 3, 3\) vs model \(64, 3, 3, 3\)") as err:
+        load_backbone_weights(build_backbone("resnet50"), str(path))
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
 
 
 def resnet_backbone_params(layers, stem=(64, 64, 128), widths=(64, 128, 256, 512)) -> int:

@@ -95,15 +95,22 @@ def leaves(node: dict, prefix: str = "") -> dict:
     "group", ["paths", "backbone", "dataset", "normalization", "schedule", "recurrence", "kernels"]
 )
 def test_group_options_state_only_what_the_schema_does_not(group):
-    """A key a group option sets either has no schema default (???: the group owns it) or sets another value."""
+    """A key a group option sets either has no schema default (???: the group owns it) or sets another value; the
+    shared bases an option names (`- /_schedule_mmseg`: conf/_schedule_mmseg.yaml) count as part of it."""
     defaults = leaves(schema_defaults())
+
+    def set_by(path: Path, package: str) -> dict:
+        body = OmegaConf.to_container(OmegaConf.load(path))
+        bases = [e for e in body.pop("defaults", []) if isinstance(e, str) and e.startswith("/")]
+        header = path.read_text()
+        package = header.split("@package ", 1)[1].split()[0] if "@package " in header else package
+        found = leaves(body, "" if package == "_global_" else f"{package}.")
+        for base in bases:
+            found.update(set_by(CONF / f"{base[1:]}.yaml", "_global_"))
+        return found
+
     for option in options(group):
-        raw = OmegaConf.load(CONF / group / f"{option}.yaml")
-        body = OmegaConf.to_container(raw)
-        body.pop("defaults", None)
-        header = (CONF / group / f"{option}.yaml").read_text()
-        package = header.split("@package ", 1)[1].split()[0] if "@package " in header else group
-        for key, value in leaves(body, f"{package}.").items():
+        for key, value in set_by(CONF / group / f"{option}.yaml", group).items():
             assert key in defaults, f"{group}/{option}: {key} is not in the schema"
             assert defaults[key] == "???" or defaults[key] != value, f"{group}/{option} restates {key}={value}"
 
@@ -151,9 +158,13 @@ def test_schema_entries_are_no_group_options(tmp_path):
     proc = subprocess.run(
         [sys.executable, "run.py", "--help"], cwd=CONF.parent, capture_output=True, text=True, timeout=120
     )
-    assert proc.returncode == 0 and "schedule: context, cpu, paper" in proc.stdout
+    assert (
+        proc.returncode == 0
+        and "schedule: context, cpu, mmseg_160k, mmseg_20k, mmseg_40k, mmseg_80k, paper" in proc.stdout
+    )
     assert "_schema" not in proc.stdout.replace("config_schema", "")
     assert "experiment/zoo: ccnet_authors_r1_cityscapes," in proc.stdout and "_zoo" not in proc.stdout  # no bases
+    assert "_schedule_mmseg" not in proc.stdout
     refused = subprocess.run(
         [sys.executable, "run.py", "schedule=schedule_schema", f"hydra.run.dir={tmp_path}/run"],
         cwd=CONF.parent,

@@ -92,7 +92,8 @@ IMAGE = {"numpy", "tqdm", "pillow", "opencv-python-headless", "pyyaml", "packagi
 
 def python312():
     """A working Python 3.12 interpreter (pyenv's shims may name one that is not active), or None."""
-    candidates = [*sorted(Path.home().glob(".pyenv/versions/3.12*/bin/python3.12")), shutil.which("python3.12")]
+    pyenv = Path(os.environ.get("PYENV_ROOT") or Path.home() / ".pyenv")  # pyenv's own rule: PYENV_ROOT first
+    candidates = [*sorted(pyenv.glob("versions/3.12*/bin/python3.12")), shutil.which("python3.12")]
     for path in candidates:
         if path and subprocess.run([str(path), "-c", "import sys; assert sys.version_info[:2] == (3, 12)"],
                                    capture_output=True).returncode == 0:  # fmt: skip

@@ -142,6 +142,44 @@ def test_cross_entropy_ignores_the_ignore_label():
     assert abs(got - expected) < 1e-5
 
 
+def test_cross_entropy_over_all_pixels_as_mmseg_0x():
+    """average="all": the same sum over the valid pixels, divided by every pixel (ignored ones too): here 60 pixels,
+    10 of them ignored, so 50/60 of the valid-pixel mean."""
+    rng = np.random.default_rng(2)
+    logits = rng.standard_normal((2, 4, 6, 5)).astype(np.float32)
+    target = rng.integers(0, 4, (2, 6, 5))
+    target[0, :2] = 255
+    expected, _, valid = numpy_ce(logits.astype(np.float64), target, 255)
+    assert valid.sum() == 50 and target.size == 60
+    got = cross_entropy(jt.array(logits), jt.array(target), 255, "all").item()
+    assert abs(got - expected * 50 / 60) < 1e-5
+    assert cross_entropy(jt.array(logits), jt.array(target), 255, "valid").item() == pytest.approx(expected, abs=1e-5)
+    with pytest.raises(ValueError, match="average='mean'"):
+        cross_entropy(jt.array(logits), jt.array(target), 255, "mean")
+
+
+def test_ce_average_reaches_the_main_and_the_dsn_loss(compose):
+    """model.ce_average=all: both terms of CCNet.losses over every pixel; the averages' lists agree."""
+    from ccnet import validate
+    from ccnet.models import build_model
+    from ccnet.models.losses import CE_AVERAGES
+
+    assert validate.CE_AVERAGES == CE_AVERAGES
+    rng = np.random.default_rng(4)
+    images = jt.array(rng.standard_normal((2, 3, 32, 32)).astype(np.float32))
+    labels = rng.integers(0, 7, (2, 32, 32))
+    labels[:, :8] = 255  # a quarter ignored
+    for average in CE_AVERAGES:
+        model = build_model(compose(["experiment=tiny", "model.dropout=0", f"model.ce_average={average}"]))
+        model.train()  # batch statistics, no dropout: the forward below gives the logits the losses saw
+        _, main, aux = model.losses(images, jt.array(labels), 255)
+        logits, aux_logits = model(images, with_aux=True)
+        for term, out in ((main, logits), (aux, aux_logits)):
+            expected, _, _ = numpy_ce(out.numpy().astype(np.float64), labels, 255)
+            scale = 0.75 if average == "all" else 1.0  # 1536 valid of 2048 pixels
+            assert term.item() == pytest.approx(expected * scale, rel=1e-4), (average, term.item(), expected)
+
+
 def test_ohem_keeps_pixels_below_the_threshold():
     rng = np.random.default_rng(3)
     logits = (3 * rng.standard_normal((1, 3, 10, 10))).astype(np.float32)

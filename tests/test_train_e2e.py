@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -143,6 +144,39 @@ def test_run_py_end_to_end(tmp_path, data_home):
     assert (out / ".hydra" / "config.yaml").is_file() and (out / "run.log").is_file()
     assert json.loads((out / "metrics.json").read_text())["iteration"] == 2
     assert "Compiling Operators" not in proc.stderr  # silent unless verbose=true
+
+
+def test_mmseg_recipe_trains_through_run_py(tmp_path, data_home):
+    """schedule=mmseg_20k (mmseg's pipeline and poly floor) with mmseg 0.x's loss average on the tiny run: 2
+    iterations, the keys in the run's config, and the floor in the logged lr: iteration 2 runs at
+    (0.01 - 1e-4) * 0.5 ** 0.9 + 1e-4 = 5.41e-03 (5.36e-03 without it)."""
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "run.py",
+            "schedule=mmseg_20k",
+            *TINY,
+            "schedule.iters=2",
+            "schedule.checkpoint_every=2",
+            "schedule.resize_bound=[96,64]",  # the 160 px images to 32-128 px: 48 px crops, some padded
+            "schedule.log_every=1",
+            "model.ce_average=all",
+            f"hydra.run.dir={out}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = yaml.safe_load((out / "config.yaml").read_text())["schedule"]
+    assert (s["resize_bound"], s["cat_max_ratio"], s["photometric"], s["min_lr"]) == ([96, 64], 0.75, True, 1e-4)
+    assert yaml.safe_load((out / "config.yaml").read_text())["model"]["ce_average"] == "all"
+    log = (out / "run.log").read_text()
+    assert "iter 1/2 " in log and "lr 1.00e-02" in log.split("iter 1/2 ")[1].splitlines()[0]
+    assert "lr 5.41e-03" in log.split("iter 2/2 ")[1].splitlines()[0]
+    assert json.loads((out / "metrics.json").read_text())["iteration"] == 2
 
 
 def test_batch_larger_than_the_training_split_is_a_one_line_error(tmp_path, data_home):

@@ -42,6 +42,9 @@ CASES = [
     ("zoo.sha256", ["ad3cd48", "AD3CD481", "zz3cd481"], [None, "ad3cd481", "0" * 64]),
     ("schedule.scale_range", [[0, 1], [1.5, 0.75], [1.0], [-1, 2]], [[1, 1], [1e-3, 4]]),
     ("schedule.scale_step", [-0.1], [0]),
+    ("schedule.resize_bound", [[2048], [0, 512], [2048, -1]], [None, [2048, 512], [1, 1]]),
+    ("schedule.cat_max_ratio", [0, -0.5, 1.01, "nan"], [1.0, 0.75, 1e-9]),
+    ("schedule.min_lr", [-1e-4, 0.021, "nan", "inf"], [0, 1e-4, 0.02]),  # schedule/cpu: lr 0.02
     ("eval.scales", [[0], [], [1.0, -0.5]], [[0.25], [0.5, 1.0, 1.75]]),
     ("eval.stride", [[0, 0], [770, 770], [513]], [[1, 1], [769, 769]]),
     ("eval.crop_size", [[6, 6], [0, 769]], [[7, 7]]),
@@ -65,6 +68,7 @@ CASES = [
     ("point", [[1], [-1, 3]], [[0, 0], None]),
     ("model.act", ["bogus", "ReLU"], ["relu", "leaky_relu"]),
     ("model.loss", ["focal"], ["ce", "ohem"]),
+    ("model.ce_average", ["mean", "non_ignore"], ["valid", "all"]),
     ("kernels.cca", ["cuda", "ops"], ["fused", "jittor"]),
     ("kernels.conv", ["onednn"], ["fused", "jittor"]),
     ("kernels.batch_norm", ["oneDNN"], ["fused", "jittor"]),
@@ -314,6 +318,7 @@ REJECTED = [
     ("schedule.lr=inf", "schedule.lr=inf: expected a finite number > 0"),
     ("model.act=bogus", "model.act='bogus': expected one of leaky_relu, relu"),
     ("device=gpu", "device='gpu': expected one of auto, cpu, cuda"),
+    ("schedule.min_lr=0.5", "schedule.min_lr=0.5: expected a number in [0, schedule.lr] (schedule.lr=0.02)"),
 ]
 
 

@@ -173,16 +173,16 @@ def test_strict_compares_with_the_models_own_keys(tmp_path, torch_save, monkeypa
 
     model = build_backbone("resnet_tiny")
     path = torch_save(numpy_state(model), tmp_path / "r.pth")
-    real = resnet.convert_mit_resnet_state_dict
+    real = resnet.convert_resnet_state_dict
 
     def lossy(state_dict):
         converted, dropped = real(state_dict)
         lost = [k for k in converted if k.endswith("running_var")]
         return {k: v for k, v in converted.items() if k not in lost}, dropped + lost
 
-    lossy_weights = dataclasses.replace(resnet.MIT_RESNET, convert=lossy)
+    lossy_weights = dataclasses.replace(resnet.RESNET_WEIGHTS, convert=lossy)
     for entry in BACKBONES.entries():  # the ResNets declare their weights format at registration
-        if entry.info.get("weights") is resnet.MIT_RESNET:
+        if entry.info.get("weights") is resnet.RESNET_WEIGHTS:
             monkeypatch.setitem(entry.info, "weights", lossy_weights)
     n_var = sum(k.endswith("running_var") for k in model.state_dict())
     with pytest.raises(WeightsError, match=rf"missing \({n_var}\): bn1.running_var, "):

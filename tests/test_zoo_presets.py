@@ -20,6 +20,7 @@ import pytest
 from ccnet.download import DownloadError, sha256_prefix_from_name
 from ccnet.engine.checkpoint import CheckpointError
 from ccnet.testing import torch_twins as twins
+from ccnet.validate import problems
 
 ROOT = Path(__file__).resolve().parents[1]
 ZOO = ROOT / "conf" / "experiment" / "zoo"
@@ -96,6 +97,62 @@ def test_mmseg_preset_is_the_published_protocol(compose, name):
         mode,
         img_scale,
     )
+
+
+# mmseg 0.x's training recipes, from its configs: configs/_base_/schedules/schedule_{20k,40k,80k,160k}.py (SGD lr
+# 0.01, momentum 0.9, weight decay 0.0005; poly, power 0.9, min_lr 1e-4; a checkpoint and an evaluation every 2000 /
+# 4000 / 8000 / 16000 iterations), configs/_base_/datasets/*.py (train pipeline: Resize(img_scale, ratio_range=(0.5,
+# 2.0)), RandomCrop(crop_size, cat_max_ratio=0.75), RandomFlip(prob=0.5), PhotoMetricDistortion, Normalize, Pad;
+# samples_per_gpu 2 on Cityscapes, 4 on ADE20K and VOC), configs/_base_/models/ccnet_r50-d8.py (auxiliary loss 0.4;
+# CrossEntropyLoss, in 0.x a mean over every pixel: avg_non_ignore came in 0.23, default False), 4 GPUs
+# (configs/ccnet/README.md). data set: (img_scale, crop, global batch = 4 GPUs x samples_per_gpu)
+TRAIN_PIPELINES = {
+    "512x1024_cityscapes": ([2048, 1024], [512, 1024], 8),
+    "769x769_cityscapes": ([2049, 1025], [769, 769], 8),
+    "ade20k": ([2048, 512], [512, 512], 16),
+    "voc12aug": ([2048, 512], [512, 512], 16),
+}
+SCHEDULES = {"20k": (20000, 2000), "40k": (40000, 4000), "80k": (80000, 8000), "160k": (160000, 16000)}
+
+
+def train_pipeline_of(name):
+    if name.endswith("cityscapes"):
+        return TRAIN_PIPELINES["769x769_cityscapes" if "769x769" in name else "512x1024_cityscapes"]
+    return TRAIN_PIPELINES[name.split("_")[-1]]
+
+
+@pytest.mark.parametrize("name", sorted(MMSEG))
+def test_mmseg_preset_trains_with_the_published_recipe(compose, name):
+    img_scale, crop, batch = train_pipeline_of(name)
+    iters, interval = SCHEDULES[name.split("_")[-2]]
+    cfg = compose([f"experiment=zoo/{name}"])
+    s = cfg.schedule
+    assert (s.iters, s.checkpoint_every, s.eval_every, s.batch_size) == (iters, interval, interval, batch)
+    assert (list(s.crop_size), list(s.resize_bound), list(s.scale_range), s.scale_step) == (
+        crop,
+        img_scale,
+        [0.5, 2.0],
+        0.0,
+    )
+    assert (s.cat_max_ratio, s.mirror, s.photometric) == (0.75, True, True)
+    assert (s.lr, s.momentum, s.weight_decay, s.poly_power, s.min_lr) == (0.01, 0.9, 0.0005, 0.9, 1e-4)
+    assert (cfg.model.aux_weight, cfg.model.loss, cfg.model.dropout, cfg.model.ce_average) == (0.4, "ce", 0.1, "all")
+    assert s.amp is False and cfg.dataset.ignore_index == 255
+    assert problems(cfg) == []
+
+
+def test_our_presets_train_as_before(compose):
+    """The mmseg keys stay off where no mmseg recipe is asked for: the default run, the seed's and the authors'."""
+    for overrides in (
+        [],
+        ["experiment=cityscapes_r101"],
+        ["experiment=ade20k_r101"],
+        ["experiment=zoo/ccnet_authors_r2_cityscapes"],
+    ):
+        cfg = compose(overrides)
+        s = cfg.schedule
+        assert (s.resize_bound, s.cat_max_ratio, s.photometric, s.min_lr) == (None, 1.0, False, 0.0), overrides
+        assert cfg.model.ce_average == "valid", overrides  # the authors' CriterionDSN: PyTorch's mean, valid pixels
 
 
 @pytest.mark.parametrize("name", sorted(AUTHORS))

@@ -23,6 +23,7 @@ import cv2
 import numpy as np
 
 from ccnet import runtime
+from ccnet.data.transforms import rescale_size  # mmcv's keep-ratio rule, shared with the training resize
 
 jt = runtime.ensure_setup()  # Jittor, set up first (a no-op after run.py's own set-up)
 
@@ -88,13 +89,6 @@ def resize_logits(logits: np.ndarray, size_hw, align_corners: bool) -> np.ndarra
 def softmax(logits: np.ndarray) -> np.ndarray:
     z = np.exp(logits - logits.max(0, keepdims=True))
     return z / z.sum(0, keepdims=True)
-
-
-def rescale_size(h: int, w: int, bound) -> tuple[int, int]:
-    """mmcv's keep-ratio rescale: the largest size of the image's ratio within bound = (long, short) edges, each
-    side rounded as int(side * factor + 0.5)."""
-    factor = min(max(bound) / max(h, w), min(bound) / min(h, w))
-    return int(h * factor + 0.5), int(w * factor + 0.5)
 
 
 def scaled_sizes(h: int, w: int, scales=(1.0,), resize=None) -> list[tuple[int, int]]:

@@ -51,8 +51,9 @@ def flush_logs(writer) -> None:
         handler.flush()
 
 
-def poly_lr(base_lr: float, iteration: int, max_iters: int, power: float = 0.9) -> float:
-    return base_lr * (1 - iteration / max_iters) ** power
+def poly_lr(base_lr: float, iteration: int, max_iters: int, power: float = 0.9, min_lr: float = 0.0) -> float:
+    """The poly schedule at 0-based `iteration`, down to min_lr (mmcv's PolyLrUpdaterHook; min_lr 0: ours)."""
+    return (base_lr - min_lr) * (1 - iteration / max_iters) ** power + min_lr
 
 
 def iteration_seed(seed: int, iteration: int) -> int:
@@ -146,7 +147,7 @@ def train(
             step = it + 1
             np.random.seed(iteration_seed(cfg.seed, it))  # dropout masks depend on the iteration alone
             jt.set_seed(iteration_seed(cfg.seed, it))
-            lr = poly_lr(s.lr, it, s.iters, s.poly_power)
+            lr = poly_lr(s.lr, it, s.iters, s.poly_power, s.min_lr)
             optimizer.lr = lr
             images, labels = next(batches)
             with amp.autocast(s.amp):

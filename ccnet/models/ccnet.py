@@ -75,6 +75,7 @@ class CCNet(nn.Module):
         aux_channels=None,
         aux_bias=True,
         align_corners=True,
+        aux_average="valid",
     ):
         super().__init__()
         self.backbone = backbone
@@ -84,6 +85,7 @@ class CCNet(nn.Module):
         self.aux_weight = aux_weight
         self.main_loss = loss  # loss(logits, labels, ignore_index): cross-entropy, OHEM, ... (losses.py)
         self.align_corners = align_corners  # of the logits' upsampling (and of inference's resize back)
+        self.aux_average = aux_average  # the DSN's cross-entropy: over valid pixels, or all (mmseg 0.x)
 
     def execute(self, images, with_aux=False):
         """(B, 3, H, W) -> logits (B, classes, H, W); with_aux also returns the DSN logits."""
@@ -98,7 +100,7 @@ class CCNet(nn.Module):
         logits, aux_logits = self(images, with_aux=True)
         with jt.flag_scope(auto_mixed_precision_level=0):  # float32 also under schedule.amp (pixel counts > 65504)
             main = self.main_loss(logits, labels, ignore_index)
-            aux = cross_entropy(aux_logits, labels, ignore_index)
+            aux = cross_entropy(aux_logits, labels, ignore_index, self.aux_average)
             return main + self.aux_weight * aux, main, aux
 
 
@@ -136,6 +138,7 @@ def build_model(cfg) -> CCNet:
         m.aux_channels,
         m.aux_bias,
         resolved_align_corners(m),
+        m.ce_average,
     )
 
 

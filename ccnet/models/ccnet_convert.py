@@ -22,16 +22,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from .resnet import MMCV_STEM
+
 INPLACE_ABN_EPS = 1e-5  # InPlaceABNSync's default eps (also its BN eps, as ours)
 
 # (their prefix, our prefix), matched at the start of a key; the first match wins
-MMSEG_PREFIXES = (
-    ("backbone.stem.0.", "backbone.conv1."),
-    ("backbone.stem.1.", "backbone.bn1."),
-    ("backbone.stem.3.", "backbone.conv2."),
-    ("backbone.stem.4.", "backbone.bn2."),
-    ("backbone.stem.6.", "backbone.conv3."),
-    ("backbone.stem.7.", "backbone.bn3."),
+MMSEG_PREFIXES = tuple((f"backbone.{theirs}", f"backbone.{ours}") for theirs, ours in MMCV_STEM) + (
     ("backbone.layer", "backbone.layer"),
     ("decode_head.convs.0.conv.", "head.conva.0."),
     ("decode_head.convs.0.bn.", "head.conva.1."),

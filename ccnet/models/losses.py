@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 
 import jittor as jt
 import numpy as np
@@ -29,10 +30,21 @@ def valid_count(mask: jt.Var) -> jt.Var:
     return count.maximum(1.0).stop_grad()
 
 
-def cross_entropy(logits: jt.Var, target: jt.Var, ignore_index: int = 255) -> jt.Var:
-    """Mean CE over the pixels whose label is not ignore_index; logits (B, C, H, W), target (B, H, W)."""
+CE_AVERAGES = ("valid", "all")  # model.ce_average
+
+
+def cross_entropy(logits: jt.Var, target: jt.Var, ignore_index: int = 255, average: str = "valid") -> jt.Var:
+    """Mean CE over the pixels whose label is not ignore_index; logits (B, C, H, W), target (B, H, W).
+
+    average="all": the sum over those pixels divided by every pixel of the batch, ignored (and padded) ones
+    included, as mmsegmentation 0.x's CrossEntropyLoss (avg_non_ignore=False); under MPI each rank divides by its
+    own pixel count, the same on every rank, and the averaged gradients are those of the combined batch."""
+    if average not in CE_AVERAGES:
+        raise ValueError(f"average={average!r}: expected one of {', '.join(CE_AVERAGES)}")
     picked, valid = true_class_log_prob(logits, target, ignore_index)
     valid = valid.float32()
+    if average == "all":
+        return -(picked * valid).sum() / float(max(1, math.prod(target.shape)))
     return -(picked * valid).sum() / valid_count(valid)
 
 
@@ -53,8 +65,8 @@ def ohem_cross_entropy(logits, target, ignore_index=255, thresh=0.7, min_kept=10
 
 
 @LOSSES.register("ce")
-def ce_loss():
-    return cross_entropy
+def ce_loss(average: str = "valid"):
+    return cross_entropy if average == "valid" else functools.partial(cross_entropy, average=average)
 
 
 @LOSSES.register("ohem")

@@ -5,8 +5,9 @@ The authors' (`resnet50`, `resnet101`): stem 3x3 s2 3->64, 3x3 64->64, 3x3 64->1
 input gives 97x97 features. Parameter names match MIT CSAIL's `resnet101-imagenet.pth`.
 mmsegmentation's ResNetV1c-D8 (`resnet50_v1c`, `resnet101_v1c`), the backbone of its released CCNets: stem
 3->32->32->64, max-pool without ceil mode, dilations 1, 1, 2, 4 with contract_dilation (the first block of a
-dilated stage uses half the dilation: layer3 starts at 1, layer4 at 2). Same parameter names here; its files'
-`stem.N` keys are renamed on load (ccnet/models/ccnet_convert.py).
+dilated stage uses half the dilation: layer3 starts at 1, layer4 at 2). Same parameter names here; the `stem.N`
+keys of mmcv's ImageNet files (`backbone.pretrained=resnet101_v1c-*.pth`) and of mmseg's CCNet files
+(ccnet/models/ccnet_convert.py) are renamed on load (MMCV_STEM).
 """
 
 from __future__ import annotations
@@ -109,28 +110,42 @@ class ResNet(nn.Module):
         return c3, self.layer4(c3)
 
 
-def convert_mit_resnet_state_dict(state_dict: dict) -> tuple[dict, list]:
-    """MIT CSAIL `resnet{50,101}-imagenet.pth` state dict -> our names (already equal): drops the classifier
-    `fc.*` and `num_batches_tracked`. Returns (converted, dropped keys)."""
+# mmcv's ResNetV1c keeps its deep stem as one Sequential (conv, BN, ReLU three times): its `stem.N.` -> ours
+MMCV_STEM = (
+    ("stem.0.", "conv1."),
+    ("stem.1.", "bn1."),
+    ("stem.3.", "conv2."),
+    ("stem.4.", "bn2."),
+    ("stem.6.", "conv3."),
+    ("stem.7.", "bn3."),
+)
+
+
+def convert_resnet_state_dict(state_dict: dict) -> tuple[dict, list]:
+    """An ImageNet ResNet state dict -> our names. MIT CSAIL's `resnet{50,101}-imagenet.pth` already has them;
+    mmcv's `resnet{50,101}_v1c` (open-mmlab://, the backbone of mmsegmentation's CCNets) has its stem as `stem.N`.
+    Drops the classifier `fc.*` and `num_batches_tracked`. Returns (converted, dropped keys)."""
     converted, dropped = {}, []
     for key, value in state_dict.items():
         if key.startswith("fc.") or key.endswith("num_batches_tracked"):
             dropped.append(key)
-        else:
-            converted[key] = value
+            continue
+        theirs, ours = next(((t, o) for t, o in MMCV_STEM if key.startswith(t)), ("", ""))
+        converted[ours + key[len(theirs) :]] = value
     return converted, dropped
 
 
-MIT_RESNET = PretrainedWeights("resnet", "layer1.0.conv1.weight", convert_mit_resnet_state_dict, ResNet)
+# one format for every ResNet here: which stem a file holds shows in its shapes (strict loading names a misfit)
+RESNET_WEIGHTS = PretrainedWeights("resnet", "layer1.0.conv1.weight", convert_resnet_state_dict, ResNet)
 # min_input: the smallest input side (measured): the stem leaves ceil(s / 2) pixels and the 3x3 max-pool needs 4
 
 
-@BACKBONES.register("resnet50", weights=MIT_RESNET, min_input=7)
+@BACKBONES.register("resnet50", weights=RESNET_WEIGHTS, min_input=7)
 def resnet50():
     return ResNet(Bottleneck, [3, 4, 6, 3])
 
 
-@BACKBONES.register("resnet101", weights=MIT_RESNET, min_input=7)
+@BACKBONES.register("resnet101", weights=RESNET_WEIGHTS, min_input=7)
 def resnet101():
     return ResNet(Bottleneck, [3, 4, 23, 3])
 
@@ -138,17 +153,17 @@ def resnet101():
 V1C = dict(stem=(32, 32, 64), ceil_mode=False, contract_dilation=True)  # mmsegmentation's ResNetV1c-D8
 
 
-@BACKBONES.register("resnet50_v1c", min_input=7)
+@BACKBONES.register("resnet50_v1c", weights=RESNET_WEIGHTS, min_input=7)
 def resnet50_v1c():
     return ResNet(Bottleneck, [3, 4, 6, 3], **V1C)
 
 
-@BACKBONES.register("resnet101_v1c", min_input=7)
+@BACKBONES.register("resnet101_v1c", weights=RESNET_WEIGHTS, min_input=7)
 def resnet101_v1c():
     return ResNet(Bottleneck, [3, 4, 23, 3], **V1C)
 
 
-@BACKBONES.register("resnet_tiny", weights=MIT_RESNET, min_input=7)
+@BACKBONES.register("resnet_tiny", weights=RESNET_WEIGHTS, min_input=7)
 def resnet_tiny():
     """A small ResNet-style backbone (basic blocks, same stem and dilations) that trains in minutes on a CPU."""
     return ResNet(BasicBlock, [1, 1, 1, 1], stem=(16, 16, 32), widths=(32, 64, 96, 128))

@@ -587,6 +587,20 @@ def resnet_reference(path, block, layers, stem, widths, x):
         return [f.numpy() for f in twin.stages(torch.from_numpy(x))]
 
 
+def v1c_imagenet_reference(path, depth, x):
+    """Save a randomised ResNetV1c (mmseg's, from torch_ccnet_mmseg) as mmcv's ImageNet files are
+    (open-mmlab://resnet{50,101}_v1c: {'meta', 'state_dict'} with stem.N keys and the 1000-class fc) at `path`;
+    return its four stage outputs on `x`."""
+    import torch
+
+    backbone = randomise(torch_ccnet_mmseg(depth, 2, False).backbone)
+    fc = torch.nn.Linear(2048, 1000)
+    state = {**backbone.state_dict(), "fc.weight": fc.weight.detach(), "fc.bias": fc.bias.detach()}
+    torch.save({"meta": {"epoch": 120}, "state_dict": state}, path)
+    with torch.no_grad():
+        return [f.numpy() for f in backbone(torch.from_numpy(x))]
+
+
 def van_reference(path, embed_dims, depths, x):
     """Save a randomised VAN twin as the official .pth.tar at `path`; return its stage outputs on `x`, the
     classifier's logits on the pooled last stage, and the classifier's weight and bias."""
