@@ -124,22 +124,15 @@ def test_eval_rejects_a_bad_checkpoint(compose, tmp_path):
         get_job("eval")(compose(["job=eval", f"checkpoint={bad}"]), tmp_path / "out")
 
 
+def run_tiny(out, *overrides):
+    """`python run.py` of the tiny model for 2 iterations (a checkpoint at the end) into out, plus overrides."""
+    cmd = [sys.executable, "run.py", *TINY, "schedule.iters=2", "schedule.checkpoint_every=2", *overrides]
+    return subprocess.run([*cmd, f"hydra.run.dir={out}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
 def test_run_py_end_to_end(tmp_path, data_home):
     out = tmp_path / "run"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "run.py",
-            *TINY,
-            "schedule.iters=2",
-            "schedule.checkpoint_every=2",
-            f"hydra.run.dir={out}",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = run_tiny(out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / ".hydra" / "config.yaml").is_file() and (out / "run.log").is_file()
     assert json.loads((out / "metrics.json").read_text())["iteration"] == 2
@@ -151,23 +144,12 @@ def test_mmseg_recipe_trains_through_run_py(tmp_path, data_home):
     iterations, the keys in the run's config, and the floor in the logged lr: iteration 2 runs at
     (0.01 - 1e-4) * 0.5 ** 0.9 + 1e-4 = 5.41e-03 (5.36e-03 without it)."""
     out = tmp_path / "run"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "run.py",
-            "schedule=mmseg_20k",
-            *TINY,
-            "schedule.iters=2",
-            "schedule.checkpoint_every=2",
-            "schedule.resize_bound=[96,64]",  # the 160 px images to 32-128 px: 48 px crops, some padded
-            "schedule.log_every=1",
-            "model.ce_average=all",
-            f"hydra.run.dir={out}",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    proc = run_tiny(
+        out,
+        "schedule=mmseg_20k",
+        "schedule.resize_bound=[96,64]",  # the 160 px images to 32-128 px: 48 px crops, some padded
+        "schedule.log_every=1",
+        "model.ce_average=all",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     s = yaml.safe_load((out / "config.yaml").read_text())["schedule"]
