@@ -39,7 +39,7 @@ def test_an_unknown_name_is_refused_listing_the_choices(registry, key, known):
         (BACKBONES, "resnet101", {"neck": "concat"}, "backbone.neck", "nothing"),
         (BACKBONES, "van_b0", {"neck": "sum", "dilation": 2}, "backbone.dilation", "drop_path, neck"),
         (LOSSES, "ohem", {"gamma": 2.0}, "model.gamma", "thresh, min_kept"),
-        (LOSSES, "ce", {"thresh": 0.7}, "model.thresh", "nothing"),
+        (LOSSES, "ce", {"thresh": 0.7}, "model.thresh", "average"),  # model.ce_average
         (ACTIVATIONS, "relu", {"slope": 0.1}, "model.slope", "nothing"),
     ],
 )
