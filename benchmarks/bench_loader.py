@@ -85,9 +85,10 @@ def main() -> None:
     cfg_dataset = SimpleNamespace(
         root=args.root, ignore_index=255, mean=[123.675, 116.28, 103.53], std=[58.395, 57.12, 57.375], bgr=False
     )
-    cfg_schedule = SimpleNamespace(
-        crop_size=[args.crop, args.crop], scale_range=[0.5, 2.0], scale_step=0.0, mirror=True
-    )  # the seed's recipe (schedule=paper)
+    cfg_schedule = SimpleNamespace(  # the seed's recipe (schedule=paper); mmseg's steps off
+        crop_size=[args.crop, args.crop], scale_range=[0.5, 2.0], scale_step=0.0, mirror=True,
+        resize_bound=None, cat_max_ratio=1.0, photometric=False,
+    )  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         if args.root is None:
             t = time.perf_counter()

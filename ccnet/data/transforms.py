@@ -158,22 +158,20 @@ def train_transform(image, label, rng, cfg_dataset, cfg_schedule):
 
     schedule.resize_bound / cat_max_ratio / photometric switch on mmseg's steps (see the module's docstring)."""
     s = cfg_schedule
-    bound = getattr(s, "resize_bound", None)  # getattr: a plain namespace of the older keys works too
-    if bound:
-        image, label = random_resize_to_bound(image, label, rng, bound, s.scale_range, s.scale_step)
+    if s.resize_bound:
+        image, label = random_resize_to_bound(image, label, rng, s.resize_bound, s.scale_range, s.scale_step)
     else:
         image, label = random_scale(image, label, rng, s.scale_range, s.scale_step)
     if s.mirror:
         image, label = random_mirror(image, label, rng)
-    photometric = getattr(s, "photometric", False)
 
     def finish(crop):
-        if photometric:
+        if s.photometric:
             crop = photometric_distortion(np.ascontiguousarray(crop), rng)
         return normalize(crop, cfg_dataset.mean, cfg_dataset.std, cfg_dataset.bgr)
 
     image, label = pad_and_random_crop(
-        image, label, rng, s.crop_size, cfg_dataset.ignore_index, finish, getattr(s, "cat_max_ratio", 1.0)
+        image, label, rng, s.crop_size, cfg_dataset.ignore_index, finish, s.cat_max_ratio
     )
     return np.ascontiguousarray(image.transpose(2, 0, 1)), np.ascontiguousarray(label)
 

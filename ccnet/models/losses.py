@@ -66,7 +66,7 @@ def ohem_cross_entropy(logits, target, ignore_index=255, thresh=0.7, min_kept=10
 
 @LOSSES.register("ce")
 def ce_loss(average: str = "valid"):
-    return cross_entropy if average == "valid" else functools.partial(cross_entropy, average=average)
+    return functools.partial(cross_entropy, average=average)
 
 
 @LOSSES.register("ohem")
