@@ -12,6 +12,7 @@ import traceback
 from pathlib import Path
 
 from ccnet import ops, runtime
+from ccnet.hparams import log_run_hparams
 from ccnet.registry import JOBS
 from ccnet.summary import record_status
 
@@ -45,6 +46,19 @@ def run_job(cfg, run_dir: Path, multirun: bool, reraise=()):
         if not multirun:
             raise
         log.error("job failed; the sweep goes on:\n%s", traceback.format_exc())
+        log_hparams(cfg, run_dir, multirun)  # the sweep's HParams tab lists it as failed
         return float("-inf")
     record(status="ok", result=result)
+    log_hparams(cfg, run_dir, multirun)
     return result
+
+
+def log_hparams(cfg, run_dir: Path, multirun: bool) -> None:
+    """A training run's session in TensorBoard's HParams tab (ccnet/hparams.py), after status.json; rank 0 only.
+    A failure to write it is logged, not raised: the run's results are written already, and a sweep goes on."""
+    if cfg.job != "train" or runtime.mpi_rank() != 0:
+        return
+    try:
+        log_run_hparams(run_dir, multirun)
+    except Exception as err:
+        log.warning("HParams not written into %s: %s: %s", run_dir / "tb", type(err).__name__, err)
