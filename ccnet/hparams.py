@@ -4,8 +4,8 @@ One event file per job, `<job>/tb/events.out.tfevents.hparams` (replaced atomica
 columns the tab has), the session start (this job's values), the results as scalars and the session end (its
 status). What TensorBoard 2.x does with it, read in its source (plugins/hparams/backend_context.py and the
 tf-hparams-query-pane of its web files):
-- the experiment of the first run that has one is used; every job of a sweep writes the same one (summarize()
-  writes them all again when the sweep ends, from every job folder, failed ones included);
+- the experiment of the first run that has one is used; every job of a sweep writes the same one (summary.py's
+  summarize() writes them all again when the sweep ends, from every job folder, failed ones included);
 - hyper-parameter columns are sorted by `differs` (true first), then by name; the tab ticks the first five of
   them and the first five metrics. So the keys the sweep varies are marked `differs` (the other keys are
   recorded after them, unmarked; with fewer than five varied keys the tab ticks a few of them too), and the
@@ -223,13 +223,3 @@ def write_sweep_hparams(jobs: list[tuple[Path, dict]], varied: list[str]) -> Non
     for (job_dir, row), hparams in zip(jobs, sessions):
         results = {**row, **job_results(job_dir)}
         write_session(Path(job_dir) / "tb", exp, hparams, results, row["status"], results["iteration"])
-
-
-def log_run_hparams(run_dir: Path, multirun: bool) -> None:
-    """A training job's session, when it ends: a single run marks the keys of its command line, a job of a
-    sweep the keys the sweep varies (until the sweep's summary writes every job's session again)."""
-    from ccnet.summary import run_row
-
-    row = run_row(Path(run_dir))
-    varied = sweep_definition_keys(Path(run_dir).parent) if multirun else None
-    write_sweep_hparams([(Path(run_dir), row)], list(row["overrides"]) if varied is None else varied)

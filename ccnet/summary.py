@@ -21,6 +21,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
 from ccnet.fileio import atomic_file
+from ccnet.hparams import write_sweep_hparams
 from ccnet.runtime import import_tensorboardx, mpi_rank
 
 log = logging.getLogger(__name__)
@@ -116,8 +117,6 @@ def summarize(sweep_dir) -> list[dict]:
     )
     (sweep_dir / "summary.md").write_text(markdown + "\n")
     plot_summary(rows, shown[:4], sweep_dir / "summary.png")
-    from ccnet.hparams import write_sweep_hparams  # it reads job folders with this module's run_row
-
     write_sweep_hparams([(row["dir"], row) for row in rows], shown)  # TensorBoard's HParams tab, same columns
     log.info("sweep %s: %d job(s)\n%s\n-> summary.csv, summary.md, summary.png", sweep_dir, len(rows), markdown)
     return rows

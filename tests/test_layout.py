@@ -22,7 +22,8 @@ MAY_IMPORT = {
     "run_dirs": {"runtime"},
     "validate": {"runtime", "registry", "ops", "models"},
     "preflight": {"runtime", "run_dirs", "validate"},
-    "summary": {"runtime", "fileio"},
+    "hparams": {"runtime", "fileio"},
+    "summary": {"runtime", "fileio", "hparams"},
     "weights": {"registry", "runtime", "fileio", "export"},  # export: only its command line (weights.main)
     "download": set(),
     "testing": set(),
@@ -32,7 +33,7 @@ MAY_IMPORT = {
     "engine": {"runtime", "data", "models", "ops", "weights", "fileio"},
     "export": {"engine", "data", "fileio", "models"},  # models: the mmseg key mapping, for --format mmseg only
     "jobs": {"runtime", "registry", "ops", "data", "engine", "models", "weights", "summary", "download", "fileio"}
-    | {"validate"},
+    | {"validate", "hparams"},
     "api": {"runtime", "registry", "ops", "data", "engine", "models", "weights", "jobs", "config", "download"}
     | {"validate"},
 }

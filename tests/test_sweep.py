@@ -199,7 +199,7 @@ def test_hparams_tab_lists_a_failed_job_with_its_status(sweep):
 def test_a_single_run_marks_the_keys_of_its_command_line(tmp_path):
     """A run folder as a finished training run leaves it (without training): its HParams session marks the keys
     given on its command line, and holds the config's other keys after them."""
-    from ccnet.hparams import log_run_hparams
+    from ccnet.jobs import log_run_hparams
 
     run_dir = tmp_path / "2026-12-07" / "02-30-00"
     (run_dir / ".hydra").mkdir(parents=True)
