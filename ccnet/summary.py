@@ -3,7 +3,8 @@
 - Every job writes `status.json` into its folder (ccnet.jobs.run_job): status ok or failed, the error, the seconds.
 - `summarize(sweep_dir)` reads every `<num>_<overrides>/` job folder (also while a sweep is still running):
   overrides from `.hydra/overrides.yaml`, status, final val mIoU (`metrics.json`), best val mIoU over every
-  evaluation (`val/mIoU` in the TensorBoard events), time; writes summary.csv, summary.md, summary.png.
+  evaluation (`val/mIoU` in the TensorBoard events), time; writes summary.csv, summary.md, summary.png, and
+  each job's session of TensorBoard's HParams tab (ccnet/hparams.py: the keys the table shows first).
 - `SweepSummary` is the Hydra callback (conf/config.yaml, hydra.callbacks) calling it when a multirun ends;
   `python run.py job=sweep sweep_dir=PATH` calls it on any sweep folder.
 """
@@ -20,6 +21,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
 from ccnet.fileio import atomic_file
+from ccnet.hparams import write_sweep_hparams
 from ccnet.runtime import import_tensorboardx, mpi_rank
 
 log = logging.getLogger(__name__)
@@ -53,14 +55,20 @@ def read_scalars(tb_dir: Path, tag: str) -> list[tuple[int, float]]:
 
 
 def job_row(job_dir: Path) -> dict:
-    """One job folder -> {job, overrides (dict), status, final_miou, best_miou (%), seconds, error}."""
-    overrides = OmegaConf.to_container(OmegaConf.load(job_dir / ".hydra" / "overrides.yaml"))
-    status_file, metrics_file = job_dir / "status.json", job_dir / "metrics.json"
+    """One job folder -> {job, dir, overrides (dict), status, final_miou, best_miou (%), seconds, error}."""
+    return {"job": int(job_dir.name.split("_", 1)[0]), "dir": job_dir, **run_row(job_dir)}
+
+
+def run_row(run_dir: Path) -> dict:
+    """A job's or a single run's folder -> {overrides (dict; none without .hydra/overrides.yaml), status,
+    final_miou, best_miou (%), seconds, error}."""
+    overrides_file = run_dir / ".hydra" / "overrides.yaml"
+    overrides = OmegaConf.to_container(OmegaConf.load(overrides_file)) if overrides_file.is_file() else []
+    status_file, metrics_file = run_dir / "status.json", run_dir / "metrics.json"
     status = json.loads(status_file.read_text()) if status_file.is_file() else {}
     final = json.loads(metrics_file.read_text())["mIoU"] if metrics_file.is_file() else None
-    evaluations = [v for _, v in read_scalars(job_dir / "tb", "val/mIoU")]
+    evaluations = [v for _, v in read_scalars(run_dir / "tb", "val/mIoU")]
     return {
-        "job": int(job_dir.name.split("_", 1)[0]),
         "overrides": dict((*o.lstrip("+~").split("=", 1), "")[:2] for o in overrides),  # ~key: deleted, no value
         "status": status.get("status", "ok" if final is not None else "unfinished"),
         "final_miou": None if final is None else round(100 * final, 2),
@@ -109,6 +117,7 @@ def summarize(sweep_dir) -> list[dict]:
     )
     (sweep_dir / "summary.md").write_text(markdown + "\n")
     plot_summary(rows, shown[:4], sweep_dir / "summary.png")
+    write_sweep_hparams([(row["dir"], row) for row in rows], shown)  # TensorBoard's HParams tab, same columns
     log.info("sweep %s: %d job(s)\n%s\n-> summary.csv, summary.md, summary.png", sweep_dir, len(rows), markdown)
     return rows
 

@@ -22,7 +22,8 @@ MAY_IMPORT = {
     "run_dirs": {"runtime"},
     "validate": {"runtime", "registry", "ops", "models"},
     "preflight": {"runtime", "run_dirs", "validate"},
-    "summary": {"runtime", "fileio"},
+    "hparams": {"runtime", "fileio"},
+    "summary": {"runtime", "fileio", "hparams"},
     "weights": {"registry", "runtime", "fileio", "export"},  # export: only its command line (weights.main)
     "download": set(),
     "testing": set(),
@@ -32,7 +33,7 @@ MAY_IMPORT = {
     "engine": {"runtime", "data", "models", "ops", "weights", "fileio"},
     "export": {"engine", "data", "fileio", "models"},  # models: the mmseg key mapping, for --format mmseg only
     "jobs": {"runtime", "registry", "ops", "data", "engine", "models", "weights", "summary", "download", "fileio"}
-    | {"validate"},
+    | {"validate", "hparams"},
     "api": {"runtime", "registry", "ops", "data", "engine", "models", "weights", "jobs", "config", "download"}
     | {"validate"},
 }
@@ -149,12 +150,13 @@ import sys
 from ccnet import runtime
 runtime.setup("cpu")
 from ccnet.api import compose_config
-from ccnet.jobs import get_job
+from ccnet.jobs import run_job
 from ccnet.summary import read_scalars
 import pathlib
 run = pathlib.Path({str(tmp_path / "run")!r})
-get_job("train")(compose_config(["experiment=tiny", "schedule.iters=2", "schedule.checkpoint_every=2"]), run)
+run_job(compose_config(["experiment=tiny", "schedule.iters=2", "schedule.checkpoint_every=2"]), run, False)
 assert len(read_scalars(run / "tb", "val/mIoU")) == 1  # what a sweep summary reads
+assert len(read_scalars(run / "tb", "hparams/final_miou")) == 1  # the HParams session, written by run_job
 print("torch" in sys.modules, sys.modules.get("tensorboardX") is not None)
 """
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=600)

@@ -84,8 +84,143 @@ def test_hparams_in_each_runs_own_tensorboard_folder(sweep):
     assert hparams["model.act"].string_value == "relu" and hparams["schedule.iters"].number_value == 2
     assert hparams["model.recurrence"].number_value == 2 and "dataset.name" in hparams
     assert {"_hparams_/experiment", "_hparams_/session_start_info", "_hparams_/session_end_info"} <= tags
-    assert metrics == {"hparams/mIoU", "hparams/best_mIoU", "hparams/pixel_accuracy"} and metrics <= tags
+    assert metrics == {f"hparams/{m}" for m in ("final_miou", "best_miou", "pixel_accuracy", "seconds")} <= tags
     assert "train/memory_mb" in tags
+
+
+def hparams_tab(logdir: Path):
+    """(experiment, session groups) as TensorBoard's HParams plugin serves them to its tab (its own event reader
+    and backend, with the tab's requests: up to 1000 hyper-parameters, every status)."""
+    from tensorboard import context
+    from tensorboard.backend.event_processing import data_provider, plugin_event_multiplexer
+    from tensorboard.plugins import base_plugin
+    from tensorboard.plugins.hparams import api_pb2, backend_context, get_experiment, list_session_groups
+
+    multiplexer = plugin_event_multiplexer.EventMultiplexer()
+    multiplexer.AddRunsFromDirectory(str(logdir))
+    multiplexer.Reload()
+    provider = data_provider.MultiplexerDataProvider(multiplexer, str(logdir))
+    backend = backend_context.Context(base_plugin.TBContext(logdir=str(logdir), data_provider=provider))
+    ctx = context.RequestContext()
+    experiment = get_experiment.Handler(ctx, backend, "", api_pb2.GetExperimentRequest(hparams_limit=1000)).run()
+    columns = [api_pb2.ColParams(hparam=h.name) for h in experiment.hparam_infos]
+    columns += [api_pb2.ColParams(metric=m.name) for m in experiment.metric_infos]
+    request = api_pb2.ListSessionGroupsRequest(
+        allowed_statuses=api_pb2.Status.values(), col_params=columns, start_index=0, slice_size=100
+    )
+    groups = list_session_groups.Handler(ctx, backend, "", request).run().session_groups
+    return experiment, sorted(groups, key=lambda g: g.name)
+
+
+def ticked(experiment) -> tuple[list[str], list[str]]:
+    """The columns the tab ticks (TensorBoard 2.x's tf-hparams-query-pane): hyper-parameters stably sorted with
+    `differs` first, the first five of them; the first five metrics."""
+    infos = sorted(experiment.hparam_infos, key=lambda h: not h.differs)
+    return [h.name for h in infos[:5]], [m.name.tag for m in experiment.metric_infos[:5]]
+
+
+def check_order_and_metrics(experiment, varied: list[str]):
+    names = [h.name for h in experiment.hparam_infos]
+    assert names[: len(varied)] == varied and all(h.differs for h in experiment.hparam_infos[: len(varied)])
+    rest = experiment.hparam_infos[len(varied) :]
+    assert not any(h.differs for h in rest) and [h.name for h in rest] == sorted(h.name for h in rest)
+    assert {"model.recurrence", "schedule.iters", "dataset.name"} <= set(names)  # the constant keys, recorded
+    assert [(m.name.tag, m.display_name) for m in experiment.metric_infos] == [
+        ("hparams/final_miou", "final_miou %"),
+        ("hparams/best_miou", "best_miou %"),
+        ("hparams/pixel_accuracy", "pixel_accuracy %"),
+        ("hparams/seconds", "seconds"),
+    ]
+    hparams, metrics = ticked(experiment)
+    assert hparams[: len(varied)] == varied and len(metrics) == 4
+
+
+@pytest.fixture(scope="module")
+def recurrence_sweep(tmp_path_factory, data_home):
+    """python run.py -m experiment=tiny recurrence=r0,r2, as the issue tried it (its 6 iterations: after 2 the
+    model predicts no pixel right, and results of 0 would not tell % from fractions)."""
+    sweep_dir = tmp_path_factory.mktemp("recurrence") / "multirun"
+    proc = subprocess.run(
+        [sys.executable, "run.py", "-m", "experiment=tiny", "recurrence=r0,r2", f"dataset.root={data_home}"]
+        + [f"hydra.sweep.dir={sweep_dir}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return sweep_dir
+
+
+def test_hparams_tab_of_a_sweep_shows_the_swept_key_then_the_summarys_results(recurrence_sweep):
+    from tensorboard.plugins.hparams import api_pb2
+
+    from ccnet.hparams import sweep_definition_keys
+
+    experiment, groups = hparams_tab(recurrence_sweep)
+    check_order_and_metrics(experiment, ["recurrence"])
+    assert sweep_definition_keys(recurrence_sweep) == ["recurrence"]  # what each job marked before the summary
+    rows = list(csv.DictReader(open(recurrence_sweep / "summary.csv")))
+    assert [g.hparams["recurrence"].string_value for g in groups] == [r["recurrence"] for r in rows] == ["r0", "r2"]
+    for group, row in zip(groups, rows):
+        job_dir = recurrence_sweep / group.name.split("/")[0]
+        values = {m.name.tag: m.value for m in group.metric_values}
+        accuracy = 100 * json.loads((job_dir / "metrics.json").read_text())["pixel_accuracy"]
+        assert accuracy > 1 and float(row["final_miou"]) > 1  # in %, and far from a fraction
+        assert values == pytest.approx(
+            {
+                "hparams/final_miou": float(row["final_miou"]),
+                "hparams/best_miou": float(row["best_miou"]),
+                "hparams/pixel_accuracy": round(accuracy, 2),
+                "hparams/seconds": float(row["seconds"]),
+            },
+            abs=1e-4,  # float32 scalars
+        )
+        assert group.hparams["model.recurrence"].number_value == int(row["recurrence"][1:])
+        assert [s.status for s in group.sessions] == [api_pb2.STATUS_SUCCESS]
+
+
+def test_hparams_tab_lists_a_failed_job_with_its_status(sweep):
+    from tensorboard.plugins.hparams import api_pb2
+
+    sweep_dir, _ = sweep
+    experiment, groups = hparams_tab(sweep_dir)
+    check_order_and_metrics(experiment, ["model.act"])
+    assert [(g.hparams["model.act"].string_value, [s.status for s in g.sessions]) for g in groups] == [
+        ("relu", [api_pb2.STATUS_SUCCESS]),
+        ("bogus", [api_pb2.STATUS_FAILURE]),
+    ]
+    assert len(groups[0].metric_values) == 4
+    seconds = float(list(csv.DictReader(open(sweep_dir / "summary.csv")))[1]["seconds"])
+    assert [(m.name.tag, m.value) for m in groups[1].metric_values] == [("hparams/seconds", seconds)]  # no mIoU
+    assert groups[1].hparams["schedule.iters"].number_value == 2  # typed as in the other job's config
+
+
+def test_a_single_run_marks_the_keys_of_its_command_line(tmp_path):
+    """A run folder as a finished training run leaves it (without training): its HParams session marks the keys
+    given on its command line, and holds the config's other keys after them."""
+    from ccnet.jobs import log_run_hparams
+
+    run_dir = tmp_path / "2026-12-07" / "02-30-00"
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra" / "overrides.yaml").write_text("- schedule.lr=0.02\n- recurrence=r0\n")
+    (run_dir / "config.yaml").write_text("schedule:\n  lr: 0.02\n  iters: 6\nmodel:\n  recurrence: 0\n")
+    (run_dir / "metrics.json").write_text(json.dumps({"mIoU": 0.5, "pixel_accuracy": 0.875, "iteration": 6}))
+    (run_dir / "status.json").write_text(json.dumps({"status": "ok", "seconds": 12.5}))
+    log_run_hparams(run_dir, multirun=False)
+    experiment, groups = hparams_tab(tmp_path)
+    assert [(h.name, h.differs) for h in experiment.hparam_infos] == [
+        ("recurrence", True),
+        ("schedule.lr", True),
+        ("model.recurrence", False),
+        ("schedule.iters", False),
+    ]
+    (group,) = groups
+    assert group.hparams["schedule.lr"].number_value == 0.02 and group.hparams["recurrence"].string_value == "r0"
+    values = {m.name.tag: m.value for m in group.metric_values}
+    assert values == pytest.approx(
+        {"hparams/final_miou": 50.0, "hparams/pixel_accuracy": 87.5, "hparams/seconds": 12.5}
+    )
 
 
 def test_job_sweep_rebuilds_a_half_finished_summary(sweep, compose, tmp_path):

@@ -12,8 +12,9 @@ import traceback
 from pathlib import Path
 
 from ccnet import ops, runtime
+from ccnet.hparams import sweep_definition_keys, write_sweep_hparams
 from ccnet.registry import JOBS
-from ccnet.summary import record_status
+from ccnet.summary import record_status, run_row
 
 runtime.ensure_setup()  # the jobs import Jittor: set it up first (a no-op after run.py's own set-up)
 
@@ -45,6 +46,27 @@ def run_job(cfg, run_dir: Path, multirun: bool, reraise=()):
         if not multirun:
             raise
         log.error("job failed; the sweep goes on:\n%s", traceback.format_exc())
+        log_hparams(cfg, run_dir, multirun)  # the sweep's HParams tab lists it as failed
         return float("-inf")
     record(status="ok", result=result)
+    log_hparams(cfg, run_dir, multirun)
     return result
+
+
+def log_hparams(cfg, run_dir: Path, multirun: bool) -> None:
+    """A training run's session in TensorBoard's HParams tab (ccnet/hparams.py), after status.json; rank 0 only.
+    A failure to write it is logged, not raised: the run's results are written already, and a sweep goes on."""
+    if cfg.job != "train" or runtime.mpi_rank() != 0:
+        return
+    try:
+        log_run_hparams(run_dir, multirun)
+    except Exception as err:
+        log.warning("HParams not written into %s: %s: %s", run_dir / "tb", type(err).__name__, err)
+
+
+def log_run_hparams(run_dir: Path, multirun: bool) -> None:
+    """A training run's HParams session when it ends: a single run marks the keys of its command line, a job of
+    a sweep the keys the sweep varies (until the sweep's summary writes every job's session again)."""
+    row = run_row(Path(run_dir))
+    varied = sweep_definition_keys(Path(run_dir).parent) if multirun else None
+    write_sweep_hparams([(Path(run_dir), row)], list(row["overrides"]) if varied is None else varied)

@@ -85,36 +85,3 @@ def log_eval_to_tensorboard(writer, metrics: dict, pictures, step: int) -> None:
     for i, picture in enumerate(pictures):
         writer.add_image(f"val_pred/{i}", picture, step, dataformats="HWC")
     writer.flush()
-
-
-def flatten_config(config: dict, prefix: str = "") -> dict:
-    """{"schedule": {"lr": 0.01}} -> {"schedule.lr": 0.01}; lists and None become text (HParams types)."""
-    flat = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            flat.update(flatten_config(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value if isinstance(value, (bool, int, float, str)) else str(value)
-    return flat
-
-
-def log_hparams(run_dir: Path, config: dict, metrics: dict) -> None:
-    """The flattened config and the final metrics into run_dir/tb, for TensorBoard's HParams tab.
-
-    Written into the run's own tb/ (a second event file), so `tensorboard --logdir SWEEP_DIR` lists every job
-    of a sweep as one session with the same hyper-parameter keys and the metrics hparams/mIoU, hparams/best_mIoU,
-    hparams/pixel_accuracy.
-    """
-    from tensorboardX.summary import hparams
-
-    final = {
-        "hparams/mIoU": metrics["mIoU"],
-        "hparams/best_mIoU": metrics.get("best_mIoU", metrics["mIoU"]),
-        "hparams/pixel_accuracy": metrics["pixel_accuracy"],
-    }
-    # its own file name: a second writer opened in the same second as the run's would overwrite its file
-    with tensorboardX.SummaryWriter(str(run_dir / "tb"), filename_suffix=".hparams") as writer:
-        for summary in hparams(flatten_config(config), final):
-            writer.file_writer.add_summary(summary)
-        for tag, value in final.items():
-            writer.add_scalar(tag, value, metrics.get("iteration", 0))

@@ -34,7 +34,7 @@ from ccnet.models import build_model
 from ccnet.registry import JOBS
 from ccnet.validate import check_batch_fits
 
-from .common import NullWriter, SummaryWriter, log_eval_to_tensorboard, log_hparams, prepare_run_dir, write_metrics
+from .common import NullWriter, SummaryWriter, log_eval_to_tensorboard, prepare_run_dir, write_metrics
 from .restore import load_init, model_init
 
 log = logging.getLogger(__name__)
@@ -160,6 +160,5 @@ def run(cfg, run_dir: Path) -> float:
         best_iteration=best["iteration"],
     )
     write_metrics(run_dir, metrics)
-    log_hparams(run_dir, config_dict, metrics)
     log.info("val mIoU %.2f%% -> %s", 100 * metrics["mIoU"], run_dir / "metrics.json")
     return metrics["mIoU"]
