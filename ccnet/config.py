@@ -134,6 +134,12 @@ class ZooConfig:  # conf/experiment/zoo/: a published model's file; checkpoint=z
 
 
 @dataclass
+class DownloadConfig:  # every fetch (zoo files, backbone weights, data set archives): ccnet/download.py
+    deadline_s: float = 43200.0  # one file, every attempt together (download.DEADLINE_S)
+    min_rate: float = 1024.0  # bytes/s over each minute of a transfer, else the attempt fails (download.MIN_RATE)
+
+
+@dataclass
 class Config:
     job: str = "train"  # a registered job (ccnet.registry.JOBS): train | eval | sweep | visualize | predict
     seed: int = 0
@@ -155,6 +161,7 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     zoo: ZooConfig = field(default_factory=ZooConfig)
+    download: DownloadConfig = field(default_factory=DownloadConfig)
     expected: Any = None  # experiment presets: the result they should reproduce (mIoU %, source)
 
 

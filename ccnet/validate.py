@@ -40,6 +40,9 @@ CE_AVERAGES = ("valid", "all")  # ccnet/models/losses.py cross_entropy()
 
 
 def is_url(v) -> bool:
+    """An http(s) address of a file, without control characters (raw or %-encoded: %00, %0A)."""
+    if re.search(r"[\x00-\x1f\x7f]", str(v) + urllib.parse.unquote(str(v))):
+        return False
     parts = urllib.parse.urlparse(str(v))
     return parts.scheme in ("http", "https") and bool(parts.netloc) and bool(parts.path.rsplit("/", 1)[-1])
 
@@ -249,6 +252,8 @@ RULES: dict[str, Rule] = {
     "eval.num_vis": integer(0),
     "eval.max_images": integer(0),
     **{f"kernels.{op}": one_of(kernel_choices) for op in ("cca", "conv", "batch_norm", "relu")},
+    "download.deadline_s": number(0, low_open=True),
+    "download.min_rate": number(0),
     "zoo.name": Rule(lambda v, cfg: v is None or bool(re.fullmatch(r"[\w.-]+", str(v))), "null or a preset's name"),
     "zoo.family": one_of(ZOO_FAMILIES, optional=True),
     "zoo.url": Rule(lambda v, cfg: v is None or is_url(v), "null or an http(s):// address of the file"),

@@ -59,7 +59,7 @@ def model_source(value, cfg, key: str = "checkpoint") -> Path:
         )
     from ccnet import download
 
-    return download.fetch_file(zoo["url"], sha256_prefix=zoo["sha256"])
+    return download.fetch_file(zoo["url"], sha256_prefix=zoo["sha256"], **download.limits(cfg))
 
 
 def adopt_saved_config(cfg, mf: ModelFile, adopt_dataset: bool, training: bool = False) -> None:
