@@ -141,7 +141,7 @@ class DownloadConfig:  # every fetch (zoo files, backbone weights, data set arch
 
 @dataclass
 class Config:
-    job: str = "train"  # a registered job (ccnet.registry.JOBS): train | eval | sweep | visualize | predict
+    job: str = "train"  # a registered job (ccnet.registry.JOBS): train | eval | sweep | visualize | predict | download
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     verbose: bool = False  # show Jittor's compile logs
