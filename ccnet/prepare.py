@@ -102,10 +102,12 @@ def loader_reads(dataset_cfg) -> tuple[bool, str]:
 
     build = DATASETS.get(str(dataset_cfg.name)).factory
     try:
-        for split in (dataset_cfg.train_split, dataset_cfg.val_split):
-            build(dataset_cfg, split)
+        train = build(dataset_cfg, dataset_cfg.train_split)
+        build(dataset_cfg, dataset_cfg.val_split)
     except DataError as err:
         return False, str(err).splitlines()[0]
+    if dataset_cfg.name == "voc" and train.meta.get("split") == "train":  # VOC without SBD's augmented set
+        return False, "Pascal VOC: no SegmentationClassAug + train_aug.txt (SBD)"
     return True, ""
 
 

@@ -571,3 +571,24 @@ def test_cityscapes_through_its_downloader(cityscapes_site, monkeypatch, tmp_pat
     assert prepare_dataset(section, progress=False).endswith("nothing to do")
     metrics = train_two_iterations(compose, "cityscapes", root, tmp_path / "run")
     assert metrics["iteration"] == 2
+
+
+def test_voc_already_there_gets_only_sbd_after_an_interrupted_run(server, monkeypatch, tmp_path):
+    """A VOC2012 unpacked by hand, and a run killed while converting (its list written, its labels' sibling left):
+    only SBD is fetched, the leftovers replaced, and the loader switches to train_aug once both are in."""
+    serve(server, monkeypatch, "VOC_TAR", "VOCtrainval_11-May-2012.tar", b"never asked for")
+    serve(server, monkeypatch, "SBD_TGZ", "benchmark.tgz", tar_bytes(sbd_files(tmp_path), "w:gz"))
+    data = tmp_path / "data"
+    with tarfile.open(fileobj=io.BytesIO(tar_bytes(voc_files()))) as tf:
+        tf.extractall(data, filter="data")
+    root = data / "VOCdevkit" / "VOC2012"
+    section = dataset_section("voc", data)  # dataset.root may also be the folder holding VOCdevkit/
+    assert build_dataset(section, "train").meta["split"] == "train"
+    (root / "ImageSets/Segmentation/train_aug.txt").write_text("stale\n")
+    (root / ".SegmentationClassAug.partial-999").mkdir()
+    message = prepare_dataset(section, progress=False)
+    assert message == f"Pascal VOC: 5 SBD-augmented training labels in {root / 'SegmentationClassAug'}"
+    assert [path for path, _ in server.requests] == ["/benchmark.tgz"]
+    assert (root / "ImageSets/Segmentation/train_aug.txt").read_text().split() == EXPECTED_AUG
+    assert not list(root.glob(".*partial*"))
+    assert build_dataset(section, "train").meta["split"] == "train_aug"
