@@ -92,7 +92,11 @@ def prepare_dataset(dataset_cfg, archive_dir=None, progress: bool = True, limits
     ready, why = loader_reads(dataset_cfg)
     if ready:
         return f"{name}: already in place at {Path(str(dataset_cfg.root)).expanduser()}; nothing to do"
-    return recipe(dataset_cfg, archive_dir, progress, limits or {}, why)
+    try:
+        return recipe(dataset_cfg, archive_dir, progress, limits or {}, why)
+    except OSError as err:  # a full disk while converting, a file where a folder should be, no permission
+        where = f" ({err.filename})" if err.filename else ""
+        raise DownloadError(f"{name}: {err.strerror or err}{where}; nothing half-made was kept") from None
 
 
 def loader_reads(dataset_cfg) -> tuple[bool, str]:

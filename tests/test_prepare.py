@@ -592,3 +592,27 @@ def test_voc_already_there_gets_only_sbd_after_an_interrupted_run(server, monkey
     assert (root / "ImageSets/Segmentation/train_aug.txt").read_text().split() == EXPECTED_AUG
     assert not list(root.glob(".*partial*"))
     assert build_dataset(section, "train").meta["split"] == "train_aug"
+
+
+def test_a_full_disk_while_converting_sbd(server, monkeypatch, tmp_path):
+    serve(server, monkeypatch, "VOC_TAR", "VOCtrainval_11-May-2012.tar", tar_bytes(voc_files()))
+    serve(server, monkeypatch, "SBD_TGZ", "benchmark.tgz", tar_bytes(sbd_files(tmp_path), "w:gz"))
+    saved = []
+
+    def full(self, fp, *args, **kwargs):
+        if len(saved) == 3:
+            raise OSError(28, "No space left on device", str(fp))
+        saved.append(fp)
+        return real_save(self, fp, *args, **kwargs)
+
+    real_save = Image.Image.save
+    monkeypatch.setattr(Image.Image, "save", full)
+    root = tmp_path / "data" / "VOCdevkit" / "VOC2012"
+    with pytest.raises(DownloadError) as err:
+        prepare_dataset(dataset_section("voc", root), progress=False)
+    message = only_line(err)
+    assert message.startswith("voc: No space left on device (") and "SegmentationClassAug.partial-" in message
+    assert (root / "JPEGImages").is_dir()  # VOC2012 itself was whole and is kept; the labels are not
+    assert not (root / "SegmentationClassAug").exists() and not list(root.glob(".*partial*"))
+    assert not list(root.parent.glob(".sbd*")) and not list(root.glob(".sbd*"))
+    assert build_dataset(dataset_section("voc", root), "train").meta["split"] == "train"
