@@ -143,7 +143,7 @@ class CCNet(nn.Module):
 
 # Keys of the `backbone` config section that every backbone has; the others are the named backbone's own settings
 # (VAN: drop_path, neck), passed to its factory when set; a backbone refuses a setting it does not take.
-BACKBONE_COMMON_KEYS = ("name", "pretrained", "strict", "head_channels")
+BACKBONE_COMMON_KEYS = ("name", "pretrained", "strict", "head_channels", "allow_normalization_mismatch")
 
 
 def backbone_settings(cfg_backbone) -> dict:
@@ -159,9 +159,15 @@ def build_model(cfg) -> CCNet:
     """From the `backbone`, `model` and `dataset` config sections."""
     backbone = build_backbone(cfg.backbone.name, **backbone_settings(cfg.backbone))
     if cfg.backbone.pretrained:
-        from ccnet.weights import load_backbone_weights
+        from ccnet.weights import Normalization, load_backbone_weights
 
-        load_backbone_weights(backbone, cfg.backbone.pretrained, strict=cfg.backbone.strict)
+        load_backbone_weights(
+            backbone,
+            cfg.backbone.pretrained,
+            strict=cfg.backbone.strict,
+            normalization=Normalization.of(cfg.dataset),
+            allow_normalization_mismatch=cfg.backbone.get("allow_normalization_mismatch", False),
+        )
     m = cfg.model
     return CCNet(
         backbone,
