@@ -28,7 +28,9 @@ from .common import prepare_run_dir
 log = logging.getLogger(__name__)
 CONF = Path(__file__).resolve().parents[2] / "conf"
 DATASET_OF_CLASSES = {19: "cityscapes", 150: "ade20k", 21: "voc"}  # the published models' data sets
-ARCHITECTURE = ("recurrence", "act", "aux_channels", "aux_bias", "align_corners")  # model.* keys a file decides
+# model.* keys a file decides
+ARCHITECTURE = ("recurrence", "act", "aux_channels", "aux_bias", "align_corners", "head", "aux_head", "head_in",
+                "aux_in", "head_reduction")  # fmt: skip
 
 
 def known_keys(section, saved) -> dict:
