@@ -140,6 +140,8 @@ def model_init(cfg):
     run folder's config.yaml is written). Returns (ModelFile, notes) or None; load_init() loads it."""
     if not cfg.model.get("init"):
         return None
+    if cfg.backbone.pretrained == "imagenet":  # a preset's ImageNet start: the whole model's weights replace it
+        cfg.backbone.pretrained = None
     if cfg.backbone.pretrained:
         raise CheckpointError(
             f"model.init={cfg.model.init} and backbone.pretrained={cfg.backbone.pretrained}: the whole model "
