@@ -33,15 +33,38 @@ class BackboneConfig:  # conf/backbone/
     head_channels: int = MISSING  # width of the RCCA and DSN heads used with this backbone (512 for ResNet-101)
     pretrained: Optional[str] = None  # path to ImageNet weights (.pth, .pth.tar or our .pkl)
     strict: bool = True  # a missing or mis-shaped backbone tensor is an error
+    allow_normalization_mismatch: bool = False  # true: train with dataset.mean/std/bgr even where the pretrained
+    # file is a published one trained on another input (ccnet.weights.WeightFile); false: that is an error
     # The settings of some backbones only (null = the backbone's own default; a backbone refuses one it lacks):
     drop_path: Optional[float] = None  # VAN: stochastic depth
     neck: Optional[str] = None  # VAN: stages 2-4 to stride 8 fused by sum | concat; none = stage 4 at stride 32
+    ln_eps: Optional[float] = None  # VAN: its stages' LayerNorm epsilon (1e-6, the official; the seed's: 1e-5)
+    # ResNet (ccnet/models/resnet.py; every name resnet*): depth 18 | 34 | 50 | 101 | 152 picks the block type and
+    # counts; blocks ([3, 4, 12, 3]) and block (basic | bottleneck) override them; backbone=resnet takes them all
+    depth: Optional[int] = None
+    blocks: Optional[List[int]] = None  # blocks per stage (4)
+    block: Optional[str] = None  # basic | bottleneck
+    stem: Optional[str] = None  # deep (3x3 convs 64-64-128, MIT's / the authors') | deep_v1c (32-32-64, mmseg's) |
+    # plain (7x7, 64: torchvision's)
+    stem_channels: Optional[List[int]] = None  # the stem's widths (3 for a deep stem, 1 for a plain one)
+    widths: Optional[List[int]] = None  # the four stages' base widths (64, 128, 256, 512)
+    ceil_mode: Optional[bool] = None  # of the stem's max-pool (the authors': true; mmseg's, torchvision's: false)
+    strides: Optional[List[int]] = None  # per stage (1, 2, 1, 1: output stride 8; 1, 2, 2, 2: 32)
+    dilations: Optional[List[int]] = None  # per stage (1, 1, 2, 4)
+    contract_dilation: Optional[bool] = None  # a dilated stage's first block at half the dilation (mmseg's V1c)
 
 
 @dataclass
 class ModelConfig:
     recurrence: int = MISSING  # CCA loops, conf/recurrence/; 0 = no attention
-    act: str = "relu"  # relu (mmseg) | leaky_relu (the authors' InPlaceABN)
+    head: str = "rcca"  # the decode head (ccnet.registry.HEADS)
+    aux_head: str = "dsn"  # the auxiliary head (ccnet.registry.AUX_HEADS)
+    head_in: Optional[str] = None  # the backbone feature the decode head reads: stage1-4 | neck (VAN); null: the
+    # backbone's own (ResNet: stage4, VAN: neck, or stage4 with backbone.neck=none)
+    aux_in: Optional[str] = None  # the same for the auxiliary head; null: stage3
+    head_reduction: Optional[int] = None  # the decode head's width = its input's channels // this (the seed's VAN
+    # head: 4); null: backbone.head_channels
+    act: str = "relu"  # of both heads: relu (mmseg) | leaky_relu (the authors' InPlaceABN) | none (the seed's)
     dropout: float = 0.1
     aux_weight: float = 0.4
     loss: str = "ce"  # ce | ohem (ccnet.registry.LOSSES); settings of loss X are the keys X_*
@@ -134,8 +157,14 @@ class ZooConfig:  # conf/experiment/zoo/: a published model's file; checkpoint=z
 
 
 @dataclass
+class DownloadConfig:  # every fetch (zoo files, backbone weights, data set archives): ccnet/download.py
+    deadline_s: float = 43200.0  # one file, every attempt together (download.DEADLINE_S)
+    min_rate: float = 1024.0  # bytes/s over each minute of a transfer, else the attempt fails (download.MIN_RATE)
+
+
+@dataclass
 class Config:
-    job: str = "train"  # a registered job (ccnet.registry.JOBS): train | eval | sweep | visualize | predict
+    job: str = "train"  # a registered job (ccnet.registry.JOBS): train | eval | sweep | visualize | predict | download
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     verbose: bool = False  # show Jittor's compile logs
@@ -155,6 +184,7 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     zoo: ZooConfig = field(default_factory=ZooConfig)
+    download: DownloadConfig = field(default_factory=DownloadConfig)
     expected: Any = None  # experiment presets: the result they should reproduce (mIoU %, source)
 
 

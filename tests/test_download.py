@@ -6,6 +6,7 @@ import hashlib
 import os
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -13,11 +14,13 @@ import pytest
 
 from ccnet import download
 from ccnet.download import DownloadError, fetch_file, main, sha256_prefix_from_name
+from ccnet.validate import is_url
 
 DATA = os.urandom(300 * 1024 + 123)  # a few hundred KiB, not a multiple of the chunk or the cut
 SHA = hashlib.sha256(DATA).hexdigest()
 NAME = f"ccnet_r50-d8_512x1024_40k_cityscapes_20200616_142517-{SHA[:8]}.pth"
 CUT = 100_000
+DRIP_S = 2.0  # the drip server's pause between bytes (issue 23: "one byte every 2 s")
 
 
 @dataclass
@@ -34,6 +37,7 @@ class Served:
     gate: threading.Event | None = None  # wait for this before answering
     ranges: list = field(default_factory=list)
     sent: list = field(default_factory=list)
+    stop_drip: threading.Event = field(default_factory=threading.Event)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -52,6 +56,26 @@ class _Handler(BaseHTTPRequestHandler):
             served.gate.wait(10)
         if served.statuses:
             self.send_error(served.statuses.pop(0))
+            return
+        if self.path.startswith("/loop"):  # a redirect to itself, forever
+            self.send_response(302)
+            self.send_header("Location", self.path)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        if self.path.startswith("/drip/"):  # one byte every DRIP_S seconds: no single read ever times out
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(served.data)))
+            self.end_headers()
+            for i in range(len(served.data)):
+                try:
+                    self.wfile.write(served.data[i : i + 1])
+                    self.wfile.flush()
+                except OSError:  # the client gave up
+                    return
+                served.sent[-1] += 1
+                if served.stop_drip.wait(DRIP_S):
+                    return
             return
         if self.path != f"/files/{NAME}":
             self.send_error(404)
@@ -90,6 +114,7 @@ def server():
     yield httpd
     if httpd.served.stall is not None:
         httpd.served.stall.set()
+    httpd.served.stop_drip.set()
     httpd.shutdown()
     httpd.server_close()
     thread.join(5)
@@ -287,3 +312,155 @@ def test_command_line(server, tmp_path, capsys):
     assert main([server.url + ".missing", "--dir", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "HTTP 404" in err and err.count("\n") == 1
+
+
+# --- issue 23: hostile servers and URLs, bounded in time; checksums of data set archives; free space; the cache
+
+
+def timed_fetch(url, tmp_path, bound_s=20.0, **kwargs):
+    """(the one-line error, seconds taken) of a fetch expected to fail within bound_s seconds (in a thread, so a
+    fetch that never ends fails the test instead of hanging it)."""
+    outcome = []
+
+    def run():
+        try:
+            fetch_file(url, None, tmp_path, progress=False, **kwargs)
+            outcome.append("no error")
+        except DownloadError as err:
+            outcome.append(err)
+
+    start = time.monotonic()
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(bound_s)
+    assert not thread.is_alive(), f"the fetch of {url} still runs after {bound_s} s"
+    assert isinstance(outcome[0], DownloadError), outcome
+    return str(outcome[0]), time.monotonic() - start
+
+
+def test_a_drip_server_is_cut_by_the_minimum_rate(server, tmp_path, monkeypatch):
+    monkeypatch.setattr(download, "RATE_WINDOW_S", 1.0)
+    url = server.url.replace("/files/", "/drip/")
+    message, seconds = timed_fetch(url, tmp_path, retries=1, min_rate=100, timeout=30)
+    assert "\n" not in message and "below download.min_rate=100" in message and "2 attempts" in message
+    assert seconds < 4 * DRIP_S + 2  # each attempt ends at its first byte after a window: ~DRIP_S, not 30 s
+    sent = server.served.sent
+    assert len(sent) == 2 and server.served.ranges[1] == f"bytes={sent[0]}-"  # the 2nd attempt asked to resume
+    assert not (tmp_path / NAME).exists() and 1 <= (tmp_path / f"{NAME}.part").stat().st_size <= sent[1]
+
+
+def test_a_drip_server_is_cut_by_the_deadline(server, tmp_path):
+    url = server.url.replace("/files/", "/drip/")
+    message, seconds = timed_fetch(url, tmp_path, retries=5, min_rate=0, deadline_s=3.0)
+    assert "not done within 3 s (download.deadline_s)" in message and "\n" not in message
+    assert seconds < 3.0 + DRIP_S + 2  # checked at each byte: at most one drip past the deadline
+    assert len(server.served.ranges) == 1  # a deadline is not retried
+    assert not (tmp_path / NAME).exists()
+
+
+@pytest.mark.parametrize("evil", ["\x00", "%00", "\n", "%0A", "%0d", "\x7f"])
+def test_urls_with_control_characters_are_refused_before_any_request(server, tmp_path, evil):
+    url = server.url.replace(".pth", f"{evil}x.pth")
+    message, _ = timed_fetch(url, tmp_path)
+    assert "control character" in message and "\n" not in message and "\x00" not in message and "\r" not in message
+    assert server.served.ranges == [] and list(tmp_path.iterdir()) == []
+    assert not is_url(url) and is_url(server.url)  # zoo.url's rule refuses it before any run starts
+
+
+def test_cache_names_keep_only_safe_characters(server, tmp_path):
+    assert download.cache_name("http://h/a/b%20c%2F..%2Fd;e.pth") == "b_c_.._d_e.pth"
+    assert download.cache_name("http://h/a/..%2F..%2Fetc") == "_.._etc"  # no '/', no leading dot
+    assert download.cache_name("http://h/a/.hidden") == "hidden"
+    with pytest.raises(DownloadError, match="not a plain file name"):
+        download.cache_name("http://h/a/..")
+    with pytest.raises(DownloadError, match="not a plain file name"):
+        fetch_file(server.url, None, tmp_path, "a b.pth", progress=False)
+
+
+def test_a_redirect_loop_is_one_line(server, tmp_path):
+    url = server.url.replace("/files/", "/loop/")
+    message, seconds = timed_fetch(url, tmp_path, retries=3)
+    assert message == f"{url}: too many redirects (a redirect loop, HTTP 302)"
+    assert 5 <= len(server.served.ranges) <= 20 and seconds < 10  # urllib's own bound, and no retries of it
+
+
+def test_md5_and_sha1_checksums(server, tmp_path):
+    md5, sha1 = hashlib.md5(DATA).hexdigest(), hashlib.sha1(DATA).hexdigest()
+    assert fetch(server, tmp_path, sha256_prefix=None, checksum=f"md5:{md5}").read_bytes() == DATA
+    assert fetch(server, tmp_path, sha256_prefix=None, checksum=f"sha1:{sha1.upper()}").read_bytes() == DATA
+    wrong = ("0" if md5[0] != "0" else "1") + md5[1:]
+    with pytest.raises(DownloadError) as err:
+        fetch(server, tmp_path / "b", sha256_prefix=None, checksum=f"md5:{wrong}")
+    assert f"MD5 is {md5}, expected one starting with {wrong}; nothing was kept" in str(err.value)
+    assert [p.name for p in (tmp_path / "b").iterdir() if not p.name.endswith(".lock")] == []
+    for bad in ("md5:abc", f"crc32:{md5}", f"sha1:{md5}", "sha256:1234"):
+        with pytest.raises(DownloadError, match="expected md5:<32 hex>"):
+            fetch(server, tmp_path, sha256_prefix=None, checksum=bad)
+
+
+def test_not_enough_free_space_is_refused_before_writing(server, tmp_path, monkeypatch):
+    free = len(DATA) + download.SPACE_MARGIN - 1  # one byte short
+    monkeypatch.setattr(download.shutil, "disk_usage", lambda path: download.shutil._ntuple_diskusage(0, 0, free))
+    message, _ = timed_fetch(server.url, tmp_path, retries=3)
+    assert f"{tmp_path}: not enough free space for {NAME} ({len(DATA)} bytes)" in message
+    assert len(server.served.ranges) == 1 and not (tmp_path / NAME).exists()
+    assert not (tmp_path / f"{NAME}.part").exists()
+
+
+def test_a_full_disk_while_writing_is_one_line(server, tmp_path, monkeypatch):
+    import builtins
+
+    real_open = builtins.open
+
+    class FullFile:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, block):
+            raise OSError(28, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    def full_open(path, mode="r", *args, **kwargs):
+        f = real_open(path, mode, *args, **kwargs)
+        return FullFile(f) if str(path).endswith(".part") and "a" in mode else f
+
+    monkeypatch.setattr(download, "open", full_open, raising=False)
+    message, _ = timed_fetch(server.url, tmp_path, retries=3)
+    assert message == f"cannot write {tmp_path / (NAME + '.part')}: No space left on device"
+    assert len(server.served.ranges) == 1 and not (tmp_path / NAME).exists()
+
+
+def test_list_and_remove_the_cache(server, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CCNET_CACHE", str(tmp_path))
+    fetch_file(server.url, SHA[:8], progress=False)
+    archives = tmp_path / "archives"
+    archives.mkdir()
+    (archives / "x.zip.part").write_bytes(b"12345")
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out == [f"checkpoints/{NAME}  300.1 KiB  sha256 {SHA}", "archives/x.zip.part  5 B  partial" + out[1][33:]]
+    assert "cut download" in out[1]
+    assert main(["remove", f"checkpoints/{NAME}", "x.zip.part"]) == 0
+    assert not (tmp_path / "checkpoints" / NAME).exists() and not (archives / "x.zip.part").exists()
+    assert main(["remove", "nothing.pth"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "nothing.pth: not in the cache" in err
+    assert main(["list"]) == 0 and "is empty" in capsys.readouterr().out
+
+
+def test_the_config_defaults_are_the_fetchers():
+    from omegaconf import OmegaConf
+
+    from ccnet.config import DownloadConfig
+
+    assert (DownloadConfig().deadline_s, DownloadConfig().min_rate) == (download.DEADLINE_S, download.MIN_RATE)
+    cfg = OmegaConf.create({"download": {"deadline_s": 5, "min_rate": 7}})
+    assert download.limits(cfg) == {"deadline_s": 5.0, "min_rate": 7.0} and download.limits({}) == {}

@@ -26,6 +26,7 @@ MAY_IMPORT = {
     "summary": {"runtime", "fileio", "hparams"},
     "weights": {"registry", "runtime", "fileio", "export"},  # export: only its command line (weights.main)
     "download": set(),
+    "prepare": {"download", "data", "registry"},  # data set recipes: the fetcher, then the loader's own check
     "testing": set(),
     "ops": {"runtime"},
     "data": {"registry"},
@@ -33,7 +34,7 @@ MAY_IMPORT = {
     "engine": {"runtime", "data", "models", "ops", "weights", "fileio"},
     "export": {"engine", "data", "fileio", "models"},  # models: the mmseg key mapping, for --format mmseg only
     "jobs": {"runtime", "registry", "ops", "data", "engine", "models", "weights", "summary", "download", "fileio"}
-    | {"validate", "hparams"},
+    | {"validate", "hparams", "prepare"},
     "api": {"runtime", "registry", "ops", "data", "engine", "models", "weights", "jobs", "config", "download"}
     | {"validate"},
 }

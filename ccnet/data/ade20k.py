@@ -36,6 +36,7 @@ SPLIT_FOLDERS = {"train": "training", "val": "validation"}  # our split names ->
 LAYOUT = """  images/{training,validation}/ADE_train_00000001.jpg, ADE_val_00000001.jpg, ...
   annotations/{training,validation}/<same name>.png (0 = other, 1..150 the classes)"""
 SOURCE = (
+    "`python run.py job=download dataset=ade20k` (fetched, checked and unpacked there), or by hand: "
     "http://data.csail.mit.edu/places/ADEchallenge/ADEChallengeData2016.zip (http://sceneparsing.csail.mit.edu/), "
     "unzipped into dataset.root (its ADEChallengeData2016 folder is found there too)"
 )

@@ -32,6 +32,7 @@ NUM_LABEL_IDS = 34
 LAYOUT = """  leftImg8bit/{train,val,test}/<city>/<city>_<seq>_<frame>_leftImg8bit.png
   gtFine/{train,val,test}/<city>/<city>_<seq>_<frame>_gtFine_labelIds.png (or *_gtFine_labelTrainIds.png)"""
 SOURCE = (
+    "`python run.py job=download dataset=cityscapes` (fetched, checked and unpacked there), or by hand: "
     "https://www.cityscapes-dataset.com/downloads/ (free registration): leftImg8bit_trainvaltest.zip and "
     "gtFine_trainvaltest.zip, both unzipped into dataset.root"
 )

@@ -27,6 +27,7 @@ LAYOUT = """  JPEGImages/<name>.jpg
   SegmentationClass/<name>.png (palette PNG) and/or SegmentationClassAug/<name>.png (SBD, grey levels)
   ImageSets/Segmentation/{train,val,train_aug}.txt (one <name> a line)"""
 SOURCE = (
+    "`python run.py job=download dataset=voc` (fetched, checked and unpacked there), or by hand: "
     "http://host.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar (unpacked: VOCdevkit/VOC2012, "
     "found under dataset.root too); the augmented labels from SBD, "
     "http://home.bharathh.info/pubs/codes/SBD/download.html (SegmentationClassAug + train_aug.txt)"

@@ -8,12 +8,68 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from ccnet import runtime
+from ccnet import download, runtime
 from ccnet.engine.checkpoint import atomic_write_bytes
 
 tensorboardX = runtime.import_tensorboardx()  # with torch hidden: torch and Jittor must not share this process
 
 log = logging.getLogger("ccnet")
+
+
+IMAGENET = "imagenet"  # backbone.pretrained=imagenet: the published ImageNet file the backbone declares
+NORMALIZATION_OVERRIDES = ("normalization=", "dataset.mean=", "dataset.std=", "dataset.bgr=")
+
+
+def normalization_overrides() -> list[str]:
+    """The command line's overrides that set the input normalisation (none outside run.py's Hydra app)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    return [o for o in HydraConfig.get().overrides.task if o.lstrip("+~").startswith(NORMALIZATION_OVERRIDES)]
+
+
+def resolve_pretrained(cfg, given: list[str] | None = None) -> bool:
+    """backbone.pretrained=imagenet -> the path of the file the backbone declares (ccnet/weights.py WeightFile:
+    url, hash, normalisation), fetched once into the checkpoint cache and checked; the run's dataset.mean/std/bgr
+    then follow the file's declaration, unless `given` (default: the command line) set them: a conflict is then
+    refused in one line (backbone.allow_normalization_mismatch=true keeps the run's, with a warning at load).
+    True when cfg was changed."""
+    if str(cfg.backbone.pretrained) != IMAGENET:
+        return False
+    from ccnet.models.ccnet import backbone_settings
+    from ccnet.weights import Normalization, WeightsError, weight_file_for, weight_files
+
+    wf = weight_file_for(cfg.backbone.name, backbone_settings(cfg.backbone))
+    if wf is None:
+        names = sorted({b for _, f in weight_files() for b in f.backbones})
+        raise WeightsError(
+            f"backbone.pretrained={IMAGENET}",
+            f"backbone={cfg.backbone.name} declares no published ImageNet file (backbones that do: "
+            f"{', '.join(names)}); give backbone.pretrained=PATH",
+        )
+    if wf.url is None:
+        where = f"backbone.pretrained={IMAGENET}"
+        raise WeightsError(where, f"{wf.name} ({wf.publisher}) has no direct link; give backbone.pretrained=PATH")
+    path = download.fetch_file(wf.url, sha256_prefix=wf.sha256, file_name=wf.name, **download.limits(cfg))
+    if wf.sha256 is None:  # the publisher gives none: the loader still checks the file's keys and shapes
+        log.warning("%s: %s publishes no hash; its SHA-256 is %s", path, wf.publisher, download.sha256_of(path))
+    cfg.backbone.pretrained = str(path)
+    declared, run = wf.normalization, Normalization.of(cfg.dataset)
+    given = normalization_overrides() if given is None else given
+    if declared.matches(run):
+        return True
+    if given:
+        if cfg.backbone.get("allow_normalization_mismatch", False):
+            return True  # the loader warns
+        raise WeightsError(
+            path,
+            f"{wf.name} was trained on {declared}, but {' '.join(given)} sets {run}; drop it (the file's "
+            f"normalisation is then used), or backbone.allow_normalization_mismatch=true to keep it",
+        )
+    cfg.dataset.mean, cfg.dataset.std, cfg.dataset.bgr = list(declared.mean), list(declared.std), declared.bgr
+    log.info("input normalisation from %s: %s", wf.name, declared)
+    return True
 
 
 class RunDirError(OSError):

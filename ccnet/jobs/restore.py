@@ -28,7 +28,9 @@ from .common import prepare_run_dir
 log = logging.getLogger(__name__)
 CONF = Path(__file__).resolve().parents[2] / "conf"
 DATASET_OF_CLASSES = {19: "cityscapes", 150: "ade20k", 21: "voc"}  # the published models' data sets
-ARCHITECTURE = ("recurrence", "act", "aux_channels", "aux_bias", "align_corners")  # model.* keys a file decides
+# model.* keys a file decides
+ARCHITECTURE = ("recurrence", "act", "aux_channels", "aux_bias", "align_corners", "head", "aux_head", "head_in",
+                "aux_in", "head_reduction")  # fmt: skip
 
 
 def known_keys(section, saved) -> dict:
@@ -59,7 +61,7 @@ def model_source(value, cfg, key: str = "checkpoint") -> Path:
         )
     from ccnet import download
 
-    return download.fetch_file(zoo["url"], sha256_prefix=zoo["sha256"])
+    return download.fetch_file(zoo["url"], sha256_prefix=zoo["sha256"], **download.limits(cfg))
 
 
 def adopt_saved_config(cfg, mf: ModelFile, adopt_dataset: bool, training: bool = False) -> None:
@@ -138,6 +140,8 @@ def model_init(cfg):
     run folder's config.yaml is written). Returns (ModelFile, notes) or None; load_init() loads it."""
     if not cfg.model.get("init"):
         return None
+    if cfg.backbone.pretrained == "imagenet":  # a preset's ImageNet start: the whole model's weights replace it
+        cfg.backbone.pretrained = None
     if cfg.backbone.pretrained:
         raise CheckpointError(
             f"model.init={cfg.model.init} and backbone.pretrained={cfg.backbone.pretrained}: the whole model "

@@ -34,7 +34,14 @@ from ccnet.models import build_model
 from ccnet.registry import JOBS
 from ccnet.validate import check_batch_fits
 
-from .common import NullWriter, SummaryWriter, log_eval_to_tensorboard, prepare_run_dir, write_metrics
+from .common import (
+    NullWriter,
+    SummaryWriter,
+    log_eval_to_tensorboard,
+    prepare_run_dir,
+    resolve_pretrained,
+    write_metrics,
+)
 from .restore import load_init, model_init
 
 log = logging.getLogger(__name__)
@@ -74,6 +81,8 @@ def run(cfg, run_dir: Path) -> float:
     config_dict = prepare_run_dir(cfg, run_dir, write=is_main)
     jt.set_global_seed(cfg.seed, different_seed_for_mpi=False)  # same initial weights on every MPI rank
     train_set, val_set = load_splits(cfg)
+    if resolve_pretrained(cfg):  # backbone.pretrained=imagenet, after the data are found: config.yaml again with
+        config_dict = prepare_run_dir(cfg, run_dir, write=is_main)  # the fetched file and its input normalisation
     s = cfg.schedule
     check_batch_fits(s.batch_size, len(train_set), cfg.dataset.train_split)  # the other values: ccnet/validate.py
     model = build_model(cfg)
