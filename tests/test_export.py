@@ -105,10 +105,10 @@ def test_eval_and_predict_from_the_exported_file(source, compose, tmp_path, data
 
 def test_exported_file_as_pretrained_backbone(source):
     """backbone.pretrained= takes an exported file like our checkpoint: its backbone.* tensors."""
-    from ccnet.models import build_backbone
+    from ccnet.registry import BACKBONES
     from ccnet.weights import load_backbone_weights
 
-    backbone = build_backbone("resnet_tiny")
+    backbone = BACKBONES.build("resnet_tiny")
     report = load_backbone_weights(backbone, source["out"])
     assert report.loaded == len(backbone.state_dict()) and report.target == "ResNet"
     for key, var in backbone.state_dict().items():
