@@ -183,6 +183,8 @@ def test_block_counts_are_a_setting(compose):
     wide = backbone_of(compose, ["backbone.name=resnet", "backbone.depth=152", "backbone.stem=deep_v1c"])
     assert [len(wide.layer1), len(wide.layer2), len(wide.layer3), len(wide.layer4)] == [3, 8, 36, 3]
     assert wide.conv1.weight.shape[0] == 32 and wide.maxpool._layer.ceil_mode is True  # only what was asked changes
+    deeper = BACKBONES.build("resnet_tiny", depth=18)  # a depth given replaces the preset's own blocks
+    assert [len(deeper.layer1), len(deeper.layer4)] == [2, 2] and deeper.conv1.weight.shape[0] == 16
 
 
 def test_resnet_settings_that_cannot_build_are_refused_in_one_line():
