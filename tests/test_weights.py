@@ -15,7 +15,6 @@ from ccnet.testing import torch_twins as twins
 jt = runtime.setup()
 
 from ccnet.fileio import FileError, UnsafeFileError  # noqa: E402
-from ccnet.models import build_backbone  # noqa: E402
 from ccnet.models.resnet import BasicBlock, ResNet  # noqa: E402
 from ccnet.models.van import VANBackbone  # noqa: E402
 from ccnet.registry import BACKBONES  # noqa: E402
@@ -79,7 +78,7 @@ def test_namespace_is_data_and_classes_are_refused(tmp_path, torch_save, torch_w
 
 @pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
 def test_mit_resnet_file(tmp_path, caplog, torch_save, legacy):
-    model = build_backbone("resnet_tiny")
+    model = BACKBONES.build("resnet_tiny")
     state = numpy_state(model)
     extra = {"fc.weight": np.zeros((1000, 128), np.float32), "fc.bias": np.zeros(1000, np.float32)}
     nbt = {"bn1.num_batches_tracked": np.array(3)}
@@ -118,11 +117,11 @@ def test_own_checkpoint_loads_the_whole_backbone(tmp_path):
     assert_holds(fresh, state)
 
     with pytest.raises(WeightsError, match="holds van weights, but the backbone is resnet"):
-        load_backbone_weights(build_backbone("resnet_tiny"), str(path))
+        load_backbone_weights(BACKBONES.build("resnet_tiny"), str(path))
 
 
 def test_convert_once_then_load(tmp_path, capsys, torch_save):
-    model = build_backbone("resnet_tiny")
+    model = BACKBONES.build("resnet_tiny")
     state = numpy_state(model, seed=3)
     src = torch_save({**state, "fc.bias": np.zeros(10, np.float32)}, tmp_path / "r.pth", legacy=True)
     dst = tmp_path / "out" / "r.pkl"
@@ -133,7 +132,7 @@ def test_convert_once_then_load(tmp_path, capsys, torch_save):
         payload = pickle.load(f)  # plain NumPy pickle: jt.load / pickle read it without torch
     assert payload["format"] == "ccnet-backbone-v1" and payload["family"] == "resnet"
     assert "fc.bias" not in payload["state_dict"]
-    fresh = build_backbone("resnet_tiny")
+    fresh = BACKBONES.build("resnet_tiny")
     assert load_backbone_weights(fresh, str(dst)).loaded == len(state)
     assert_holds(fresh, state)
 
@@ -145,7 +144,7 @@ def test_convert_once_then_load(tmp_path, capsys, torch_save):
 
 
 def test_missing_and_misshaped_tensors(tmp_path, caplog, torch_save):
-    model = build_backbone("resnet_tiny")
+    model = BACKBONES.build("resnet_tiny")
     state = numpy_state(model)
     state.pop("layer2.0.conv1.weight")
     state["layer3.0.bn1.weight"] = np.ones(7, np.float32)
@@ -172,7 +171,7 @@ def test_strict_compares_with_the_models_own_keys(tmp_path, torch_save, monkeypa
     those tensors left at their initial values (the model's keys must not go through the file's converter)."""
     import ccnet.models.resnet as resnet
 
-    model = build_backbone("resnet_tiny")
+    model = BACKBONES.build("resnet_tiny")
     path = torch_save(numpy_state(model), tmp_path / "r.pth")
     real = resnet.convert_resnet_state_dict
 
@@ -203,21 +202,21 @@ def test_classifier_of_a_plain_van_is_not_required(tmp_path, torch_save):
 def test_wrong_family(tmp_path, torch_save):
     van_file = torch_save({"state_dict": numpy_state(VANBackbone(TINY_VAN).van)}, tmp_path / "v.pth.tar")
     with pytest.raises(WeightsError, match="holds van weights, but the backbone is resnet") as err:
-        load_backbone_weights(build_backbone("resnet_tiny"), van_file)
+        load_backbone_weights(BACKBONES.build("resnet_tiny"), van_file)
     assert err.value.path == van_file
-    resnet_file = torch_save(numpy_state(build_backbone("resnet_tiny")), tmp_path / "r.pth")
+    resnet_file = torch_save(numpy_state(BACKBONES.build("resnet_tiny")), tmp_path / "r.pth")
     with pytest.raises(WeightsError, match="holds resnet weights, but the backbone is van"):
         load_backbone_weights(VANBackbone(TINY_VAN), resnet_file)
 
 
 @pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
 def test_truncated_torch_file(tmp_path, torch_save, legacy):
-    path = torch_save(numpy_state(build_backbone("resnet_tiny")), tmp_path / "r.pth", legacy)
+    path = torch_save(numpy_state(BACKBONES.build("resnet_tiny")), tmp_path / "r.pth", legacy)
     data = open(path, "rb").read()
     cut = tmp_path / "cut.pth"
     cut.write_bytes(data[: len(data) // 2])
     with pytest.raises(FileError, match="truncated or corrupt") as err:
-        load_backbone_weights(build_backbone("resnet_tiny"), str(cut))
+        load_backbone_weights(BACKBONES.build("resnet_tiny"), str(cut))
     assert err.value.path == str(cut)
 
 
@@ -240,13 +239,13 @@ def test_bad_files(tmp_path, content, problem):
     path = tmp_path / "bad.pth"
     path.write_bytes(content)
     with pytest.raises(FileError, match=problem) as err:  # WeightsError is a FileError too
-        load_backbone_weights(build_backbone("resnet_tiny"), str(path))
+        load_backbone_weights(BACKBONES.build("resnet_tiny"), str(path))
     assert str(err.value).startswith(f"{path}: ") and "\n" not in str(err.value)
 
 
 def test_missing_file_and_unknown_module(tmp_path):
     with pytest.raises(FileError, match="no such file"):
-        load_backbone_weights(build_backbone("resnet_tiny"), str(tmp_path / "nope.pth"))
+        load_backbone_weights(BACKBONES.build("resnet_tiny"), str(tmp_path / "nope.pth"))
     with pytest.raises(TypeError, match="does not take"):
         load_backbone_weights(jt.nn.Linear(2, 2), str(tmp_path / "nope.pth"))
 
@@ -305,7 +304,7 @@ def test_each_published_file_is_told_apart_from_its_familys_others():
         assert found is f, (f.name, why)
         assert why.startswith(f"{f.publisher}'s {f.name} (") and all(k in why for k in f.fingerprint)
         assert all(weight_file_for(name, f.settings) is f for name in f.backbones)
-    assert identify_file("resnet", build_backbone("resnet_tiny").state_dict()) == (
+    assert identify_file("resnet", BACKBONES.build("resnet_tiny").state_dict()) == (
         None, "none of the 6 published resnet files"
     )  # fmt: skip
     assert weight_file_for("resnet", {"depth": 50}) is None and weight_file_for("resnet_tiny") is None
@@ -391,7 +390,7 @@ def test_formats_with_overlapping_keys_are_told_apart_or_the_ambiguity_is_named(
             "layer1.0.conv1.weight, layer1.0.ws1.weight); give the family (convert --family)"
         )
         with pytest.raises(TypeError, match=r"^ResNet is declared by several weights formats \(resnet, resnet_ws\)"):
-            load_backbone_weights(build_backbone("resnet_tiny"), str(tmp_path / "any.pth"))
+            load_backbone_weights(BACKBONES.build("resnet_tiny"), str(tmp_path / "any.pth"))
     finally:
         for name in ("toy_resnet_gn", "toy_resnet_ws"):
             BACKBONES._entries.pop(name, None)

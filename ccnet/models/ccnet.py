@@ -150,14 +150,9 @@ def backbone_settings(cfg_backbone) -> dict:
     return {k: v for k, v in cfg_backbone.items() if k not in BACKBONE_COMMON_KEYS and v is not None}
 
 
-def build_backbone(name: str, **settings):
-    """The registered backbone `name` (ccnet.registry.BACKBONES) built with its own settings."""
-    return BACKBONES.build(name, **settings)
-
-
 def build_model(cfg) -> CCNet:
     """From the `backbone`, `model` and `dataset` config sections."""
-    backbone = build_backbone(cfg.backbone.name, **backbone_settings(cfg.backbone))
+    backbone = BACKBONES.build(cfg.backbone.name, **backbone_settings(cfg.backbone))
     if cfg.backbone.pretrained:
         from ccnet.weights import Normalization, load_backbone_weights
 
@@ -188,6 +183,11 @@ def build_model(cfg) -> CCNet:
         m.aux_in,
         m.head_reduction,
     )
+
+
+def count_parameters(module) -> int:
+    """Trainable values: what the optimiser updates; BatchNorm's running statistics (stop-grad buffers) are not."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
 def resolved_align_corners(cfg_model) -> bool:

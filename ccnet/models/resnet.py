@@ -13,6 +13,7 @@ keys of mmcv's ImageNet files (`backbone.pretrained=resnet101_v1c-*.pth`) and of
 from __future__ import annotations
 
 import functools
+import inspect
 
 from jittor import nn
 
@@ -283,7 +284,22 @@ RESNET_PRESETS = {
     # a small ResNet-style backbone (basic blocks, the authors' stem and dilations) that trains in minutes on a CPU
     "resnet_tiny": dict(block="basic", blocks=(1, 1, 1, 1), stem_channels=(16, 16, 32), widths=(32, 64, 96, 128)),
 }
+
+
+def preset_factory(preset: dict):
+    """The factory of a named ResNet: `resnet` with the preset's values, any setting given overriding them; a depth
+    given replaces the preset's own block type and counts (resnet_tiny backbone.depth=18 is a ResNet-18)."""
+
+    def factory(**settings):
+        base = dict(preset)
+        if settings.get("depth") is not None:
+            base.pop("blocks", None)
+            base.pop("block", None)
+        return resnet(**{**base, **settings})
+
+    factory.__signature__ = inspect.signature(functools.partial(resnet, **preset))  # its config keys, for the registry
+    return factory
+
+
 for _name, _preset in RESNET_PRESETS.items():
-    BACKBONES.register(_name, weights=RESNET_WEIGHTS, min_input=7, features=RESNET_FEATURES)(
-        functools.partial(resnet, **_preset)
-    )
+    BACKBONES.register(_name, weights=RESNET_WEIGHTS, min_input=7, features=RESNET_FEATURES)(preset_factory(_preset))
