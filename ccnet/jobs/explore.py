@@ -230,6 +230,25 @@ class Explorer:
         predicted = html.escape(info["predicted"])
         return f"**{html.escape(picture.name)}**, point (y={y}, x={x}): predicted **{predicted}**{truth}. {peaks}."
 
+    def answer(self, name: str, point, overlay: str, opacity: float) -> dict:
+        """Everything the page shows for a point of an image (a click): from the cache after the image's first use."""
+        picture = self.picture(name)
+        point = self.check_point(picture, point)
+        choices = self.overlays(picture)
+        overlay = overlay if overlay in choices else "prediction"
+        maps = self.maps(picture, point)
+        view, scale = self.view(picture, point, overlay, opacity)
+        return {
+            "point": point,
+            "overlays": choices,
+            "overlay": overlay,
+            "view": view,
+            "scale": scale,
+            "figure": attention_figure(picture.image, point, maps),
+            "probs": self.pixel(picture, point)["probs"],
+            "status": self.describe(picture, point, maps),
+        }
+
 
 KEYS_JS = """
 <script>
@@ -272,18 +291,11 @@ def build_page(explorer: Explorer, first_point=None):
 
         return handler
 
-    def show(name, y, x, overlay, opacity, scale_state=None):
+    def show(name, y, x, overlay, opacity):
         """-> view, figure, probabilities, y, x, overlay choices, scale, status."""
-        picture = explorer.picture(name)
-        point = explorer.check_point(picture, (y, x))
-        choices = explorer.overlays(picture)
-        overlay = overlay if overlay in choices else "prediction"
-        maps = explorer.maps(picture, point)
-        view, scale = explorer.view(picture, point, overlay, float(opacity))
-        figure = attention_figure(picture.image, point, maps)
-        probs = explorer.pixel(picture, point)["probs"]
-        status = explorer.describe(picture, point, maps)
-        return view, figure, probs, point[0], point[1], gr.update(choices=choices, value=overlay), scale, status
+        a = explorer.answer(name, (y, x), overlay, float(opacity))
+        overlay = gr.update(choices=a["overlays"], value=a["overlay"])
+        return a["view"], a["figure"], a["probs"], *a["point"], overlay, a["scale"], a["status"]
 
     def open_image(name, overlay, opacity):
         picture = explorer.picture(name)
