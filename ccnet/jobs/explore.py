@@ -322,11 +322,10 @@ def build_page(explorer: Explorer, first_point=None):
     def move(direction):
         def handler(name, y, x, overlay, opacity):
             picture = explorer.picture(name)
+            y, x = explorer.check_point(picture, (y, x))
             (dy, dx), (ch, cw) = moves[direction], picture.cell
             h, w = picture.image.shape[:2]
-            return show(
-                name, min(max(int(y) + dy * ch, 0), h - 1), min(max(int(x) + dx * cw, 0), w - 1), overlay, opacity
-            )
+            return show(name, min(max(y + dy * ch, 0), h - 1), min(max(x + dx * cw, 0), w - 1), overlay, opacity)
 
         handler.__name__ = f"move_{direction}"
         return handler
