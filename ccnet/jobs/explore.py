@@ -10,7 +10,7 @@ Per image the model runs once: the attention weights of every loop (engine/atten
 class probabilities (this run's eval protocol) are cached; a click only composes the loops for one pixel from them
 (engine/attention.maps_at, which job=visualize also calls). The page is Gradio's (the optional extra
 `pip install -e ".[explore]"`): its front end ships inside the wheel, so the page needs no network, no CDN and no
-build step; analytics are off and the theme uses the system's fonts (Gradio's default theme asks Google for them).
+build step; analytics are off, and the default theme's fonts ship in the wheel too.
 The page shows JPEGs (fast to encode); "save PNG" writes the lossless picture.
 Served on 127.0.0.1 unless explore.public=true; Ctrl-C stops the server and the job.
 """
@@ -335,9 +335,7 @@ def build_page(explorer: Explorer, first_point=None):
         out = explorer.save(picture, (y, x))
         return str(out), f"saved {html.escape(str(out))}"
 
-    theme = gr.themes.Default(
-        font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"]
-    )
+    theme = gr.themes.Default()  # its fonts ship with Gradio 6 (LocalFont): nothing is fetched from the web
     with gr.Blocks(title="ccnet attention explorer", analytics_enabled=False) as page:
         gr.Markdown(
             "### Criss-cross attention explorer\nClick a pixel: its attention after each loop (loop 1: its row and "
