@@ -173,6 +173,23 @@ def test_bad_input_is_said_clearly(trained, compose, tmp_path):
     broken.write_bytes(b"\x89PNG\r\n\x1a\n not an image")
     with pytest.raises(ExploreError, match=f"{re.escape(str(broken))}: cannot decode the image"):
         explorer.picture(explorer.add_file(str(broken)))
+    # input=DIR: its images, without labels (no true class, no ground-truth overlay); a broken one is said when picked
+    folder = tmp_path / "in"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "a.png"), picture.image[:, :, ::-1])
+    (folder / "b.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    cfg.input = str(folder)
+    explorer = Explorer(model, cfg, tmp_path)
+    assert list(explorer.sources) == ["a", "b"]
+    with pytest.raises(ExploreError, match="b.jpg: cannot decode the image"):
+        explorer.picture("b")
+    mine = explorer.picture("a")
+    assert (
+        np.array_equal(mine.image, picture.image)
+        and mine.label is None
+        and explorer.pixel(mine, (3, 3))["truth"] is None
+    )
+    assert explorer.overlays(mine) == ["prediction", "loop 1", "loop 2", "none"]
 
 
 def free_port() -> int:
