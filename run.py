@@ -1,6 +1,6 @@
 """The one entry point: `python run.py [group=option ...] [key=value ...]`, `-m` for sweeps.
 
-Hydra composes conf/config.yaml; `job` picks what runs (train, eval, sweep, visualize, predict).
+Hydra composes conf/config.yaml; `job` picks what runs (train, eval, sweep, visualize, predict, explore).
 Returns the val mIoU for sweepers.
 """
 

@@ -163,17 +163,24 @@ class DownloadConfig:  # every fetch (zoo files, backbone weights, data set arch
 
 
 @dataclass
+class ExploreConfig:  # job=explore: the attention explorer's web page (ccnet/jobs/explore.py)
+    host: str = "127.0.0.1"  # the address the page is served on; another than a loopback one needs public=true
+    port: int = 7860
+    public: bool = False  # true: allow a host other machines can reach (anyone who can reach it sees the page)
+
+
+@dataclass
 class Config:
-    job: str = "train"  # a registered job (ccnet.registry.JOBS): train | eval | sweep | visualize | predict | download
+    job: str = "train"  # a registered job (ccnet.registry.JOBS): train, eval, sweep, visualize, predict, download, ...
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     verbose: bool = False  # show Jittor's compile logs
-    checkpoint: Optional[str] = None  # job=eval|visualize|predict: a checkpoint, an export, a run directory, an
+    checkpoint: Optional[str] = None  # job=eval|visualize|predict|explore: a checkpoint, an export, a run directory, an
     # mmsegmentation or the authors' CCNet file, or zoo (the zoo preset's published file)
     sweep_dir: Optional[str] = None  # job=sweep: the multirun folder to summarise
     image: Optional[str] = None  # job=visualize: the picture (default: the first val image)
     point: Optional[List[int]] = None  # job=visualize: [y, x] in image pixels (default: on an object)
-    input: Optional[str] = None  # job=predict: an image file or a folder of images
+    input: Optional[str] = None  # job=predict|explore: an image file or a folder of images
     resume: Any = None  # true: this run directory's last checkpoint (hydra.run.dir=RUN); or a file / run dir
     paths: PathsConfig = field(default_factory=PathsConfig)
     overwrite: bool = False  # hydra.run.dir=RUN (or sweep.dir) of an earlier run: delete its files and start anew
@@ -185,6 +192,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     zoo: ZooConfig = field(default_factory=ZooConfig)
     download: DownloadConfig = field(default_factory=DownloadConfig)
+    explore: ExploreConfig = field(default_factory=ExploreConfig)
     expected: Any = None  # experiment presets: the result they should reproduce (mIoU %, source)
 
 

@@ -12,6 +12,7 @@ A renamed key is a one-line edit of RULES (tests/test_validate.py checks that ev
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import re
 import urllib.parse
@@ -45,6 +46,16 @@ def is_url(v) -> bool:
         return False
     parts = urllib.parse.urlparse(str(v))
     return parts.scheme in ("http", "https") and bool(parts.netloc) and bool(parts.path.rsplit("/", 1)[-1])
+
+
+def is_loopback(host) -> bool:
+    """localhost or a loopback address (127.0.0.0/8, ::1): reachable from this machine only."""
+    if str(host) == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(str(host)).is_loopback
+    except ValueError:
+        return False
 
 
 def kernel_choices() -> list[str]:
@@ -226,7 +237,7 @@ RULES: dict[str, Rule] = {
     "job": one_of(JOBS.names),
     "device": one_of(DEVICES),
     "seed": integer(0),  # NumPy's seeded generators take no negative seeds
-    "checkpoint": model_file("checkpoint", "eval", "visualize", "predict"),
+    "checkpoint": model_file("checkpoint", "eval", "visualize", "predict", "explore"),
     "model.init": model_file("model.init", only=("train",)),
     "sweep_dir": needed_by("sweep"),
     "input": needed_by("predict"),
@@ -234,6 +245,12 @@ RULES: dict[str, Rule] = {
         lambda v, cfg: v is None or (is_list(v, 2) and all(is_int(x) and x >= 0 for x in v)),
         "null or [y, x], 2 integers >= 0",
     ),
+    "explore.host": Rule(
+        lambda v, cfg: is_loopback(v) or (cfg.explore.public is True and bool(str(v).strip())),
+        "127.0.0.1, localhost or another loopback address (explore.public=true serves other machines too)",
+    ),
+    "explore.port": Rule(lambda v, cfg: is_int(v) and 1 <= v <= 65535, "an integer in [1, 65535]"),
+    "explore.public": Rule(lambda v, cfg: isinstance(v, bool), "true or false"),
     "backbone.name": one_of(BACKBONES.names),
     "backbone.neck": backbone_setting("neck", one_of(van_necks)),
     "backbone.drop_path": backbone_setting("drop_path", number(0, 1, high_open=True)),

@@ -68,6 +68,9 @@ CASES = [
     ("eval.num_vis", [-1], [0]),
     ("eval.max_images", [-1], [0]),
     ("point", [[1], [-1, 3]], [[0, 0], None]),
+    ("explore.host", ["0.0.0.0", "192.168.1.5", "example.org"], ["127.0.0.1", "localhost", "127.0.0.2"]),
+    ("explore.port", [0, 65536, -1], [1, 65535]),
+    ("explore.public", [], [True, False]),  # the schema refuses a non-boolean at composition
     ("model.act", ["bogus", "ReLU"], ["relu", "leaky_relu", "none"]),
     ("model.loss", ["focal"], ["ce", "ohem"]),
     ("model.ce_average", ["mean", "non_ignore"], ["valid", "all"]),
@@ -118,6 +121,7 @@ EXTRA = {
     "model.head_in": ["backbone=resnet101"],
     "eval.mode": ["eval.crop_size=[769,769]", "eval.stride=[513,513]"],
 }
+PUBLIC = ["explore.host=0.0.0.0", "explore.public=true"]  # served beyond this machine only when asked twice
 
 
 def needs(key, value):
@@ -144,6 +148,12 @@ def test_every_rule_names_a_key_of_the_config(compose):
     assert {c[0] for c in CASES} <= set(RULES)
     untested = set(RULES) - {c[0] for c in CASES} - {"checkpoint", "sweep_dir", "input"}
     assert not untested, untested
+
+
+def test_the_explorer_serves_other_machines_only_when_asked(compose):
+    assert problems(compose(PUBLIC)) == []
+    (line,) = problems(compose(PUBLIC[:1]))
+    assert line.startswith("explore.host='0.0.0.0': expected 127.0.0.1") and "explore.public=true" in line
 
 
 def test_a_mandatory_value_left_out_is_named(compose):

@@ -1,4 +1,4 @@
-"""Where one pixel's recurrent criss-cross attention reaches after each loop (the paper's attention figure).
+"""Where one pixel's recurrent criss-cross attention reaches after each loop (the maps of the paper's attention figure).
 
 Loop r gives every position p weights A_r[p, u] over the H + W - 1 positions u of p's criss-cross (its column
 and row; one softmax, so they sum to 1), and its output is in_r(p) + gamma * sum_u A_r[p, u] v(in_r(u)).
@@ -45,37 +45,30 @@ def point_maps(attentions: list[np.ndarray], y: int, x: int) -> list[np.ndarray]
     return [through(spread(start, attentions[r].astype(np.float64)), r) for r in range(len(attentions))]
 
 
-def attention_maps_at(model, image: np.ndarray, point) -> list[np.ndarray]:
-    """Per loop, the attention map of image pixel point = (y, x), upsampled to the image: (h, w) each.
-
-    image: a normalised C x H x W float32 array; model: a CCNet with recurrence >= 1.
-    """
+def attention_weights(model, image: np.ndarray) -> list[np.ndarray]:
+    """Per loop r, the (h, w, h + w) attention weights A_r of a normalised C x H x W float32 image at the feature
+    size: what every point's maps are computed from (the explorer caches them per image)."""
     with jt.no_grad():
         _, feature = model.head_inputs(jt.array(image[None]))
         attentions = [a.numpy()[0] for a in model.head.attention_maps(feature)]
     if not attentions:
         raise ValueError("the model has recurrence 0 (no attention): there is no attention map to show")
-    (h, w), (fh, fw) = image.shape[1:], attentions[0].shape[:2]
+    return attentions
+
+
+def maps_at(attentions: list[np.ndarray], image_hw, point) -> list[np.ndarray]:
+    """Per loop, the attention map of image pixel point = (y, x), upsampled to the image: (h, w) float32 each.
+
+    The pixel's feature position is (y * fh // h, x * fw // w), clipped to the feature map."""
+    (h, w), (fh, fw) = image_hw, attentions[0].shape[:2]
     y, x = point
     maps = point_maps(attentions, min(fh - 1, y * fh // h), min(fw - 1, x * fw // w))
     return [cv2.resize(m.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR) for m in maps]
 
 
-def attention_figure(image: np.ndarray, point, maps: list[np.ndarray], min_height: int = 128) -> np.ndarray:
-    """RGB uint8: the image with the point marked, then one heat-map overlay per loop (titled), side by side
-    (stacked for wide images), enlarged to at least min_height pixels high."""
-    h, w = image.shape[:2]
-    scale = max(1, -(-min_height // h))
-    y, x = (int(c * scale + scale // 2) for c in point)
-    panels = [("input", image)]
-    for r, m in enumerate(maps, 1):
-        heat = cv2.applyColorMap(np.uint8(255 * m / max(float(m.max()), 1e-12)), cv2.COLORMAP_JET)[:, :, ::-1]
-        panels.append((f"loop {r}", (0.45 * image + 0.55 * heat).astype(np.uint8)))
-    tiles = []
-    for title, panel in panels:
-        big = cv2.resize(panel, (w * scale, h * scale), interpolation=cv2.INTER_NEAREST)
-        cv2.drawMarker(big, (x, y), (0, 255, 0), cv2.MARKER_CROSS, 14, 2)
-        strip = np.full((20, big.shape[1], 3), 255, np.uint8)
-        cv2.putText(strip, title, (4, 15), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
-        tiles.append(np.concatenate([strip, big], axis=0))
-    return np.concatenate(tiles, axis=0 if w > h else 1)
+def attention_maps_at(model, image: np.ndarray, point) -> list[np.ndarray]:
+    """Per loop, the attention map of image pixel point = (y, x), upsampled to the image: (h, w) each.
+
+    image: a normalised C x H x W float32 array; model: a CCNet with recurrence >= 1.
+    """
+    return maps_at(attention_weights(model, image), image.shape[1:], point)
