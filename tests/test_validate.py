@@ -171,7 +171,7 @@ def test_the_iterations_rule_is_for_training_only(compose):
 
 def test_jobs_name_the_path_they_need(compose):
     assert problems(compose(["job=eval"])) == [
-        "checkpoint=None: expected a path (job=eval|visualize|predict needs one)"
+        "checkpoint=None: expected a path (job=eval|visualize|predict|explore needs one)"
     ]
     assert problems(compose(["job=predict", "checkpoint=c"])) == ["input=None: expected a path (job=predict needs one)"]
     assert problems(compose(["job=sweep"])) == ["sweep_dir=None: expected a path (job=sweep needs one)"]
