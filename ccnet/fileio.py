@@ -52,6 +52,7 @@ class FileError(ValueError):
     """A file that cannot be used: one line naming the file and what is wrong with it."""
 
     def __init__(self, path, problem: str):
+        problem = problem.replace("\n", "\\n").replace("\r", "\\r")  # a file's key or text: still one line
         super().__init__(f"{path}: {problem}")
         self.path, self.problem = str(path), problem
 
@@ -117,7 +118,8 @@ def check_array(path, key, value, ndim=None, size=None, what: str = "") -> np.nd
             filter(None, ["a real number array", f"of {ndim} dimensions" if ndim is not None else "",
                           f"of {size} element{'s' if size != 1 else ''}" if size is not None else ""])
         )  # fmt: skip
-        raise FileError(path, f"{brief(key, 120)} holds {what_array(value)}; expected {expected}")
+        name = key if isinstance(key, str) and key.isprintable() and len(key) <= 120 else brief(key, 120)
+        raise FileError(path, f"{name} holds {what_array(value)}; expected {expected}")
     return value
 
 
@@ -388,7 +390,7 @@ class _Unpickler(pickle.Unpickler):
             return _StorageType(name)
         if module == "torch" and name in _TORCH_DTYPES:
             return f"torch.{name}"  # a dtype named in metadata: kept as its name
-        raise UnsafeFileError(self.path, f"{module}.{name}")
+        raise UnsafeFileError(self.path, full if len(full) <= 200 else f"{full[:200]}...")
 
     def persistent_load(self, pid):
         if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage" and self.load_storage):

@@ -21,6 +21,7 @@ import urllib.parse
 from typing import Any, Callable, NamedTuple
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from ccnet import runtime
 from ccnet.registry import ACTIVATIONS, BACKBONES, DATASETS, JOBS, LOSSES
@@ -383,17 +384,34 @@ def problems(cfg, keys=None) -> list[str]:
 SAVED_SECTIONS = ("backbone", "model", "dataset")  # what a checkpoint's config decides of a run (ccnet/jobs/restore.py)
 
 
-def saved_config_problems(cfg, sections=SAVED_SECTIONS) -> list[str]:
-    """The rules of `sections` on a config that holds a checkpoint's saved values (merged into this run's, or the
-    saved config itself): a key the config lacks (a checkpoint of an earlier version) is skipped, model.init (the
-    saved run's history) too; any other value goes through the command line's rule."""
+def has_interpolation(value) -> bool:
+    if isinstance(value, dict):
+        return any(has_interpolation(k) or has_interpolation(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return any(map(has_interpolation, value))
+    return isinstance(value, str) and "${" in value
+
+
+def saved_config_problems(saved, sections=SAVED_SECTIONS) -> list[str]:
+    """The rules of `sections` on a checkpoint's saved config (a plain dict as read from the file, or a config
+    holding its values merged into this run's): a key it lacks (a checkpoint of an earlier version) is skipped,
+    model.init (the saved run's history) too; any other value goes through the command line's rule. A saved
+    config is resolved before it is written: an interpolation in it (which would run a resolver) is refused."""
+    if isinstance(saved, dict):
+        bad = [s for s in sections if has_interpolation(saved.get(s))]
+        if bad:
+            return [f"{s}: holds an interpolation (${{...}}), which a saved config never does" for s in bad]
+        try:
+            saved = OmegaConf.create({k: v for k, v in saved.items() if k in (*sections, "job")})
+        except (OmegaConfBaseException, ValueError, TypeError) as err:
+            return [f"values of types a config cannot hold ({str(err).splitlines()[0][:100]})"]
     keys = [k for k in RULES if k.split(".")[0] in sections and k != "model.init"]
     found = []
     for key in keys:
         try:
-            found += [line for line in problems(cfg, (key,)) if not line.startswith(f"{key}: not in the config")]
+            found += [line for line in problems(saved, (key,)) if not line.startswith(f"{key}: not in the config")]
         except Exception:  # a rule meeting a value of a type the schema would have refused
-            found.append(f"{key}={show(OmegaConf.select(cfg, key, default=None))}: not a value this version takes")
+            found.append(f"{key}={show(OmegaConf.select(saved, key, default=None))}: not a value this version takes")
     return found
 
 

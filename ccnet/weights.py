@@ -25,7 +25,7 @@ from typing import Callable
 
 import numpy as np
 
-from .fileio import FileError, atomic_file, read_file
+from .fileio import FileError, atomic_file, brief, check_arrays, read_file
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +79,10 @@ def detect_family(path, keys) -> str | None:
     return found.pop() if found else None
 
 
-def _arrays(d: dict) -> dict:
-    return {k: v for k, v in d.items() if isinstance(k, str) and isinstance(v, np.ndarray)}
+def _arrays(d: dict, path=None) -> dict:
+    """The string-keyed arrays of `d`; with `path`, each checked for a real numeric dtype (one-line error)."""
+    arrays = {k: v for k, v in d.items() if isinstance(k, str) and isinstance(v, np.ndarray)}
+    return arrays if path is None else check_arrays(path, arrays)
 
 
 def read_state_dict(path, family: str | None = None) -> StateDict:
@@ -93,19 +95,19 @@ def read_state_dict(path, family: str | None = None) -> StateDict:
     if fmt == CHECKPOINT_FORMAT or exported:  # ours, or what `export` made of ours: the whole model's keys
         model = obj.get("state_dict" if exported else "model")
         model = model if isinstance(model, dict) else {}
-        tensors = {k[len("backbone.") :]: v for k, v in _arrays(model).items() if k.startswith("backbone.")}
+        tensors = {k[len("backbone.") :]: v for k, v in _arrays(model, path).items() if k.startswith("backbone.")}
         if not tensors:
             raise WeightsError(path, "a ccnet checkpoint without backbone.* tensors")
         return StateDict(tensors, "ccnet", detect_family(path, tensors))
     if fmt == BACKBONE_FORMAT and isinstance(obj.get("state_dict"), dict):
-        return StateDict(_arrays(obj["state_dict"]), "converted", obj.get("family"))
+        return StateDict(_arrays(obj["state_dict"], path), "converted", obj.get("family"))
     for key in ("state_dict", "model"):  # {'state_dict': ...} (VAN .pth.tar, timm), {'model': ...}
         if isinstance(obj.get(key), dict) and _arrays(obj[key]):
             obj = obj[key]
             break
-    tensors = _arrays(obj)
+    tensors = _arrays(obj, path)
     if not tensors:
-        raise WeightsError(path, f"not a checkpoint: no tensors among the keys {sorted(map(str, obj))[:8]}")
+        raise WeightsError(path, f"not a checkpoint: no tensors among the keys {sorted(map(brief, obj))[:8]}")
     if all(k.startswith("module.") for k in tensors):  # saved from DataParallel
         tensors = {k[len("module.") :]: v for k, v in tensors.items()}
     found = detect_family(path, tensors)

@@ -158,6 +158,13 @@ def make_saved_config(name: str, **model):
     return make
 
 
+SAVED_CONFIGS = {  # the issue's: 10**9 hung job=eval and model.init=; -1 and 5.0 were accepted and ran
+    "saved_recurrence_huge": make_saved_config("recurrence_huge", recurrence=10**9),
+    "saved_recurrence_negative": make_saved_config("recurrence_negative", recurrence=-1),
+    "saved_dropout": make_saved_config("dropout", dropout=5.0),
+}
+
+
 def pickled(path, obj):
     path.write_bytes(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
     return path
