@@ -51,7 +51,8 @@ def saved_config(problem):
     return {**dict.fromkeys(("eval", "init", "resume", "export"), problem), "pretrained": None, "convert": None}
 
 
-# case -> {path: what its one error line says}; None: the path accepts the file (not run)
+# case -> {path: what its one error line says}; None: not run there (the path accepts the file, or the reader is the
+# same as on a path that runs it)
 CASES = {
     "stride_zero": refused_by_reader(MORE_THAN_IT_HOLDS),
     "many_views": refused_by_reader(MORE_THAN_IT_HOLDS),
@@ -63,8 +64,9 @@ CASES = {
     # read (shared, linear), then refused for what they are
     "shared_tensor": {**dict.fromkeys(("eval", "init", "resume", "export"), NOT_OURS), "pretrained": NO_FIT,
                       "convert": NO_FAMILY},
-    "many_records": {**dict.fromkeys(("eval", "init", "resume", "export"), NOT_OURS), "pretrained": NO_FIT,
-                     "convert": NO_FAMILY},
+    # the same reader on every path: the two families of readers (whole models, backbone weights) suffice for the
+    # costly one, whose time ceiling catches a scan per storage (61 s before)
+    "many_records": {**dict.fromkeys(PATHS), "eval": NOT_OURS, "convert": NO_FAMILY},
     # arrays of the wrong dtype or shape, before any arithmetic on them
     "mmseg_gamma_2": {
         **dict.fromkeys(("eval", "init"), "decode_head.cca.gamma.scale holds a float32 array of shape (2,); "
@@ -187,13 +189,6 @@ def test_a_record_shorter_than_its_tensor_is_refused_before_inflating(tmp_path):
     path = hf.torch_zip(tmp_path / "short.pth", {"w": hf.rebuild("0", 1000, (1000,), (1,))}, [bytes(8)])
     err, _ = traced_read(path)
     assert isinstance(err, FileError) and "archive/data/0 has 8 bytes, not 1000 items" in str(err), err
-
-
-def test_many_records_read_in_linear_time(tmp_path):
-    """50,000 one-element storages: each looked up once (the issue's list scan took 61 s); all values read."""
-    path = hf.make_many_records(tmp_path, count=50_000)
-    got = read_file(path)["state_dict"]
-    assert len(got) == 50_000 and all(v.shape == (1,) for v in got.values())
 
 
 def test_text_about_a_files_objects_is_bounded():
