@@ -142,6 +142,11 @@ def make_complex_checkpoint(folder, good):
     return pickled(folder / "complex.pkl", {**good, "model": model})
 
 
+def make_bad_best(folder, good):
+    """Our checkpoint whose best evaluation is text (a resumed run compared it with the new mIoU at the end)."""
+    return pickled(folder / "best.pkl", {**good, "best": "x" * 10})
+
+
 def make_text_backbone(folder, good=None):
     """A ResNet backbone file (its signature key present) whose stem weight holds strings."""
     state = {"conv1.weight": np.array(["a", "b"]), "layer1.0.conv1.weight": np.zeros((4, 4, 1, 1), np.float32)}

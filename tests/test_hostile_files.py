@@ -87,6 +87,7 @@ CASES = {
         **dict.fromkeys(("eval", "init", "pretrained", "convert"), "conv1.weight holds a text <U1 array of shape (2,)"),
         **dict.fromkeys(("resume", "export"), NOT_OURS),
     },
+    "bad_best": saved_config("a ccnet checkpoint whose best is 'xxxxxxxxxx'; expected {mIoU, iteration}"),
     "saved_recurrence_huge": saved_config("model.recurrence=1000000000: expected an integer in [0, 16]"),
     "saved_recurrence_negative": saved_config("model.recurrence=-1: expected an integer in [0, 16]"),
     "saved_dropout": saved_config("model.dropout=5.0: expected a number in [0, 1)"),

@@ -182,6 +182,14 @@ def checkpoint_state(path, state) -> dict:
             check_array(path, f"model.{key}" if isinstance(key, str) else f"model[{brief(key)}]", value)
     except FileError as err:
         raise CheckpointError(str(err)) from None
+    best = state.get("best")  # the trainer's {"mIoU", "iteration"}, compared and printed by a resumed run
+    if best is not None and not (
+        isinstance(best, dict)
+        and isinstance(best.get("mIoU"), (int, float, np.integer, np.floating))
+        and not isinstance(best.get("iteration"), bool)
+        and isinstance(best.get("iteration"), (int, np.integer))
+    ):
+        raise CheckpointError(f"{path}: a ccnet checkpoint whose best is {brief(best)}; expected {{mIoU, iteration}}")
     from ccnet.validate import saved_config_problems  # validate imports the registries, which import the models
 
     found = saved_config_problems(config)  # the command line's rules, before anything is built from it
