@@ -381,6 +381,7 @@ def problems(cfg, keys=None) -> list[str]:
     return lines
 
 
+BACKBONE_SETTINGS = ("drop_path", "neck")  # backbone.* keys of some backbones only (backbone_setting rules)
 SAVED_SECTIONS = ("backbone", "model", "dataset")  # what a checkpoint's config decides of a run (ccnet/jobs/restore.py)
 
 
@@ -401,8 +402,21 @@ def saved_config_problems(saved, sections=SAVED_SECTIONS) -> list[str]:
         bad = [s for s in sections if has_interpolation(saved.get(s))]
         if bad:
             return [f"{s}: holds an interpolation (${{...}}), which a saved config never does" for s in bad]
+        saved = {k: v for k, v in saved.items() if k in (*sections, "job")}
+        backbone = saved.get("backbone")
+        if (
+            isinstance(backbone, dict)
+            and isinstance(backbone.get("name"), str)
+            and backbone["name"] in BACKBONES.names()
+        ):
+            # earlier versions saved every backbone's settings (drop_path, neck) for all: those it does not take
+            # never changed it (ccnet/jobs/restore.py drops them too)
+            from ccnet.models.ccnet import BACKBONE_COMMON_KEYS
+
+            takes = (*BACKBONE_COMMON_KEYS, *BACKBONES.get(backbone["name"]).parameters())
+            saved["backbone"] = {k: v for k, v in backbone.items() if k in takes or k not in BACKBONE_SETTINGS}
         try:
-            saved = OmegaConf.create({k: v for k, v in saved.items() if k in (*sections, "job")})
+            saved = OmegaConf.create(saved)
         except (OmegaConfBaseException, ValueError, TypeError) as err:
             return [f"values of types a config cannot hold ({str(err).splitlines()[0][:100]})"]
     keys = [k for k in RULES if k.split(".")[0] in sections and k != "model.init"]

@@ -206,7 +206,7 @@ def test_a_saved_config_goes_through_the_same_rules():
         },
         "dataset": {"num_classes": -3, "num_workers": 2},
     }
-    found = saved_config_problems(OmegaConf.create(saved))
+    found = saved_config_problems(saved)  # as checkpoint_state passes it: the dict read from the file
     assert found == [
         "backbone.strict='yes': expected true or false",
         "model.recurrence=1000000000: expected an integer in [0, 16]",
@@ -219,9 +219,19 @@ def test_a_saved_config_goes_through_the_same_rules():
         OmegaConf.update(plain, key, "yes", force_add=True)
         assert problems(plain, (key,)) == [f"{key}='yes': expected true or false"]
     saved["model"].update(recurrence=2, dropout=0.1, align_corners=None)
+    saved["backbone"]["neck"] = "sum"  # earlier versions saved VAN's settings for every backbone: skipped for ResNet
     saved["backbone"]["strict"] = True
     saved["dataset"]["num_classes"] = 4
-    assert saved_config_problems(OmegaConf.create(saved)) == []
+    assert saved_config_problems(saved) == []
+    van = {**saved, "backbone": {"name": "van_b0", "head_channels": 32, "neck": "fpn"}}
+    assert saved_config_problems(van) == [
+        "backbone.neck='fpn': expected null, or one of sum, concat, none for a backbone that takes neck "
+        "(van_b0 takes drop_path, neck)"
+    ]
+    interpolated = {**saved, "model": {**saved["model"], "recurrence": "${oc.env:HOME}"}}
+    assert saved_config_problems(interpolated) == [
+        "model: holds an interpolation (${...}), which a saved config never does"
+    ]
 
 
 def test_a_mandatory_value_left_out_is_named(compose):
