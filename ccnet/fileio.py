@@ -404,6 +404,7 @@ class _Unpickler(pickle.Unpickler):
 
 
 _PLAIN = (str, bytes, bytearray, int, float, complex, bool, type(None), slice)
+_SCALARS = frozenset((str, bytes, int, float, complex, bool, type(None)))  # exact types: immutable leaves
 
 
 class _Limits:
@@ -437,17 +438,25 @@ def _limits() -> _Limits:
 class _Materialiser:
     """Proxies -> NumPy arrays (tensors copied out of their storages); anything else left must be plain.
 
-    Each object is converted once (memo by identity), so a tensor or list the pickle shares stays shared and the
-    walk is linear in the number of distinct objects; `items` is its size counted as a tree (what a later walk or
-    str() of the result would visit), bounded with the depth."""
+    Each container or array is converted once (memo by identity), so a tensor or list the pickle shares stays
+    shared and the walk is linear in the number of distinct objects; immutable scalars are left as they are (no memo
+    entry: a long list of numbers costs what unpickling it did). Each object's size counted as a tree (what a
+    later walk or str() of the result would visit) is bounded, with the depth."""
 
     def __init__(self, limits: _Limits):
-        self.limits, self.memo, self.items = limits, {}, {}
+        self.limits, self.memo = limits, {}
 
-    def __call__(self, obj, depth: int = 0):
+    def __call__(self, obj):
+        return self._walk(obj, 0)[0]
+
+    def _walk(self, obj, depth: int):
+        """(the converted object, its size as a tree)"""
+        kind = type(obj)
+        if kind in _SCALARS:
+            return obj, (1 + len(obj) if kind in (str, bytes) else 1)
         known = self.memo.get(id(obj))
         if known is not None and known[0] is obj:
-            return known[1]
+            return known[1], known[2]
         if depth > MAX_DEPTH:
             raise FileError(self.limits.path, f"nested more than {MAX_DEPTH} levels deep; a corrupt or hostile file")
         value, items = self._convert(obj, depth)
@@ -457,13 +466,16 @@ class _Materialiser:
                 f"holds data that counts {items:,} objects and characters once its shared parts are expanded, more "
                 f"than the reader allows for a file of {self.limits.file_size:,} bytes; a corrupt or hostile file",
             )
-        self.memo[id(obj)] = (obj, value)  # obj kept alive: its id cannot be reused during the walk
-        self.items[id(obj)] = items
-        return value
+        self.memo[id(obj)] = (obj, value, items)  # obj kept alive: its id cannot be reused during the walk
+        return value, items
 
     def _children(self, values, depth):
-        out = [self(v, depth + 1) for v in values]
-        return out, 1 + sum(self.items[id(v)] for v in values)
+        out, count = [], 1
+        for v in values:
+            value, items = self._walk(v, depth + 1)
+            out.append(value)
+            count += items
+        return out, count
 
     def _convert(self, obj, depth):
         if isinstance(obj, _Tensor):
