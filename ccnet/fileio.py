@@ -13,6 +13,15 @@ helpers are not called on file data: arrays are rebuilt here from validated dtyp
 `module.name` in the file is refused the moment the unpickler meets it, before anything is built, so nothing of
 the file runs. Every failure (missing, empty, truncated, foreign, refused) is a `FileError` naming the file.
 
+The reader's cost is bounded by what the file really holds, whatever its records declare (`_Limits`): everything
+it allocates for arrays (storages, copies of tensors, inflated zip records) is counted against
+`MEMORY_FACTOR` x the file's size + `MEMORY_SLACK` before it is allocated (a stride-0 tensor over a 1-byte storage,
+3,000 distinct tensors over one storage, a zip record that inflates far beyond the file are refused; one tensor
+referenced many times is built once and stays shared), nested data is at most `MAX_DEPTH` deep and, counted as a
+tree (a pickle can share one list many times over), at most `MAX_ITEMS` + 10 x the file's size objects and
+characters, so that walking or printing what comes back is bounded too; every step is linear in the file's size.
+Text made from a file's objects for messages goes through `brief`, which stops early (reprlib).
+
 `save_torch_file` writes nested dicts/lists of NumPy arrays and plain values in torch.save's zip layout
 (`<archive>/data.pkl` with a persistent id per storage, `data/<key>`, `version`, `byteorder`, records aligned to
 64 bytes), which `torch.load(..., weights_only=True)` reads; written atomically (`atomic_file`).
@@ -28,6 +37,8 @@ import hashlib
 import io
 import os
 import pickle
+import reprlib
+import stat
 import struct
 import tempfile
 import types
@@ -41,8 +52,82 @@ class FileError(ValueError):
     """A file that cannot be used: one line naming the file and what is wrong with it."""
 
     def __init__(self, path, problem: str):
+        problem = problem.replace("\n", "\\n").replace("\r", "\\r")  # a file's key or text: still one line
         super().__init__(f"{path}: {problem}")
         self.path, self.problem = str(path), problem
+
+
+MEMORY_FACTOR = 4  # what the reader may allocate for arrays: this many times the file's size ...
+MEMORY_SLACK = 16 << 20  # ... plus this (small files: dtype tables, zip directories, the bfloat16 widening)
+MAX_DEPTH = 100  # nesting of containers (a state dict is 2 to 4 deep, a config 5)
+MAX_ITEMS = 1_000_000  # objects and characters, counted as a tree, beyond 10 per byte of the file
+
+_BRIEF = reprlib.Repr()
+_BRIEF.maxlevel, _BRIEF.maxstring, _BRIEF.maxother = 3, 40, 40
+for _name in ("maxtuple", "maxlist", "maxarray", "maxdict", "maxset", "maxfrozenset", "maxdeque"):
+    setattr(_BRIEF, _name, 4)
+
+
+def brief(obj, limit: int = 60) -> str:
+    """A short text for a message about `obj` (data from a file): bounded before it is built, however large or
+    deeply shared `obj` is (str() of a pickle's nested shared lists never ends)."""
+    return _BRIEF.repr(obj)[:limit]
+
+
+def special_file(path) -> str | None:
+    """What `path` is when it exists but is no regular file or folder (FIFO, device, socket), else None."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return None
+    for test, what in (
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return f"{what}, not a regular file"
+    return None
+
+
+NUMERIC_KINDS = "biuf"  # bool, signed and unsigned integers, real floats: what a weight or a buffer can hold
+_KIND_NAMES = {"c": "complex", "S": "bytes", "U": "text", "O": "object", "V": "record", "M": "date", "m": "time"}
+
+
+def what_array(value) -> str:
+    """'a complex128 array of shape (2,)', 'a str' (messages)."""
+    if isinstance(value, np.ndarray):
+        kind = _KIND_NAMES.get(value.dtype.kind, "")
+        return f"a{' ' + kind if kind else ''} {value.dtype} array of shape {value.shape}"
+    return f"a {type(value).__name__}"
+
+
+def check_array(path, key, value, ndim=None, size=None, what: str = "") -> np.ndarray:
+    """`value` (from the file at `path`, under `key`) as a real numeric array, with `ndim` dimensions or `size`
+    elements where its place needs them; otherwise a FileError naming the file, the key, what it holds and what
+    was expected. The one check of every array from a file before any arithmetic on it."""
+    fine = (
+        isinstance(value, np.ndarray)
+        and value.dtype.kind in NUMERIC_KINDS
+        and (ndim is None or value.ndim == ndim)
+        and (size is None or value.size == size)
+    )
+    if not fine:
+        expected = what or " ".join(
+            filter(None, ["a real number array", f"of {ndim} dimensions" if ndim is not None else "",
+                          f"of {size} element{'s' if size != 1 else ''}" if size is not None else ""])
+        )  # fmt: skip
+        name = key if isinstance(key, str) and key.isprintable() and len(key) <= 120 else brief(key, 120)
+        raise FileError(path, f"{name} holds {what_array(value)}; expected {expected}")
+    return value
+
+
+def check_arrays(path, tensors: dict, prefix: str = "") -> dict:
+    """check_array for every value of a state dict (key -> array); returns it."""
+    for key, value in tensors.items():
+        check_array(path, f"{prefix}{key}", value)
+    return tensors
 
 
 class UnsafeFileError(FileError):
@@ -140,7 +225,7 @@ class _Dtype:
             raise _Malformed(f"numpy.dtype of {type(spec).__name__}")
         self.dtype = np.dtype(spec)
         if self.dtype.kind not in _PLAIN_KINDS:
-            raise _Malformed(f"NumPy dtype {spec!r} (object and structured arrays are refused)")
+            raise _Malformed(f"NumPy dtype {brief(spec)} (object and structured arrays are refused)")
 
     def __setstate__(self, state):
         # (version, byteorder, subarray, names, fields, elsize, alignment, flags); only the byte order is used
@@ -168,7 +253,7 @@ class _Malformed(Exception):
 
 def _shape(shape) -> tuple:
     if not isinstance(shape, (tuple, list)) or not all(isinstance(s, int) and s >= 0 for s in shape):
-        raise _Malformed(f"an array shape {shape!r}")
+        raise _Malformed(f"an array shape {brief(shape)}")
     return tuple(shape)
 
 
@@ -180,10 +265,15 @@ def _array_from_bytes(raw, dtype, shape, order="C") -> np.ndarray:
     if not isinstance(raw, (bytes, bytearray)):
         raise _Malformed(f"array data of type {type(raw).__name__} (object arrays are refused)")
     shape = _shape(shape)
-    count = int(np.prod(shape, dtype=np.int64))
+    count = _count(shape)
     if len(raw) != count * dtype.dtype.itemsize:
-        raise _Malformed(f"an array of {len(raw)} bytes for shape {shape} of {dtype.dtype}")
+        raise _Malformed(f"an array of {len(raw)} bytes for shape {brief(shape)} of {dtype.dtype}")
+    _limits().take(len(raw), "an array")
     return np.frombuffer(raw, dtype.dtype, count).reshape(shape, order=order).copy()
+
+
+def _count(shape: tuple) -> int:
+    return functools.reduce(lambda a, b: a * b, shape, 1)  # Python ints: a product never wraps around
 
 
 def _reconstruct(subtype, shape, typecode):
@@ -218,14 +308,16 @@ def _rebuild_tensor(storage, offset, size, stride, *_):
         raise _Malformed("a tensor without a storage")
     size, stride = _shape(size), _shape(stride)
     if not isinstance(offset, int) or offset < 0 or len(size) != len(stride):
-        raise _Malformed(f"a tensor with offset {offset!r}, size {size}, stride {stride}")
+        raise _Malformed(f"a tensor with offset {brief(offset)}, size {brief(size)}, stride {brief(stride)}")
     data = storage.data
     if all(size):  # the furthest element must lie inside the storage: a view never reads beyond it
         last = offset + sum((n - 1) * s for n, s in zip(size, stride))
         if last >= data.size:
-            raise _Malformed(f"a tensor of size {size} reaching element {last} of a storage of {data.size}")
+            raise _Malformed(f"a tensor of size {brief(size)} reaching element {last} of a storage of {data.size}")
     else:
         offset = min(offset, data.size)
+    # a view costs nothing here; its copy is counted (materialise) before it is made: a stride of 0 over a tiny
+    # storage declares a large tensor that the file does not hold
     step = data.dtype.itemsize
     return _Tensor(np.lib.stride_tricks.as_strided(data[offset:], size, tuple(s * step for s in stride)))
 
@@ -248,6 +340,14 @@ def _jittor_var(array, *_):  # jt.save pickles each Var as jittor_core.Var(ndarr
     return array
 
 
+def _device(*args):  # torch.device('cuda', 0): its name, from short plain parts only (no str() of a file's object)
+    if len(args) > 2 or not all(isinstance(a, (str, int)) and not isinstance(a, bool) for a in args):
+        raise _Malformed(f"a torch.device of {brief(args)}")
+    if any(isinstance(a, str) and len(a) > 64 for a in args):
+        raise _Malformed("a torch.device with a long name")
+    return ":".join(map(str, args))
+
+
 class _Storage(_Frozen):
     def __init__(self, data: np.ndarray):
         self.data = data
@@ -268,7 +368,7 @@ _ALLOWED = {
     "torch._utils._rebuild_parameter_with_state": _rebuild_parameter,
     "torch._tensor._rebuild_from_type_v2": _rebuild_from_type,
     "torch.Tensor": _TENSOR, "torch.nn.parameter.Parameter": _TENSOR,
-    "torch.Size": tuple, "torch.device": lambda *args: ":".join(map(str, args)),
+    "torch.Size": tuple, "torch.device": _device,
     "jittor.jittor_core.Var": _jittor_var, "jittor_core.Var": _jittor_var,
 }  # fmt: skip
 
@@ -290,72 +390,172 @@ class _Unpickler(pickle.Unpickler):
             return _StorageType(name)
         if module == "torch" and name in _TORCH_DTYPES:
             return f"torch.{name}"  # a dtype named in metadata: kept as its name
-        raise UnsafeFileError(self.path, f"{module}.{name}")
+        raise UnsafeFileError(self.path, full if len(full) <= 200 else f"{full[:200]}...")
 
     def persistent_load(self, pid):
         if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage" and self.load_storage):
-            raise _Malformed(f"a persistent id {str(pid)[:60]}")
-        if not isinstance(pid[1], _StorageType) or not isinstance(pid[4], int) or pid[4] < 0:
-            raise _Malformed(f"a storage {str(pid)[:60]}")
-        return _Storage(self.load_storage(pid[1].dtype, str(pid[2]), pid[4], *pid[5:6]))
+            raise _Malformed(f"a persistent id {brief(pid)}")
+        key, numel = pid[2], pid[4]
+        if not isinstance(pid[1], _StorageType) or not isinstance(numel, int) or numel < 0:
+            raise _Malformed(f"a storage {brief(pid)}")
+        if not (isinstance(key, (str, int)) and len(str(key)) <= 64):
+            raise _Malformed(f"a storage key {brief(key)}")
+        return _Storage(self.load_storage(pid[1].dtype, str(key), numel, *pid[5:6]))
 
 
 _PLAIN = (str, bytes, bytearray, int, float, complex, bool, type(None), slice)
+_SCALARS = frozenset((str, bytes, int, float, complex, bool, type(None)))  # exact types: immutable leaves
+
+
+class _Limits:
+    """What one read may cost (see the module docstring): bytes allocated for arrays, counted before each
+    allocation; objects counted as a tree."""
+
+    def __init__(self, path, file_size: int):
+        self.path, self.file_size = path, file_size
+        self.memory = MEMORY_FACTOR * file_size + MEMORY_SLACK
+        self.items = MAX_ITEMS + 10 * file_size
+        self.used = 0
+
+    def take(self, nbytes: int, what: str) -> None:
+        self.used += nbytes
+        if self.used > self.memory:
+            raise FileError(
+                self.path,
+                f"declares more data than it holds: {what} would bring what it needs to {self.used:,} bytes, more "
+                f"than the reader allows for a file of {self.file_size:,} bytes ({MEMORY_FACTOR} x its size + "
+                f"{MEMORY_SLACK >> 20} MiB); a corrupt or hostile file",
+            )
+
+
+_LIMITS: list[_Limits] = []  # the read in progress (the unpickler's callbacks have no other way to reach it)
+
+
+def _limits() -> _Limits:
+    return _LIMITS[-1] if _LIMITS else _Limits("?", 1 << 40)
+
+
+class _Materialiser:
+    """Proxies -> NumPy arrays (tensors copied out of their storages); anything else left must be plain.
+
+    Each container or array is converted once (memo by identity), so a tensor or list the pickle shares stays
+    shared and the walk is linear in the number of distinct objects; immutable scalars are left as they are (no memo
+    entry: a long list of numbers costs what unpickling it did). Each object's size counted as a tree (what a
+    later walk or str() of the result would visit) is bounded, with the depth."""
+
+    def __init__(self, limits: _Limits):
+        self.limits, self.memo = limits, {}
+
+    def __call__(self, obj):
+        return self._walk(obj, 0)[0]
+
+    def _walk(self, obj, depth: int):
+        """(the converted object, its size as a tree)"""
+        kind = type(obj)
+        if kind in _SCALARS:
+            return obj, (1 + len(obj) if kind in (str, bytes) else 1)
+        known = self.memo.get(id(obj))
+        if known is not None and known[0] is obj:
+            return known[1], known[2]
+        if depth > MAX_DEPTH:
+            raise FileError(self.limits.path, f"nested more than {MAX_DEPTH} levels deep; a corrupt or hostile file")
+        value, items = self._convert(obj, depth)
+        if items > self.limits.items:
+            raise FileError(
+                self.limits.path,
+                f"holds data that counts {items:,} objects and characters once its shared parts are expanded, more "
+                f"than the reader allows for a file of {self.limits.file_size:,} bytes; a corrupt or hostile file",
+            )
+        self.memo[id(obj)] = (obj, value, items)  # obj kept alive: its id cannot be reused during the walk
+        return value, items
+
+    def _children(self, values, depth):
+        out, count = [], 1
+        for v in values:
+            value, items = self._walk(v, depth + 1)
+            out.append(value)
+            count += items
+        return out, count
+
+    def _convert(self, obj, depth):
+        if isinstance(obj, _Tensor):
+            view = obj.view
+            widen = 3 if view.dtype == np.uint16 else 1  # bfloat16: uint32, then float32
+            self.limits.take(view.size * view.itemsize * widen, f"a tensor of shape {view.shape}")
+            array = np.array(view)
+            return ((array.astype(np.uint32) << 16).view(np.float32) if array.dtype == np.uint16 else array), 1
+        if isinstance(obj, _Array):
+            if obj.array is None:
+                raise _Malformed("a NumPy array without data")
+            return obj.array, 1
+        if isinstance(obj, _Dtype):
+            return obj.dtype, 1
+        if isinstance(obj, np.ndarray):
+            return obj, 1
+        if isinstance(obj, np.generic):
+            if obj.dtype.kind not in _PLAIN_KINDS:
+                raise _Malformed(f"a NumPy {obj.dtype} scalar")
+            return obj, 1
+        if isinstance(obj, dict):
+            keys, values = list(obj.keys()), list(obj.values())
+            new_keys, n_keys = self._children(keys, depth)
+            new_values, n_values = self._children(values, depth)
+            return type(obj)(zip(new_keys, new_values)), n_keys + n_values - 1
+        if isinstance(obj, (list, tuple, set, frozenset)):
+            items, n = self._children(list(obj), depth)
+            return (items if isinstance(obj, list) else type(obj)(items)), n
+        if isinstance(obj, types.SimpleNamespace):
+            names = vars(obj)
+            values, n = self._children(list(names.values()), depth)
+            return types.SimpleNamespace(**dict(zip(names, values))), n + len(names)
+        if isinstance(obj, (str, bytes, bytearray)):
+            return obj, 1 + len(obj)
+        if isinstance(obj, _PLAIN):
+            return obj, 1
+        raise _Malformed(f"a {type(obj).__name__} where plain data was expected")
 
 
 def _materialise(obj, path):
-    """Proxies -> NumPy arrays (tensors copied out of their storages); anything else left must be plain."""
-    if isinstance(obj, _Tensor):
-        array = np.array(obj.view)
-        return (array.astype(np.uint32) << 16).view(np.float32) if array.dtype == np.uint16 else array
-    if isinstance(obj, _Array):
-        if obj.array is None:
-            raise _Malformed("a NumPy array without data")
-        return obj.array
-    if isinstance(obj, _Dtype):
-        return obj.dtype
-    if isinstance(obj, np.ndarray):
-        return obj
-    if isinstance(obj, np.generic):
-        if obj.dtype.kind not in _PLAIN_KINDS:
-            raise _Malformed(f"a NumPy {obj.dtype} scalar")
-        return obj
-    if isinstance(obj, dict):
-        return type(obj)((_materialise(k, path), _materialise(v, path)) for k, v in obj.items())
-    if isinstance(obj, list):
-        return [_materialise(v, path) for v in obj]
-    if isinstance(obj, tuple):
-        return tuple(_materialise(v, path) for v in obj)
-    if isinstance(obj, (set, frozenset)):
-        return type(obj)(_materialise(v, path) for v in obj)
-    if isinstance(obj, types.SimpleNamespace):
-        return types.SimpleNamespace(**{k: _materialise(v, path) for k, v in vars(obj).items()})
-    if isinstance(obj, _PLAIN):
-        return obj
-    raise _Malformed(f"a {type(obj).__name__} where plain data was expected")
+    return _Materialiser(_limits())(obj)
 
 
 # ------------------------------------------------------------------------------------------- reading
 
 
+def _read_record(zf, info, nbytes: int) -> bytes:
+    """The first `nbytes` of a zip record, inflating no more than that (its declared size was checked)."""
+    with zf.open(info) as f:
+        return f.read(nbytes)
+
+
 def _read_torch_zip(path):
+    limits = _limits()
     with zipfile.ZipFile(path) as zf:
-        names = zf.namelist()
-        pkl = next((n for n in names if n.endswith("data.pkl")), None)
+        records = {info.filename: info for info in zf.infolist()}  # a dict: one look-up per storage, not a scan
+        pkl = next((n for n in records if n.endswith("data.pkl")), None)
         if pkl is None:
-            raise FileError(path, f"a zip file but not a PyTorch one (no data.pkl among {names[:5]})")
+            raise FileError(path, f"a zip file but not a PyTorch one (no data.pkl among {list(records)[:5]})")
         prefix = pkl[: -len("data.pkl")]
-        if prefix + "byteorder" in names and zf.read(prefix + "byteorder") != b"little":
+        order = records.get(prefix + "byteorder")
+        if order is not None and _read_record(zf, order, 16) != b"little":
             raise FileError(path, "a big-endian PyTorch file; only little-endian ones are supported")
+        limits.take(records[pkl].file_size, f"its {pkl} record")  # the unpickler reads it as it goes
         storages = {}
 
         def load_storage(dtype, key, numel, *_):
             if key not in storages:
                 record = f"{prefix}data/{key}"
-                if record not in names:
+                info = records.get(record)
+                if info is None:
                     raise FileError(path, f"corrupt PyTorch file: data.pkl names {record}, which is missing")
-                raw = zf.read(record)
-                if len(raw) < numel * dtype.itemsize:
+                nbytes = numel * dtype.itemsize
+                if info.file_size < nbytes:  # checked against its declared size before inflating anything
+                    raise FileError(
+                        path, f"corrupt PyTorch file: {record} has {info.file_size} bytes, not {numel} items"
+                    )
+                limits.take(nbytes, f"storage {record} of {numel:,} items")
+                raw = _read_record(zf, info, nbytes)
+                if len(raw) < nbytes:
                     raise FileError(path, f"corrupt PyTorch file: {record} has {len(raw)} bytes, not {numel} items")
                 storages[key] = np.frombuffer(raw, dtype, numel)
             return storages[key]
@@ -383,13 +583,14 @@ def _read_pickle(path, data: bytes):
         if numel * dtype.itemsize > len(data):
             raise EOFError(f"storage {key} of {numel} items is larger than the whole file")
         if key not in storages:
+            _limits().take(numel * dtype.itemsize, f"storage {key} of {numel:,} items")
             storages[key] = np.zeros(numel, dtype)
         elif storages[key].dtype != dtype or storages[key].size != numel:
             raise _Malformed(f"storage {key} declared twice with different types")
         if view is None:
             return storages[key]
         if not (isinstance(view, tuple) and len(view) == 3 and all(isinstance(v, int) and v >= 0 for v in view[1:])):
-            raise _Malformed(f"a storage view {view!r}")
+            raise _Malformed(f"a storage view {brief(view)}")
         _view_key, offset, view_size = view
         if offset + view_size > numel:
             raise _Malformed(f"a view beyond storage {key}")
@@ -397,7 +598,9 @@ def _read_pickle(path, data: bytes):
 
     obj = _Unpickler(f, path, load_storage).load()
     keys = _Unpickler(f, path).load()
-    if not isinstance(keys, list) or set(map(str, keys)) != set(storages):
+    if not (isinstance(keys, list) and all(isinstance(k, (str, int)) for k in keys)) or set(map(str, keys)) != set(
+        storages
+    ):
         raise _Malformed("a legacy PyTorch file whose storage list does not match its tensors")
     for key in map(str, keys):
         storage = storages[key]
@@ -419,10 +622,14 @@ def read_file(path) -> object:
     path = Path(path)
     if path.is_dir():
         raise FileError(path, "a folder, not a file")
+    special = special_file(path)
+    if special:  # reading a FIFO would wait forever, /dev/zero never ends
+        raise FileError(path, special)
     if not path.is_file():
         raise FileError(path, "no such file")
     try:
         with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
             head = f.read(4)
             is_zip = head == b"PK\x03\x04"  # a cut zip has lost its directory: the magic still says zip
             data = None if is_zip else head + f.read()
@@ -433,16 +640,21 @@ def read_file(path) -> object:
     if not is_zip and data[0] != pickle.PROTO[0]:  # every file we read is a zip or a pickle of protocol >= 2
         problem = f"not a checkpoint or weights file: neither a PyTorch zip nor a pickle (it starts with {data[:16]!r})"
         raise FileError(path, problem)
+    _LIMITS.append(_Limits(path, size))
     try:
         return _read_torch_zip(path) if is_zip else _read_pickle(path, data)
     except FileError:
         raise
+    except (MemoryError, RecursionError) as err:  # the limits above should come first; never a traceback
+        raise FileError(path, f"too large or too deeply nested to read ({type(err).__name__})") from None
     except _Malformed as err:
         raise FileError(path, f"corrupt or foreign file: it holds {err}") from err
     except Exception as err:  # cut files end in EOFError / BadZipFile / "pickle data was truncated"
         cut = isinstance(err, (EOFError, zipfile.BadZipFile)) or "truncated" in str(err)
         problem = "truncated or corrupt file" if cut else "corrupt or foreign file"
         raise FileError(path, f"{problem} ({type(err).__name__}: {str(err)[:120]})") from err
+    finally:
+        _LIMITS.pop()
 
 
 # ------------------------------------------------------------------------------------------- writing

@@ -7,7 +7,10 @@ each job of a sweep), so a bad value fails in seconds with exit code 1, and a sw
 their registries (ccnet/registry.py), which import the models. Conditions only known at work time (the data
 set's size, files that must exist) are checked by the jobs, in the same one-line style.
 
-A renamed key is a one-line edit of RULES (tests/test_validate.py checks that every key exists).
+Every key of the schema (ccnet/config.py) has a rule here, and a value that sizes memory or time has an upper
+bound (LIMITS): tests/test_validate.py fails naming a key that has none. A renamed key is a one-line edit of
+RULES (the same test checks that every key exists). A checkpoint's saved config goes through the same rules
+(`saved_config_problems`) before anything is built from it.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import urllib.parse
 from typing import Any, Callable, NamedTuple
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from ccnet import runtime
 from ccnet.registry import ACTIVATIONS, AUX_HEADS, BACKBONES, DATASETS, HEADS, JOBS, LOSSES
@@ -100,15 +104,12 @@ def depth_ok(v, cfg) -> bool:
     return v in resnet_choices("ARCH_SETTINGS")
 
 
-def ints(n, low: int = 1, optional_lengths=()) -> Rule:
+def ints(n, low: int = 1, high: int | None = None, optional_lengths=()) -> Rule:
     lengths = (n, *optional_lengths)
     text = " or ".join(map(str, lengths))
-    return Rule(lambda v, cfg: is_list(v) and len(v) in lengths and all(is_int(x) and x >= low for x in v),
-                f"{text} integers >= {low}")  # fmt: skip
-
-
-def boolean() -> Rule:
-    return Rule(lambda v, cfg: isinstance(v, bool), "true or false")
+    top = math.inf if high is None else high
+    return Rule(lambda v, cfg: is_list(v) and len(v) in lengths and all(is_int(x) and low <= x <= top for x in v),
+                f"{text} integers in [{low}, {high}]" if high else f"{text} integers >= {low}")  # fmt: skip
 
 
 def is_int(v) -> bool:
@@ -123,8 +124,41 @@ def is_list(v, n=None) -> bool:
     return isinstance(v, (list, tuple, ListConfig)) and (n is None or len(v) == n)
 
 
-def integer(low: int) -> Rule:
-    return Rule(lambda v, cfg: is_int(v) and v >= low, f"an integer >= {low}")
+def integer(low: int, high: int | None = None) -> Rule:
+    if high is None:
+        return Rule(lambda v, cfg: is_int(v) and v >= low, f"an integer >= {low}")
+    return Rule(lambda v, cfg: is_int(v) and low <= v <= high, f"an integer in [{low}, {high}]")
+
+
+# Upper bounds of values that size memory or time: far above any published setting, low enough that a typo
+# (an extra 0, 10**9) fails here in a second instead of exhausting the machine later.
+LIMITS = dict(
+    channels=8192,  # head and stage widths (ResNet-101's head: 512; VAN-large's 512)
+    blocks=256,  # blocks in one ResNet stage (ResNet-152's largest: 36)
+    recurrence=16,  # CCA loops (the paper: 0 to 3)
+    classes=4096,  # ADE20K-full has 3,688
+    workers=64,  # data-loading threads
+    side=8192,  # crop, window, resize sides in pixels (Cityscapes: 2048 x 1024)
+    scale=4.0,  # eval.scales (the authors' largest: 1.75) and the training scale range (mmseg's: 2.0)
+    scales=16,  # eval.scales entries
+    batch=4096,
+    iters=10**8,
+    vis=1000,  # pictures saved per evaluation
+)
+
+NUL_OR_NEWLINE = re.compile(r"[\x00\n\r]")
+
+
+def is_path(v) -> bool:
+    """A non-empty path with no NUL byte or line break (what open() and one-line messages can take)."""
+    return isinstance(v, str) and bool(v) and not NUL_OR_NEWLINE.search(v)
+
+
+def path_or_null(what: str = "a path") -> Rule:
+    return Rule(lambda v, cfg: v in (None, "") or is_path(v), f"null or {what} (no NUL byte or line break)")
+
+
+BOOLEAN = Rule(lambda v, cfg: isinstance(v, bool), "true or false")
 
 
 def number(low: float, high: float = math.inf, low_open=False, high_open=False) -> Rule:
@@ -161,8 +195,13 @@ def backbone_setting(key: str, rule: Rule) -> Rule:
     return Rule(lambda v, cfg: v is None or (key in backbone_takes(cfg) and rule.test(v, cfg)), expected)
 
 
-def needed_by(*jobs: str) -> Rule:
-    return Rule(lambda v, cfg: cfg.job not in jobs or bool(v), f"a path (job={'|'.join(jobs)} needs one)")
+def needed_by(*jobs: str, path: bool = False) -> Rule:
+    def test(v, cfg):
+        if v is None or v == "":
+            return cfg.job not in jobs
+        return not path or is_path(v)
+
+    return Rule(test, f"a path (job={'|'.join(jobs)} needs one)")
 
 
 def has_zoo_file(cfg) -> bool:
@@ -176,7 +215,7 @@ def model_file(key: str, *jobs: str, only: tuple = ()) -> Rule:
     def test(v, cfg):
         if v is None or v == "":
             return cfg.job not in jobs
-        return (not only or cfg.job in only) and (str(v) != "zoo" or has_zoo_file(cfg))
+        return is_path(v) and (not only or cfg.job in only) and (str(v) != "zoo" or has_zoo_file(cfg))
 
     def expected(cfg):
         value = OmegaConf.select(cfg, key, default=None)
@@ -196,23 +235,44 @@ def min_input(cfg) -> int:
 
 
 def size_pair(v, cfg) -> bool:
-    return is_list(v, 2) and all(is_int(s) and s >= min_input(cfg) for s in v)
+    return is_list(v, 2) and all(is_int(s) and min_input(cfg) <= s <= LIMITS["side"] for s in v)
 
 
-CROP = Rule(size_pair, lambda cfg: f"2 integers >= {min_input(cfg)} (the smallest input side for {cfg.backbone.name})")
+def sides(cfg) -> str:
+    return f"2 integers in [{min_input(cfg)}, {LIMITS['side']}]"
+
+
+CROP = Rule(size_pair, lambda cfg: f"{sides(cfg)} (the smallest input side for {cfg.backbone.name})")
 EVAL_CROP = Rule(
     lambda v, cfg: (v is None and cfg.eval.mode != "slide") or size_pair(v, cfg),
-    lambda cfg: f"2 integers >= {min_input(cfg)} (eval.mode=slide needs a window)",
+    lambda cfg: f"{sides(cfg)} (eval.mode=slide needs a window)",
+)
+BOUND = Rule(  # [long, short] of a resize
+    lambda v, cfg: v is None or (is_list(v, 2) and all(is_int(s) and 1 <= s <= LIMITS["side"] for s in v)),
+    f"null or [long, short], 2 integers in [1, {LIMITS['side']}]",
 )
 
 
+def resume_ok(v, cfg) -> bool:
+    return v is None or isinstance(v, bool) or is_path(v)
+
+
+def plain_data(v, depth: int = 0) -> bool:
+    """expected: a preset's record of the result it reproduces (numbers, text, lists, mappings), a few levels deep."""
+    if isinstance(v, (DictConfig, dict)):
+        return depth < 4 and all(isinstance(k, str) and plain_data(x, depth + 1) for k, x in v.items())
+    if isinstance(v, (ListConfig, list)):
+        return depth < 4 and all(plain_data(x, depth + 1) for x in v)
+    return v is None or isinstance(v, (bool, int, float)) or (isinstance(v, str) and len(v) <= 1000)
+
+
 def batch_ok(v, cfg) -> bool:
-    return is_int(v) and v >= 1 and v % mpi_world_size() == 0
+    return is_int(v) and 1 <= v <= LIMITS["batch"] and v % mpi_world_size() == 0
 
 
 def batch_expected(cfg) -> str:
     ranks = mpi_world_size()
-    return "an integer >= 1" + (f", divisible by the {ranks} MPI ranks" if ranks > 1 else "")
+    return f"an integer in [1, {LIMITS['batch']}]" + (f", divisible by the {ranks} MPI ranks" if ranks > 1 else "")
 
 
 def stride_ok(v, cfg) -> bool:
@@ -236,11 +296,23 @@ def min_lr_ok(v, cfg) -> bool:
 RULES: dict[str, Rule] = {
     "job": one_of(JOBS.names),
     "device": one_of(DEVICES),
-    "seed": integer(0),  # NumPy's seeded generators take no negative seeds
+    "seed": integer(0, 2**32 - 1),  # NumPy's seeded generators take no negative seeds, RandomState < 2**32
+    "verbose": BOOLEAN,
+    "overwrite": BOOLEAN,
+    "resume": Rule(resume_ok, "null, true, false, or the path of a checkpoint or run folder"),
+    "image": path_or_null("the path of a picture"),
+    "expected": Rule(
+        lambda v, cfg: v is None or (isinstance(v, (DictConfig, dict)) and plain_data(v)),
+        "null or a mapping of plain values (a preset's published result, e.g. {miou: 79.2, split: val})",
+    ),
+    **{
+        f"paths.{k}": Rule(lambda v, cfg: is_path(v), "a path (no NUL byte or line break)")
+        for k in ("data_root", "outputs", "sweeps")
+    },
     "checkpoint": model_file("checkpoint", "eval", "visualize", "predict", "explore"),
     "model.init": model_file("model.init", only=("train",)),
-    "sweep_dir": needed_by("sweep"),
-    "input": needed_by("predict"),
+    "sweep_dir": needed_by("sweep", path=True),
+    "input": needed_by("predict", path=True),
     "point": Rule(
         lambda v, cfg: v is None or (is_list(v, 2) and all(is_int(x) and x >= 0 for x in v)),
         "null or [y, x], 2 integers >= 0",
@@ -262,18 +334,20 @@ RULES: dict[str, Rule] = {
             "(backbone=resnet needs it, or backbone.blocks and backbone.block)"
         ),
     ),
-    "backbone.blocks": backbone_setting("blocks", ints(4)),
+    "backbone.blocks": backbone_setting("blocks", ints(4, high=LIMITS["blocks"])),
     "backbone.block": backbone_setting("block", one_of(lambda: resnet_choices("BLOCKS"))),
     "backbone.stem": backbone_setting("stem", one_of(lambda: resnet_choices("STEMS"))),
-    "backbone.stem_channels": backbone_setting("stem_channels", ints(3, optional_lengths=(1,))),
-    "backbone.widths": backbone_setting("widths", ints(4)),
-    "backbone.ceil_mode": backbone_setting("ceil_mode", boolean()),
+    "backbone.stem_channels": backbone_setting("stem_channels", ints(3, high=LIMITS["channels"], optional_lengths=(1,))),
+    "backbone.widths": backbone_setting("widths", ints(4, high=LIMITS["channels"])),
+    "backbone.ceil_mode": backbone_setting("ceil_mode", BOOLEAN),
     "backbone.strides": backbone_setting("strides", ints(4)),
     "backbone.dilations": backbone_setting("dilations", ints(4)),
-    "backbone.contract_dilation": backbone_setting("contract_dilation", boolean()),
-    "backbone.head_channels": integer(1),
-    "backbone.allow_normalization_mismatch": boolean(),
-    "model.recurrence": integer(0),
+    "backbone.contract_dilation": backbone_setting("contract_dilation", BOOLEAN),
+    "backbone.head_channels": integer(1, LIMITS["channels"]),
+    "backbone.pretrained": path_or_null("the path of a backbone weights file"),
+    "backbone.strict": BOOLEAN,
+    "backbone.allow_normalization_mismatch": BOOLEAN,
+    "model.recurrence": integer(0, LIMITS["recurrence"]),
     "model.act": one_of(ACTIVATIONS.names),
     "model.head": one_of(HEADS.names),
     "model.aux_head": one_of(AUX_HEADS.names),
@@ -286,13 +360,30 @@ RULES: dict[str, Rule] = {
     "model.ce_average": one_of(CE_AVERAGES),
     "model.ohem_thresh": number(0, 1, low_open=True),
     "model.ohem_min_kept": integer(1),
-    "model.aux_channels": Rule(lambda v, cfg: v is None or (is_int(v) and v >= 1), "null or an integer >= 1"),
+    "model.aux_channels": Rule(
+        lambda v, cfg: v is None or (is_int(v) and 1 <= v <= LIMITS["channels"]),
+        f"null or an integer in [1, {LIMITS['channels']}]",
+    ),
+    "model.aux_bias": BOOLEAN,
+    "model.align_corners": Rule(lambda v, cfg: v is None or isinstance(v, bool), "null, true or false"),
     "dataset.name": one_of(DATASETS.names),
-    "dataset.num_classes": integer(1),
+    "dataset.root": Rule(lambda v, cfg: is_path(v), "a path (no NUL byte or line break)"),
+    "dataset.num_classes": integer(1, LIMITS["classes"]),
+    "dataset.bgr": BOOLEAN,
+    "dataset.ignore_index": integer(0, 255),  # labels are 8-bit pictures
+    **{
+        f"dataset.{k}": Rule(lambda v, cfg: isinstance(v, str) and bool(re.fullmatch(r"[\w.-]+", v)), "a split's name")
+        for k in ("train_split", "val_split")
+    },  # fmt: skip
+    "dataset.reduce_zero_label": BOOLEAN,
+    "dataset.verify": BOOLEAN,
     "dataset.mean": Rule(lambda v, cfg: is_list(v, 3) and all(is_number(x) for x in v), "3 finite numbers"),
     "dataset.std": Rule(lambda v, cfg: is_list(v, 3) and all(is_number(x) and x > 0 for x in v), "3 numbers > 0"),
-    "dataset.num_workers": integer(0),
-    "schedule.iters": Rule(lambda v, cfg: is_int(v) and (v >= 1 or cfg.job != "train"), "an integer >= 1 (job=train)"),
+    "dataset.num_workers": integer(0, LIMITS["workers"]),
+    "schedule.iters": Rule(
+        lambda v, cfg: is_int(v) and v <= LIMITS["iters"] and (v >= 1 or cfg.job != "train"),
+        f"an integer <= {LIMITS['iters']:,} (>= 1 for job=train)",
+    ),
     "schedule.batch_size": Rule(batch_ok, batch_expected),
     "schedule.lr": number(0, low_open=True),
     "schedule.momentum": number(0, 1, high_open=True),
@@ -300,14 +391,13 @@ RULES: dict[str, Rule] = {
     "schedule.poly_power": number(0),
     "schedule.crop_size": CROP,
     "schedule.scale_range": Rule(
-        lambda v, cfg: is_list(v, 2) and all(is_number(x) for x in v) and 0 < v[0] <= v[1],
-        "[low, high], 0 < low <= high",
+        lambda v, cfg: is_list(v, 2) and all(is_number(x) for x in v) and 0 < v[0] <= v[1] <= LIMITS["scale"],
+        f"[low, high], 0 < low <= high <= {LIMITS['scale']:g}",
     ),
-    "schedule.scale_step": number(0),
-    "schedule.resize_bound": Rule(
-        lambda v, cfg: v is None or (is_list(v, 2) and all(is_int(s) and s >= 1 for s in v)),
-        "null or [long, short], 2 integers >= 1",
-    ),
+    "schedule.scale_step": number(0, 1),
+    "schedule.resize_bound": BOUND,
+    "schedule.mirror": BOOLEAN,
+    "schedule.photometric": BOOLEAN,
     "schedule.cat_max_ratio": number(0, 1, low_open=True),
     "schedule.min_lr": Rule(min_lr_ok, lambda cfg: f"a number in [0, schedule.lr] (schedule.lr={show(base_lr(cfg))})"),
     "schedule.checkpoint_every": integer(0),
@@ -323,14 +413,17 @@ RULES: dict[str, Rule] = {
     "eval.crop_size": EVAL_CROP,
     "eval.stride": Rule(stride_ok, "2 integers, 1 <= stride <= eval.crop_size (eval.mode=slide needs them)"),
     "eval.scales": Rule(
-        lambda v, cfg: is_list(v) and len(v) > 0 and all(is_number(x) and x > 0 for x in v), "numbers > 0"
-    ),
-    "eval.resize": Rule(
-        lambda v, cfg: v is None or (is_list(v, 2) and all(is_int(s) and s >= 1 for s in v)),
-        "null or [long, short], 2 integers >= 1",
-    ),
+        lambda v, cfg: (
+            is_list(v) and 0 < len(v) <= LIMITS["scales"] and all(is_number(x) and 0 < x <= LIMITS["scale"] for x in v)
+        ),
+        f"1 to {LIMITS['scales']} numbers in (0, {LIMITS['scale']:g}]",
+    ),  # fmt: skip
+    "eval.flip": BOOLEAN,
+    "eval.resize": BOUND,
     "eval.average": one_of(EVAL_AVERAGES),
-    "eval.num_vis": integer(0),
+    "eval.num_vis": integer(0, LIMITS["vis"]),
+    "eval.save_submission": BOOLEAN,
+    "eval.pad_windows": BOOLEAN,
     "eval.max_images": integer(0),
     **{f"kernels.{op}": one_of(kernel_choices) for op in ("cca", "conv", "batch_norm", "relu")},
     "download.deadline_s": number(0, low_open=True),
@@ -370,6 +463,54 @@ def problems(cfg, keys=None) -> list[str]:
         if not rule.test(value, cfg):
             lines.append(f"{key}={show(value)}: expected {expected}")
     return lines
+
+
+BACKBONE_SETTINGS = ("drop_path", "neck")  # backbone.* keys of some backbones only (backbone_setting rules)
+SAVED_SECTIONS = ("backbone", "model", "dataset")  # what a checkpoint's config decides of a run (ccnet/jobs/restore.py)
+
+
+def has_interpolation(value) -> bool:
+    if isinstance(value, dict):
+        return any(has_interpolation(k) or has_interpolation(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return any(map(has_interpolation, value))
+    return isinstance(value, str) and "${" in value
+
+
+def saved_config_problems(saved, sections=SAVED_SECTIONS) -> list[str]:
+    """The rules of `sections` on a checkpoint's saved config (a plain dict as read from the file, or a config
+    holding its values merged into this run's): a key it lacks (a checkpoint of an earlier version) is skipped,
+    model.init (the saved run's history) too; any other value goes through the command line's rule. A saved
+    config is resolved before it is written: an interpolation in it (which would run a resolver) is refused."""
+    if isinstance(saved, dict):
+        bad = [s for s in sections if has_interpolation(saved.get(s))]
+        if bad:
+            return [f"{s}: holds an interpolation (${{...}}), which a saved config never does" for s in bad]
+        saved = {k: v for k, v in saved.items() if k in (*sections, "job")}
+        backbone = saved.get("backbone")
+        if (
+            isinstance(backbone, dict)
+            and isinstance(backbone.get("name"), str)
+            and backbone["name"] in BACKBONES.names()
+        ):
+            # earlier versions saved every backbone's settings (drop_path, neck) for all: those it does not take
+            # never changed it (ccnet/jobs/restore.py drops them too)
+            from ccnet.models.ccnet import BACKBONE_COMMON_KEYS
+
+            takes = (*BACKBONE_COMMON_KEYS, *BACKBONES.get(backbone["name"]).parameters())
+            saved["backbone"] = {k: v for k, v in backbone.items() if k in takes or k not in BACKBONE_SETTINGS}
+        try:
+            saved = OmegaConf.create(saved)
+        except (OmegaConfBaseException, ValueError, TypeError) as err:
+            return [f"values of types a config cannot hold ({str(err).splitlines()[0][:100]})"]
+    keys = [k for k in RULES if k.split(".")[0] in sections and k != "model.init"]
+    found = []
+    for key in keys:
+        try:
+            found += [line for line in problems(saved, (key,)) if not line.startswith(f"{key}: not in the config")]
+        except Exception:  # a rule meeting a value of a type the schema would have refused
+            found.append(f"{key}={show(OmegaConf.select(saved, key, default=None))}: not a value this version takes")
+    return found
 
 
 def validate(cfg, keys=None) -> None:

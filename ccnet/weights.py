@@ -29,7 +29,7 @@ from typing import Callable
 
 import numpy as np
 
-from .fileio import FileError, atomic_file, read_file
+from .fileio import FileError, atomic_file, brief, check_arrays, read_file
 
 log = logging.getLogger(__name__)
 
@@ -227,8 +227,10 @@ def identify_file(family: str, tensors: dict) -> tuple[WeightFile | None, str]:
     return None, f"none of the {len(fmt.files) if fmt else 0} published {family} files"
 
 
-def _arrays(d: dict) -> dict:
-    return {k: v for k, v in d.items() if isinstance(k, str) and isinstance(v, np.ndarray)}
+def _arrays(d: dict, path=None) -> dict:
+    """The string-keyed arrays of `d`; with `path`, each checked for a real numeric dtype (one-line error)."""
+    arrays = {k: v for k, v in d.items() if isinstance(k, str) and isinstance(v, np.ndarray)}
+    return arrays if path is None else check_arrays(path, arrays)
 
 
 def read_state_dict(path, family: str | None = None) -> StateDict:
@@ -241,21 +243,21 @@ def read_state_dict(path, family: str | None = None) -> StateDict:
     if fmt == CHECKPOINT_FORMAT or exported:  # ours, or what `export` made of ours: the whole model's keys
         model = obj.get("state_dict" if exported else "model")
         model = model if isinstance(model, dict) else {}
-        tensors = {k[len("backbone.") :]: v for k, v in _arrays(model).items() if k.startswith("backbone.")}
+        tensors = {k[len("backbone.") :]: v for k, v in _arrays(model, path).items() if k.startswith("backbone.")}
         if not tensors:
             raise WeightsError(path, "a ccnet checkpoint without backbone.* tensors")
         detection = detect(path, tensors)
         return StateDict(tensors, "ccnet", detection.family, detection=detection.reason)
     if fmt == BACKBONE_FORMAT and isinstance(obj.get("state_dict"), dict):
         family = obj.get("family")
-        return StateDict(_arrays(obj["state_dict"]), "converted", family, detection=f"{family}: converted file")
+        return StateDict(_arrays(obj["state_dict"], path), "converted", family, detection=f"{family}: converted file")
     for key in ("state_dict", "model"):  # {'state_dict': ...} (VAN .pth.tar, timm), {'model': ...}
         if isinstance(obj.get(key), dict) and _arrays(obj[key]):
             obj = obj[key]
             break
-    tensors = _arrays(obj)
+    tensors = _arrays(obj, path)
     if not tensors:
-        raise WeightsError(path, f"not a checkpoint: no tensors among the keys {sorted(map(str, obj))[:8]}")
+        raise WeightsError(path, f"not a checkpoint: no tensors among the keys {sorted(map(brief, obj))[:8]}")
     if all(k.startswith("module.") for k in tensors):  # saved from DataParallel
         tensors = {k[len("module.") :]: v for k, v in tensors.items()}
     detection = detect(path, tensors)

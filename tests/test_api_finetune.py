@@ -75,7 +75,7 @@ def test_init_model_checks_values_and_files_as_run_py_does(tiny_file, tmp_path):
     from ccnet.validate import ConfigValueError
 
     path, _ = tiny_file
-    with pytest.raises(ConfigValueError, match=r"^model.recurrence=-1: expected an integer >= 0$"):
+    with pytest.raises(ConfigValueError, match=r"^model.recurrence=-1: expected an integer in \[0, 16\]$"):
         init_model(path, ["model.recurrence=-1"])
     with pytest.raises(CheckpointError, match=f"^{tmp_path / 'nope.pth'}: no such file$"):
         init_model(tmp_path / "nope.pth")

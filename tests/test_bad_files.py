@@ -158,7 +158,7 @@ CATALOGUE = {
     "unknown_backbone": (
         lambda d, g: saved(d / "unknown.pkl", with_config(g, backbone={"name": "resnet_999"})),
         {
-            p: "its config does not fit this version of ccnet (backbone.name='resnet_999' is unknown"
+            p: "its config does not fit this version of ccnet (backbone.name='resnet_999': expected one of"
             for p in MODEL_PATHS
         },
     ),

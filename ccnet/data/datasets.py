@@ -62,7 +62,9 @@ class SegmentationDataset:
 
 def read_image(path: str) -> np.ndarray:
     if not os.path.isfile(path):
-        raise DataError(f"{path}: image file not found")
+        from ccnet.fileio import special_file
+
+        raise DataError(f"{path}: {special_file(path) or 'image file not found'}")  # a FIFO would block forever
     data = np.fromfile(path, np.uint8)
     image = cv2.imdecode(data, cv2.IMREAD_COLOR)
     # OpenCV decodes a truncated JPEG without an error (grey bottom rows): a JPEG must end with its EOI marker

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ccnet.fileio import FileError, atomic_file, read_file
+from ccnet.fileio import FileError, atomic_file, brief, check_array, read_file
 
 FORMAT = "ccnet-checkpoint-v1"
 EXPORT_FORMAT = "ccnet-export-v1"  # meta["format"] of `python -m ccnet.weights export --format torch` files
@@ -24,6 +24,7 @@ class CheckpointError(FileError):
     """A checkpoint that cannot be used; the message names the file and what was wrong ("PATH: problem")."""
 
     def __init__(self, message: str):
+        message = message.replace("\n", "\\n").replace("\r", "\\r")  # a file's key or text: still one line
         ValueError.__init__(self, message)
         self.path, _, self.problem = message.partition(": ")
 
@@ -89,10 +90,17 @@ def load_optimizer_state(optimizer, state, path="checkpoint") -> None:
             f"{path}: holds no optimizer state for this model, so training cannot continue from it exactly "
             "(resume= needs a checkpoint the trainer wrote: checkpoints/last.pkl or iter_*.pkl)"
         )
-    for group, saved in zip(groups, values):
+    for i, (group, saved) in enumerate(zip(groups, values)):
         own = group.get("values", [])
-        if len(saved) != len(own) or any(tuple(v.shape) != tuple(np.shape(s)) for v, s in zip(own, saved)):
+        if not isinstance(saved, list) or len(saved) != len(own):
             raise CheckpointError(f"{path}: its optimizer state does not fit this model's parameters")
+        for j, (var, value) in enumerate(zip(own, saved)):
+            try:
+                check_array(path, f"optimizer.values[{i}][{j}]", value)
+            except FileError as err:
+                raise CheckpointError(str(err)) from None
+            if tuple(var.shape) != value.shape:
+                raise CheckpointError(f"{path}: its optimizer state does not fit this model's parameters")
     optimizer.lr = state["lr"]
     for group, saved in zip(groups, values):
         for var, value in zip(group.get("values", []), saved):
@@ -168,7 +176,26 @@ def checkpoint_state(path, state) -> dict:
     if not isinstance(model, dict) or not model or not all(isinstance(v, np.ndarray) for v in model.values()):
         raise CheckpointError(f"{path}: a ccnet checkpoint without model weights (no 'model' dict of arrays)")
     if not isinstance(state.get("iteration"), int) or isinstance(state["iteration"], bool) or state["iteration"] < 0:
-        raise CheckpointError(f"{path}: a ccnet checkpoint whose iteration is {state.get('iteration')!r}")
+        raise CheckpointError(f"{path}: a ccnet checkpoint whose iteration is {brief(state.get('iteration'))}")
+    try:
+        for key, value in model.items():
+            check_array(path, f"model.{key}" if isinstance(key, str) else f"model[{brief(key)}]", value)
+    except FileError as err:
+        raise CheckpointError(str(err)) from None
+    best = state.get("best")  # the trainer's {"mIoU", "iteration"}, compared and printed by a resumed run
+    if best is not None and not (
+        isinstance(best, dict)
+        and isinstance(best.get("mIoU"), (int, float, np.integer, np.floating))
+        and not isinstance(best.get("iteration"), bool)
+        and isinstance(best.get("iteration"), (int, np.integer))
+    ):
+        raise CheckpointError(f"{path}: a ccnet checkpoint whose best is {brief(best)}; expected {{mIoU, iteration}}")
+    from ccnet.validate import saved_config_problems  # validate imports the registries, which import the models
+
+    found = saved_config_problems(config)  # the command line's rules, before anything is built from it
+    if found:
+        more = f" (and {len(found) - 3} more)" if len(found) > 3 else ""
+        raise CheckpointError(f"{path}: its config does not fit this version of ccnet ({'; '.join(found[:3])}{more})")
     return state
 
 

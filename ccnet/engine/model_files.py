@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ccnet.fileio import FileError, read_file
-from ccnet.models.ccnet_convert import from_authors, from_mmseg, their_key
+from ccnet.fileio import FileError, check_array, check_arrays, read_file
+from ccnet.models.ccnet_convert import SIZES, from_authors, from_mmseg, their_key
 
 from .checkpoint import CheckpointError, checkpoint_state, describe, is_ours, load_model_state
 
@@ -144,6 +144,12 @@ def read_model_file(path) -> ModelFile:
     tensors = _arrays(obj)
     if not tensors:
         raise _error(path, f"{NOT_OURS}: {describe(obj)}")
+    try:  # dtypes, and the sizes the converters rely on, before any arithmetic
+        check_arrays(path, tensors)
+        for key in SIZES.keys() & tensors.keys():
+            check_array(path, key, tensors[key], size=SIZES[key])
+    except FileError as err:
+        raise CheckpointError(str(err)) from None
     if all(k.startswith("module.") for k in tensors):  # saved from (Distributed)DataParallel
         tensors = {k[len("module.") :]: v for k, v in tensors.items()}
     family = _classify(path, tensors)
@@ -171,6 +177,10 @@ def detect_variant(mf: ModelFile) -> dict:
     if missing:
         theirs = [their_key(k, mf.family.split("-")[0]) for k in missing]
         raise _error(path, f"{FAMILIES[mf.family]} whose layout differs from CCNet's: no {_groups(theirs)}")
+    for k in required + ("backbone.layer1.0.conv3.weight",):  # the shapes read below: convolutions' weights
+        if k in t and t[k].ndim != 4:
+            key = their_key(k, mf.family.split("-")[0])
+            raise _error(path, f"{key} holds an array of shape {t[k].shape}; expected a 4-d convolution weight")
     blocks = len({int(m.group(1)) for k in t if (m := re.match(r"backbone\.layer3\.(\d+)\.", k))})
     bottleneck = "backbone.layer1.0.conv3.weight" in t
     stem = (shape("backbone.conv1.weight")[0], shape("backbone.conv3.weight")[0])

@@ -29,6 +29,10 @@ def image_files(path: str) -> list[Path]:
         return [root]
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if root.is_dir() else []
     if not files:
+        from ccnet.fileio import special_file
+
+        if special_file(root):
+            raise DataError(f"input={path}: {special_file(root)}")
         raise DataError(f"input={path}: no image file there (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
     return files
 

@@ -44,6 +44,7 @@ MMSEG_PREFIXES = tuple((f"backbone.{theirs}", f"backbone.{ours}") for theirs, ou
     ("auxiliary_head.conv_seg.", "aux_head.classifier."),
 )
 MMSEG_GAMMA = ("decode_head.cca.gamma.scale", "decode_head.cca.gamma")
+SIZES = dict.fromkeys(MMSEG_GAMMA, 1)  # the file's keys whose element count the conversion relies on (reshape)
 
 AUTHORS_PREFIXES = tuple((f"{m}.", f"backbone.{m}.") for m in ("conv1", "bn1", "conv2", "bn2", "conv3", "bn3")) + (
     ("layer", "backbone.layer"),
