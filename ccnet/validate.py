@@ -337,7 +337,9 @@ RULES: dict[str, Rule] = {
     "backbone.blocks": backbone_setting("blocks", ints(4, high=LIMITS["blocks"])),
     "backbone.block": backbone_setting("block", one_of(lambda: resnet_choices("BLOCKS"))),
     "backbone.stem": backbone_setting("stem", one_of(lambda: resnet_choices("STEMS"))),
-    "backbone.stem_channels": backbone_setting("stem_channels", ints(3, high=LIMITS["channels"], optional_lengths=(1,))),
+    "backbone.stem_channels": backbone_setting(
+        "stem_channels", ints(3, high=LIMITS["channels"], optional_lengths=(1,))
+    ),
     "backbone.widths": backbone_setting("widths", ints(4, high=LIMITS["channels"])),
     "backbone.ceil_mode": backbone_setting("ceil_mode", BOOLEAN),
     "backbone.strides": backbone_setting("strides", ints(4)),

@@ -32,7 +32,7 @@ OBJECT_BYTES = 12  # the reader's Python objects (zip directory, tensors' views)
 
 MORE_THAN_IT_HOLDS = "declares more data than it holds"
 NOT_OURS = "not a ccnet checkpoint"
-NO_FAMILY = "no ResNet or VAN keys"
+NO_FAMILY = "no family's signature keys"
 NO_FIT = "no tensor fits ResNet"
 
 

@@ -258,7 +258,7 @@ def test_a_saved_config_goes_through_the_same_rules():
     van = {**saved, "backbone": {"name": "van_b0", "head_channels": 32, "neck": "fpn"}}
     assert saved_config_problems(van) == [
         "backbone.neck='fpn': expected null, or one of sum, concat, none for a backbone that takes neck "
-        "(van_b0 takes drop_path, neck)"
+        "(van_b0 takes drop_path, neck, ln_eps)"
     ]
     interpolated = {**saved, "model": {**saved["model"], "recurrence": "${oc.env:HOME}"}}
     assert saved_config_problems(interpolated) == [
