@@ -1,4 +1,4 @@
-"""`python -m ccnet.weights export SOURCE OUT.pth [--format torch|mmseg]`: one of our models as a PyTorch file.
+"""`python -m ccnet.export SOURCE OUT.pth [--format torch|mmseg]`: one of our models as a PyTorch file.
 
 SOURCE is whatever `checkpoint=` takes (`read_source`: a run folder, a checkpoint, an exported file). OUT is
 written atomically in torch.save's zip layout without importing torch (ccnet/fileio.py), and read with
@@ -12,11 +12,13 @@ written atomically in torch.save's zip layout without importing torch (ccnet/fil
   "state_dict": mmseg keys}`, for a model that is one of mmseg's variants: backbone resnet50_v1c / resnet101_v1c
   (ResNetV1c-D8), the RCCA head (CCHead) and a DSN head without conv bias (FCNHead: model.aux_bias=false), ReLU.
   Any other model is refused, naming what differs. A backbone of mmseg's layout registers its key mapping
-  `to_mmseg_state_dict(state_dict, variant) -> dict` in MMSEG_KEY_MAPPINGS.
+  `state_dict -> dict` in MMSEG_KEY_MAPPINGS.
 """
 
 from __future__ import annotations
 
+import argparse
+import sys
 from collections import OrderedDict
 from pathlib import Path
 from typing import Callable
@@ -29,16 +31,15 @@ from .fileio import FileError, save_torch_file
 FORMATS = ("torch", "mmseg")
 
 
-def mmseg_ccnet(state_dict: dict, variant: str) -> dict:
-    """ResNetV1c-D8 CCNets: the inverse of the conversion that loads mmseg's files (ccnet/models/ccnet_convert.py)."""
-    from .models.ccnet_convert import to_mmseg_state_dict  # Jittor's models come with it: only --format mmseg pays
+def mmseg_state(state_dict: dict) -> dict:
+    """ResNetV1c-D8 CCNets in mmseg's names: the mmseg family's export (ccnet/engine/model_files/mmseg.py)."""
+    from .engine.model_files import mmseg  # Jittor's models come with it: only --format mmseg pays
 
-    return to_mmseg_state_dict(state_dict, variant)
+    return mmseg.export_state(state_dict)
 
 
-# backbone.name -> to_mmseg_state_dict(state_dict, variant): our keys -> mmsegmentation's, for the variants that
-# have mmseg's architecture
-MMSEG_KEY_MAPPINGS: dict[str, Callable[[dict, str], dict]] = {"resnet50_v1c": mmseg_ccnet, "resnet101_v1c": mmseg_ccnet}
+# backbone.name -> export(state_dict): our keys -> mmsegmentation's, for the variants that have mmseg's architecture
+MMSEG_KEY_MAPPINGS: dict[str, Callable[[dict], dict]] = {"resnet50_v1c": mmseg_state, "resnet101_v1c": mmseg_state}
 
 
 class ExportError(FileError):
@@ -141,7 +142,7 @@ def export_payload(state: dict, source, fmt: str = "torch") -> dict:
     if differences:
         raise ExportError(source, "not an mmseg-compatible variant: " + "; ".join(differences))
     name = state["config"]["backbone"]["name"]
-    mmseg_weights = MMSEG_KEY_MAPPINGS[name](weights, name)
+    mmseg_weights = MMSEG_KEY_MAPPINGS[name](weights)
     mmseg_meta = {"CLASSES": tuple(meta["classes"]), "PALETTE": palette(state["config"]["dataset"]), "ccnet": meta}
     return {"meta": mmseg_meta, "state_dict": OrderedDict((k, np.asarray(v)) for k, v in mmseg_weights.items())}
 
@@ -158,3 +159,23 @@ def export(source, out, fmt: str = "torch") -> dict:
     except OSError as err:
         raise ExportError(out, f"cannot be written ({err.strerror or err})") from err
     return payload
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ccnet.export", description=__doc__.split("\n")[0])
+    parser.add_argument("source", help="a run folder, one of its checkpoints, or an exported file")
+    parser.add_argument("out", help="the .pth file to write")
+    parser.add_argument("--format", choices=list(FORMATS), default="torch", help="key names and layout")
+    args = parser.parse_args(argv)
+    try:
+        payload = export(args.source, args.out, args.format)
+    except FileError as err:  # CheckpointError and ExportError are FileErrors too
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.out}: {len(payload['state_dict'])} tensors ({args.format} layout); read it with "
+          f"torch.load({args.out!r}, weights_only=True)")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -35,7 +35,7 @@ class Rule(NamedTuple):
 
 EVAL_MODES = ("whole", "slide")  # ccnet/engine/inference.py predict()
 EVAL_AVERAGES = ("logits", "probs")  # ccnet/engine/inference.py predict_views()
-ZOO_FAMILIES = ("mmseg", "authors")  # ccnet/engine/model_files.py: the published families
+ZOO_FAMILIES = ("mmseg", "authors")  # ccnet/engine/model_files/: the published families (zoo.family)
 CE_AVERAGES = ("valid", "all")  # ccnet/models/losses.py cross_entropy()
 
 

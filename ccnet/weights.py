@@ -1,15 +1,14 @@
-"""Pretrained backbone weights without PyTorch: read, convert, load, report; and the export command.
+"""Pretrained backbone weights without PyTorch: read, convert, load, report.
 
 Reads PyTorch files (the zip format of torch >= 1.6 and the older pickle format of the MIT CSAIL ResNets)
 through the allow-list reader of ccnet/fileio.py, which turns tensors into NumPy arrays and refuses anything
 that is not plain data; also our own checkpoints (`ccnet-checkpoint-v1`, backbone keys prefixed `backbone.`)
-and the pickles written by `python -m ccnet.weights convert IN.pth OUT.pkl [--family resnet|van]`
-(`ccnet-backbone-v1`). `python -m ccnet.weights export SOURCE OUT.pth [--format torch|mmseg]` writes one of
-our models as a PyTorch file (ccnet/export.py).
+and the pickles written by `python -m ccnet.weights convert IN.pth OUT.pkl [--arch resnet|van]`
+(`ccnet-backbone-v1`). Whole models are written by `python -m ccnet.export` (ccnet/export.py).
 
-Each backbone family declares its weights where it registers (`PretrainedWeights`: a signature key, the key
-conversion beside the model, the module they fit), e.g. `RESNET_WEIGHTS` in ccnet/models/resnet.py and `VAN_WEIGHTS`
-in ccnet/models/van.py; this module only looks them up.
+Each backbone architecture (`arch`: resnet, van) declares its weights where it registers (`PretrainedWeights`:
+a signature key, the key conversion beside the model, the module they fit), e.g. `RESNET_WEIGHTS` in
+ccnet/models/resnet.py and `VAN_WEIGHTS` in ccnet/models/van.py; this module only looks them up.
 """
 
 from __future__ import annotations
@@ -23,15 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-
-from .fileio import FileError, atomic_file, read_file
+from .fileio import FileError, arrays, atomic_file, read_file
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "ccnet-checkpoint-v1"  # the trainer's checkpoints (ccnet.engine.checkpoint)
-BACKBONE_FORMAT = "ccnet-backbone-v1"  # what `convert` writes: one family's converted state dict
-EXPORT_FORMAT = "ccnet-export-v1"  # meta["format"] of what `export --format torch` writes (ccnet/export.py)
+BACKBONE_FORMAT = "ccnet-backbone-v1"  # what `convert` writes: one backbone's converted state dict
+EXPORT_FORMAT = "ccnet-export-v1"  # meta["format"] of what `python -m ccnet.export` writes (ccnet/export.py)
 
 
 class WeightsError(FileError):
@@ -47,44 +44,40 @@ class StateDict:
 
     tensors: dict
     kind: str  # "torch" or "converted" (into the inner module), "ccnet" (our checkpoint: the whole backbone)
-    family: str | None = None
+    arch: str | None = None
     dropped: list = field(default_factory=list)
 
 
 @dataclass(frozen=True)
 class PretrainedWeights:
-    """What a backbone family's published weights look like, declared by its backbones at registration."""
+    """What a backbone architecture's published weights look like, declared by its backbones at registration."""
 
-    family: str  # the family's name ("resnet", "van"), for messages and `convert --family`
-    signature: str  # a key that only this family's files hold, e.g. "patch_embed1.proj.weight"
+    arch: str  # the backbone architecture ("resnet", "van"), for messages and `convert --arch`
+    signature: str  # a key that only this arch's files hold, e.g. "patch_embed1.proj.weight"
     convert: Callable  # file state dict -> (our names, keys dropped on purpose), beside the model
     module_type: type | tuple  # the backbone class(es) these weights fit
     inner: str = ""  # the backbone's attribute that takes them ("van"), where it has one; else the backbone itself
 
 
-def families() -> dict[str, PretrainedWeights]:
-    """family name -> its weights format, from every registered backbone."""
+def weight_formats() -> dict[str, PretrainedWeights]:
+    """backbone architecture (resnet, van) -> its weights format, from every registered backbone."""
     from .registry import BACKBONES
 
     found = (entry.info.get("weights") for entry in BACKBONES.entries())
-    return {weights.family: weights for weights in found if weights is not None}
+    return {weights.arch: weights for weights in found if weights is not None}
 
 
-def detect_family(path, keys) -> str | None:
-    """The family whose signature key (e.g. patch_embed1.proj.weight for VAN) is among `keys`, or None."""
-    signatures = {fam: fmt.signature for fam, fmt in families().items()}
+def detect_arch(path, keys) -> str | None:
+    """The arch whose signature key (e.g. patch_embed1.proj.weight for VAN) is among `keys`, or None."""
+    signatures = {fam: fmt.signature for fam, fmt in weight_formats().items()}
     found = {fam for fam, sig in signatures.items() for k in keys if k == sig or k.endswith("." + sig)}
     if len(found) > 1:
-        raise WeightsError(path, f"holds keys of several backbone families: {sorted(found)}")
+        raise WeightsError(path, f"holds keys of several backbone architectures: {sorted(found)}")
     return found.pop() if found else None
 
 
-def _arrays(d: dict) -> dict:
-    return {k: v for k, v in d.items() if isinstance(k, str) and isinstance(v, np.ndarray)}
-
-
-def read_state_dict(path, family: str | None = None) -> StateDict:
-    """Read `path` and pick out the backbone tensors; torch files are converted with `family`'s function."""
+def read_state_dict(path, arch: str | None = None) -> StateDict:
+    """Read `path` and pick out the backbone tensors; torch files are converted with `arch`'s function."""
     obj = read_file(path)
     if not isinstance(obj, dict):
         raise WeightsError(path, f"not a checkpoint: holds a {type(obj).__name__}, not a dict of tensors")
@@ -93,37 +86,37 @@ def read_state_dict(path, family: str | None = None) -> StateDict:
     if fmt == CHECKPOINT_FORMAT or exported:  # ours, or what `export` made of ours: the whole model's keys
         model = obj.get("state_dict" if exported else "model")
         model = model if isinstance(model, dict) else {}
-        tensors = {k[len("backbone.") :]: v for k, v in _arrays(model).items() if k.startswith("backbone.")}
+        tensors = {k[len("backbone.") :]: v for k, v in arrays(model).items() if k.startswith("backbone.")}
         if not tensors:
             raise WeightsError(path, "a ccnet checkpoint without backbone.* tensors")
-        return StateDict(tensors, "ccnet", detect_family(path, tensors))
+        return StateDict(tensors, "ccnet", detect_arch(path, tensors))
     if fmt == BACKBONE_FORMAT and isinstance(obj.get("state_dict"), dict):
-        return StateDict(_arrays(obj["state_dict"]), "converted", obj.get("family"))
+        return StateDict(arrays(obj["state_dict"]), "converted", obj.get("arch", obj.get("family")))  # "family" before
     for key in ("state_dict", "model"):  # {'state_dict': ...} (VAN .pth.tar, timm), {'model': ...}
-        if isinstance(obj.get(key), dict) and _arrays(obj[key]):
+        if isinstance(obj.get(key), dict) and arrays(obj[key]):
             obj = obj[key]
             break
-    tensors = _arrays(obj)
+    tensors = arrays(obj)
     if not tensors:
         raise WeightsError(path, f"not a checkpoint: no tensors among the keys {sorted(map(str, obj))[:8]}")
     if all(k.startswith("module.") for k in tensors):  # saved from DataParallel
         tensors = {k[len("module.") :]: v for k, v in tensors.items()}
-    found = detect_family(path, tensors)
-    family = family or found
-    if family is None:
-        raise WeightsError(path, f"no ResNet or VAN keys (first keys: {list(tensors)[:4]}); give the family")
-    if family not in families():
-        raise WeightsError(path, f"family {family!r} is unknown; choose one of {sorted(families())}")
-    converted, dropped = families()[family].convert(tensors)
-    return StateDict(converted, "torch", found or family, dropped)
+    found = detect_arch(path, tensors)
+    arch = arch or found
+    if arch is None:
+        raise WeightsError(path, f"no ResNet or VAN keys (first keys: {list(tensors)[:4]}); give --arch")
+    if arch not in weight_formats():
+        raise WeightsError(path, f"arch {arch!r} is unknown; choose one of {sorted(weight_formats())}")
+    converted, dropped = weight_formats()[arch].convert(tensors)
+    return StateDict(converted, "torch", found or arch, dropped)
 
 
-def convert_file(src, dst, family: str | None = None) -> StateDict:
+def convert_file(src, dst, arch: str | None = None) -> StateDict:
     """Convert a PyTorch backbone file once into a NumPy pickle; written atomically (temp file + rename)."""
-    state = read_state_dict(src, family)
-    if family and state.family != family:
-        raise WeightsError(src, f"holds {state.family} weights, not {family}")
-    payload = dict(format=BACKBONE_FORMAT, family=state.family, source=Path(src).name, state_dict=state.tensors)
+    state = read_state_dict(src, arch)
+    if arch and state.arch != arch:
+        raise WeightsError(src, f"holds {state.arch} weights, not {arch}")
+    payload = dict(format=BACKBONE_FORMAT, arch=state.arch, source=Path(src).name, state_dict=state.tensors)
     try:
         with atomic_file(dst) as f:
             pickle.dump(payload, f, protocol=pickle.HIGHEST_PROTOCOL)
@@ -142,7 +135,7 @@ def _group(key: str) -> str:
 @dataclass
 class LoadReport:
     path: str
-    family: str
+    arch: str
     target: str
     loaded: int = 0
     missing: list = field(default_factory=list)
@@ -151,7 +144,7 @@ class LoadReport:
     dropped: list = field(default_factory=list)  # expected extras: classifier, num_batches_tracked
 
     def summary(self, verb: str = "loaded") -> str:
-        lines = [f"{verb} {self.loaded} tensors from {self.path} ({self.family}) into {self.target}"]
+        lines = [f"{verb} {self.loaded} tensors from {self.path} ({self.arch}) into {self.target}"]
         if self.dropped:  # grouped: "fc.* (2), num_batches_tracked (104)"
             groups = Counter(map(_group, self.dropped))
             lines.append("  dropped as expected: " + ", ".join(f"{g} ({n})" for g, n in groups.items()))
@@ -172,15 +165,15 @@ class LoadReport:
         )
 
 
-def _target(module, family: str | None) -> tuple[PretrainedWeights, object]:
+def _target(module, arch: str | None) -> tuple[PretrainedWeights, object]:
     """(the weights format, the module that takes the weights): e.g. the inner VAN of the segmentation wrapper."""
-    fmt = next((f for f in families().values() if isinstance(module, f.module_type)), None)
-    if fmt is None or (family and family != fmt.family):
-        raise TypeError(f"{type(module).__name__} does not take {family} weights (family={family!r})")
+    fmt = next((f for f in weight_formats().values() if isinstance(module, f.module_type)), None)
+    if fmt is None or (arch and arch != fmt.arch):
+        raise TypeError(f"{type(module).__name__} does not take {arch} weights (arch={arch!r})")
     return fmt, getattr(module, fmt.inner, module) if fmt.inner else module
 
 
-def load_backbone_weights(backbone, path, family: str | None = None, strict: bool = True) -> LoadReport:
+def load_backbone_weights(backbone, path, arch: str | None = None, strict: bool = True) -> LoadReport:
     """Load pretrained weights (PyTorch file, converted pickle or ccnet checkpoint) into `backbone`.
 
     A backbone tensor missing from the file or shaped differently is an error naming it, unless strict=False
@@ -188,11 +181,11 @@ def load_backbone_weights(backbone, path, family: str | None = None, strict: boo
     """
     import jittor as jt
 
-    fmt, inner = _target(backbone, family)
-    family = fmt.family
-    state = read_state_dict(path, family)
-    if state.family not in (None, family):
-        found = f"holds {state.family} weights, but the backbone is {family} ({type(backbone).__name__})"
+    fmt, inner = _target(backbone, arch)
+    arch = fmt.arch
+    state = read_state_dict(path, arch)
+    if state.arch not in (None, arch):
+        found = f"holds {state.arch} weights, but the backbone is {arch} ({type(backbone).__name__})"
         raise WeightsError(path, found)
     module = backbone if state.kind == "ccnet" else inner
     own = module.state_dict()
@@ -200,7 +193,7 @@ def load_backbone_weights(backbone, path, family: str | None = None, strict: boo
         # the target's own classifier (VAN(num_classes>0)) is no backbone tensor. Strict checking compares with
         # the model's real keys: passing them through the file's converter would drop a key on both sides.
         own = {k: v for k, v in own.items() if not k.startswith("head.")}
-    report = LoadReport(str(path), family, type(module).__name__, dropped=state.dropped)
+    report = LoadReport(str(path), arch, type(module).__name__, dropped=state.dropped)
     report.missing = [k for k in own if k not in state.tensors]
     report.unexpected = [k for k in state.tensors if k not in own]
     fits = {}
@@ -224,33 +217,27 @@ def load_backbone_weights(backbone, path, family: str | None = None, strict: boo
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["export"]:  # the command of earlier versions: export sits above the engine, weights below
+        print("error: export has its own command now: python -m ccnet.export SOURCE OUT.pth [--format torch|mmseg]",
+              file=sys.stderr)  # fmt: skip
+        return 1
     parser = argparse.ArgumentParser(prog="python -m ccnet.weights", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     conv = sub.add_parser("convert", help="PyTorch backbone file -> NumPy pickle (no torch needed)")
     conv.add_argument("src")
     conv.add_argument("dst")
-    conv.add_argument("--family", help="the backbone family (default: read from the file's keys)")
-    exp = sub.add_parser("export", help="our model (run folder or checkpoint) -> PyTorch file (no torch needed)")
-    exp.add_argument("source", help="a run folder, one of its checkpoints, or an exported file")
-    exp.add_argument("out", help="the .pth file to write")
-    exp.add_argument("--format", choices=["torch", "mmseg"], default="torch", help="key names and layout")
+    conv.add_argument("--arch", "--family", dest="arch", help="the backbone (default: read from the file's keys)")
     args = parser.parse_args(argv)
     try:
-        if args.command == "export":
-            from ccnet.export import export  # the command line only: export sits above the engine
-
-            payload = export(args.source, args.out, args.format)
-            print(f"wrote {args.out}: {len(payload['state_dict'])} tensors ({args.format} layout); read it with "
-                  f"torch.load({args.out!r}, weights_only=True)")  # fmt: skip
-            return 0
         from ccnet import runtime
 
         runtime.setup()  # the converters live beside the Jittor models
-        state = convert_file(args.src, args.dst, args.family)
-    except FileError as err:  # CheckpointError and ExportError are FileErrors too
+        state = convert_file(args.src, args.dst, args.arch)
+    except FileError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    print(f"wrote {args.dst}: {len(state.tensors)} {state.family} tensors, dropped {len(state.dropped)}")
+    print(f"wrote {args.dst}: {len(state.tensors)} {state.arch} tensors, dropped {len(state.dropped)}")
     return 0
 
 

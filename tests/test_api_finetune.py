@@ -17,9 +17,9 @@ from ccnet import runtime
 jt = runtime.setup()
 
 from ccnet.engine.checkpoint import CheckpointError  # noqa: E402
+from ccnet.engine.model_files.authors import their_key  # noqa: E402
 from ccnet.fileio import read_file  # noqa: E402
 from ccnet.models import CCNet, build_backbone  # noqa: E402
-from ccnet.models.ccnet_convert import their_key  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 AUTHORS_MEAN = [104.00698793, 116.66876762, 122.67891434]  # speedinghzl/CCNet evaluate.py IMG_MEAN (BGR)
@@ -48,7 +48,7 @@ def tiny_file(tmp_path_factory):
     model = tiny_authors_model()
     path = tmp_path_factory.mktemp("tiny") / "ccnet_tiny_authors.pkl"
     with open(path, "wb") as f:
-        pickle.dump({their_key(k, "authors"): v.numpy() for k, v in model.state_dict().items()}, f)
+        pickle.dump({their_key(k): v.numpy() for k, v in model.state_dict().items()}, f)
     return path, model
 
 

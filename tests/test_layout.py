@@ -23,14 +23,15 @@ MAY_IMPORT = {
     "validate": {"runtime", "registry", "ops", "models"},
     "preflight": {"runtime", "run_dirs", "validate"},
     "summary": {"runtime", "fileio"},
-    "weights": {"registry", "runtime", "fileio", "export"},  # export: only its command line (weights.main)
+    "weights": {"registry", "runtime", "fileio"},
     "download": set(),
     "testing": set(),
     "ops": {"runtime"},
     "data": {"registry"},
     "models": {"runtime", "registry", "ops", "weights"},
-    "engine": {"runtime", "data", "models", "ops", "weights", "fileio"},
-    "export": {"engine", "data", "fileio", "models"},  # models: the mmseg key mapping, for --format mmseg only
+    "engine": {"runtime", "data", "models", "ops", "weights", "fileio", "registry"},  # registry: a saved config's
+    # backbone settings (model_files/ours.py)
+    "export": {"engine", "data", "fileio"},
     "jobs": {"runtime", "registry", "ops", "data", "engine", "models", "weights", "summary", "download", "fileio"}
     | {"validate"},
     "api": {"runtime", "registry", "ops", "data", "engine", "models", "weights", "jobs", "config", "download"}

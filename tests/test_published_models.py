@@ -84,7 +84,7 @@ def test_inplace_abn_scale_is_what_makes_the_authors_files_match(compose, torch_
     """Loading the authors' file as if its BNs were plain (no |w| + eps) gives other logits: the conversion is
     needed, and the twin's signed BN scales make it visible."""
     from ccnet.engine.model_files import load_model_file, read_model_file
-    from ccnet.models.ccnet_convert import from_authors
+    from ccnet.engine.model_files.authors import from_authors
 
     x = np.random.default_rng(0).standard_normal((1, 3, 33, 41)).astype(np.float32)
     path = tmp_path / "a.pth"
@@ -99,9 +99,9 @@ def test_inplace_abn_scale_is_what_makes_the_authors_files_match(compose, torch_
     assert rel_err(good, ref) < 1e-4 and rel_err(plain, ref) > 1e-2
 
 
-def test_mmseg_round_trip_through_to_mmseg_state_dict(compose, torch_worker, tmp_path):
-    """ours -> to_mmseg_state_dict -> the same keys, shapes and values the mmseg twin saved."""
-    from ccnet.models.ccnet_convert import to_mmseg_state_dict
+def test_mmseg_round_trip_through_the_mmseg_familys_export(compose, torch_worker, tmp_path):
+    """ours -> mmseg.export_state -> the same keys, shapes and values the mmseg twin saved."""
+    from ccnet.engine.model_files.mmseg import export_state as to_mmseg_state_dict
 
     path = tmp_path / "m.pth"
     torch_worker(twins.ccnet_reference, "mmseg", str(path), 50, 21, np.zeros((1, 3, 17, 17), np.float32), False)

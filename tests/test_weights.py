@@ -99,7 +99,7 @@ def test_van_file_goes_into_the_inner_van(tmp_path, torch_save):
     head = {"head.weight": np.zeros((1000, 32), np.float32), "head.bias": np.zeros(1000, np.float32)}
     path = torch_save({"state_dict": {**state, **head}, "epoch": 1}, tmp_path / "van_b0.pth.tar")
     report = load_backbone_weights(model, path)
-    assert report.loaded == len(state) and report.target == "VAN" and report.family == "van"
+    assert report.loaded == len(state) and report.target == "VAN" and report.arch == "van"
     assert_holds(model.van, state)
     assert_holds(model, neck_before)  # the neck keeps its initialisation
 
@@ -125,18 +125,18 @@ def test_convert_once_then_load(tmp_path, capsys, torch_save):
     state = numpy_state(model, seed=3)
     src = torch_save({**state, "fc.bias": np.zeros(10, np.float32)}, tmp_path / "r.pth", legacy=True)
     dst = tmp_path / "out" / "r.pkl"
-    assert main(["convert", src, str(dst), "--family", "resnet"]) == 0
+    assert main(["convert", src, str(dst), "--arch", "resnet"]) == 0
     assert "wrote" in capsys.readouterr().out
     assert [p.name for p in dst.parent.iterdir()] == ["r.pkl"]  # no temp file left behind
     with open(dst, "rb") as f:
         payload = pickle.load(f)  # plain NumPy pickle: jt.load / pickle read it without torch
-    assert payload["format"] == "ccnet-backbone-v1" and payload["family"] == "resnet"
+    assert payload["format"] == "ccnet-backbone-v1" and payload["arch"] == "resnet"
     assert "fc.bias" not in payload["state_dict"]
     fresh = build_backbone("resnet_tiny")
     assert load_backbone_weights(fresh, str(dst)).loaded == len(state)
     assert_holds(fresh, state)
 
-    assert main(["convert", src, str(tmp_path / "x.pkl"), "--family", "van"]) == 1
+    assert main(["convert", src, str(tmp_path / "x.pkl"), "--arch", "van"]) == 1
     assert "holds resnet weights" in capsys.readouterr().err
 
 
