@@ -37,6 +37,8 @@ EVAL_MODES = ("whole", "slide")  # ccnet/engine/inference.py predict()
 EVAL_AVERAGES = ("logits", "probs")  # ccnet/engine/inference.py predict_views()
 ZOO_FAMILIES = ("mmseg", "authors")  # ccnet/engine/model_files/: the published families (zoo.family)
 CE_AVERAGES = ("valid", "all")  # ccnet/models/losses.py cross_entropy()
+CCA_SOFTMAXES = ("pixel", "whole")  # ccnet/ops/cca.py SOFTMAXES
+ABSENT_IOUS = ("skip", "zero")  # ccnet/engine/metrics.py mean_iou()
 
 
 def is_url(v) -> bool:
@@ -200,6 +202,7 @@ RULES: dict[str, Rule] = {
     "model.aux_weight": number(0),
     "model.loss": one_of(LOSSES.names),
     "model.ce_average": one_of(CE_AVERAGES),
+    "model.cca_softmax": one_of(CCA_SOFTMAXES),
     "model.ohem_thresh": number(0, 1, low_open=True),
     "model.ohem_min_kept": integer(1),
     "model.aux_channels": Rule(lambda v, cfg: v is None or (is_int(v) and v >= 1), "null or an integer >= 1"),
@@ -246,6 +249,11 @@ RULES: dict[str, Rule] = {
         "null or [long, short], 2 integers >= 1",
     ),
     "eval.average": one_of(EVAL_AVERAGES),
+    "eval.miou_exclude": Rule(
+        lambda v, cfg: is_list(v) and all(is_int(c) and 0 <= c < cfg.dataset.num_classes for c in v),
+        lambda cfg: f"a list of class indices 0..{cfg.dataset.num_classes - 1} (dataset.num_classes)",
+    ),
+    "eval.absent_iou": one_of(ABSENT_IOUS),
     "eval.num_vis": integer(0),
     "eval.max_images": integer(0),
     **{f"kernels.{op}": one_of(kernel_choices) for op in ("cca", "conv", "batch_norm", "relu")},

@@ -69,6 +69,9 @@ CASES = [
     ("model.act", ["bogus", "ReLU"], ["relu", "leaky_relu"]),
     ("model.loss", ["focal"], ["ce", "ohem"]),
     ("model.ce_average", ["mean", "non_ignore"], ["valid", "all"]),
+    ("model.cca_softmax", ["global", "row"], ["pixel", "whole"]),
+    ("eval.absent_iou", ["nan", "drop"], ["skip", "zero"]),
+    ("eval.miou_exclude", [[-1], [7]], [[], [0], [0, 6]]),  # the default data set has 7 classes
     ("kernels.cca", ["cuda", "ops"], ["fused", "jittor"]),
     ("kernels.conv", ["onednn"], ["fused", "jittor"]),
     ("kernels.batch_norm", ["oneDNN"], ["fused", "jittor"]),

@@ -76,10 +76,11 @@ class CCNet(nn.Module):
         aux_bias=True,
         align_corners=True,
         aux_average="valid",
+        cca_softmax="pixel",
     ):
         super().__init__()
         self.backbone = backbone
-        self.head = RCCAHead(backbone.out_channels, head_channels, num_classes, recurrence, act, dropout)
+        self.head = RCCAHead(backbone.out_channels, head_channels, num_classes, recurrence, act, dropout, cca_softmax)
         aux_channels = aux_channels or head_channels
         self.aux_head = DSNHead(backbone.aux_channels, aux_channels, num_classes, act, dropout, aux_bias)
         self.aux_weight = aux_weight
@@ -139,6 +140,7 @@ def build_model(cfg) -> CCNet:
         m.aux_bias,
         resolved_align_corners(m),
         m.ce_average,
+        m.cca_softmax,
     )
 
 

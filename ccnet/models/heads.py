@@ -52,11 +52,11 @@ class ChannelDropout(nn.Module):
 class RCCAHead(nn.Module):
     """conva 3x3 -> CCA x R (shared weights) -> convb 3x3 -> concat with input -> 3x3 -> dropout -> 1x1."""
 
-    def __init__(self, in_channels, channels, num_classes, recurrence=2, act="relu", dropout=0.1):
+    def __init__(self, in_channels, channels, num_classes, recurrence=2, act="relu", dropout=0.1, cca_softmax="pixel"):
         super().__init__()
         self.recurrence = recurrence
         self.conva = conv_bn_act(in_channels, channels, 3, act)
-        self.cca = CrissCrossAttention(channels)
+        self.cca = CrissCrossAttention(channels, cca_softmax)
         self.convb = conv_bn_act(channels, channels, 3, act)
         self.bottleneck = conv_bn_act(in_channels + channels, channels, 3, act)
         self.dropout = ChannelDropout(dropout)
