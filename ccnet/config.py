@@ -134,7 +134,7 @@ class EvalConfig:  # conf/eval/
 @dataclass
 class ZooConfig:  # conf/experiment/zoo/: a published model's file; checkpoint=zoo / model.init=zoo fetch it
     name: Optional[str] = None  # the preset's name: the released file's config name
-    family: Optional[str] = None  # mmseg | authors
+    family: Optional[str] = None  # mmseg | authors | seed (ccnet/engine/model_files/)
     url: Optional[str] = None  # where the file is published
     sha256: Optional[str] = None  # the first hex digits of the file's SHA-256 (in mmseg's file names); null: the
     # file cannot be fetched directly (the authors' Google Drive links): download it by hand

@@ -35,10 +35,15 @@ class Rule(NamedTuple):
 
 EVAL_MODES = ("whole", "slide")  # ccnet/engine/inference.py predict()
 EVAL_AVERAGES = ("logits", "probs")  # ccnet/engine/inference.py predict_views()
-ZOO_FAMILIES = ("mmseg", "authors")  # ccnet/engine/model_files/: the published families (zoo.family)
+ZOO_FAMILIES = ("mmseg", "authors", "seed")  # ccnet/engine/model_files/: the published families (zoo.family)
 CE_AVERAGES = ("valid", "all")  # ccnet/models/losses.py cross_entropy()
 CCA_SOFTMAXES = ("pixel", "whole")  # ccnet/ops/cca.py SOFTMAXES
 ABSENT_IOUS = ("skip", "zero")  # ccnet/engine/metrics.py mean_iou()
+
+
+def is_page(v) -> bool:
+    parts = urllib.parse.urlparse(str(v))
+    return parts.scheme in ("http", "https") and bool(parts.netloc)
 
 
 def is_url(v) -> bool:
@@ -259,7 +264,10 @@ RULES: dict[str, Rule] = {
     **{f"kernels.{op}": one_of(kernel_choices) for op in ("cca", "conv", "batch_norm", "relu")},
     "zoo.name": Rule(lambda v, cfg: v is None or bool(re.fullmatch(r"[\w.-]+", str(v))), "null or a preset's name"),
     "zoo.family": one_of(ZOO_FAMILIES, optional=True),
-    "zoo.url": Rule(lambda v, cfg: v is None or is_url(v), "null or an http(s):// address of the file"),
+    "zoo.url": Rule(  # a page (the seed's cloud share) only where the file is fetched by hand (no sha256)
+        lambda v, cfg: v is None or is_url(v) or (is_page(v) and OmegaConf.select(cfg, "zoo.sha256") is None),
+        "null or an http(s):// address of the file (of a page, with zoo.sha256=null: fetched by hand)",
+    ),
     "zoo.sha256": Rule(
         lambda v, cfg: v is None or bool(re.fullmatch(r"[0-9a-f]{8,64}", str(v))),
         "null or 8 to 64 lower-case hex digits (the start of the file's SHA-256)",

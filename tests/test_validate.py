@@ -37,8 +37,9 @@ CASES = [
     ("model.aux_channels", [0, -256], [1, None]),
     ("model.init", ["zoo"], [None, "/models/ccnet.pth"]),
     ("zoo.name", ["a/b"], [None, "ccnet_r50-d8_512x1024_40k_cityscapes"]),
-    ("zoo.family", ["detectron"], [None, "mmseg", "authors"]),
-    ("zoo.url", ["download.openmmlab.com/x.pth", "x.pth"], [None, "https://h/x-ad3cd481.pth"]),  # no ":" (split)
+    ("zoo.family", ["detectron"], [None, "mmseg", "authors", "seed"]),
+    # no ":" in the bad ones (split); a page only with zoo.sha256=null
+    ("zoo.url", ["download.openmmlab.com/x.pth", "x.pth"], [None, "https://h/x-ad3cd481.pth", "https://h/d/"]),
     ("zoo.sha256", ["ad3cd48", "AD3CD481", "zz3cd481"], [None, "ad3cd481", "0" * 64]),
     ("schedule.scale_range", [[0, 1], [1.5, 0.75], [1.0], [-1, 2]], [[1, 1], [1e-3, 4]]),
     ("schedule.scale_step", [-0.1], [0]),

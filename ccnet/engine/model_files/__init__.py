@@ -2,7 +2,8 @@
 
 A family is a kind of whole-model file (who wrote it, with which names): `ours` (ccnet: our checkpoints and
 exports), `mmseg` (mmsegmentation's CCNets), `authors` (speedinghzl/CCNet's PyTorch files, InPlaceABN),
-`authors_jittor` (Jittor pickles with the authors' names). Each module has the same small interface:
+`seed` (Trugen/ANN-Lab's Jittor CCNets: ResNet [3, 4, 12, 3] with the authors' names, VAN with the
+VAN's), `authors_jittor` (other Jittor pickles with the authors' names). Each module has the same small interface:
 
     NAME, TITLE                    the family's name (ModelFile.family) and a few words for messages
     claims(path, obj) -> bool      is this object (read by ccnet.fileio.read_file) one of ours?
@@ -28,10 +29,10 @@ from ccnet.engine.checkpoint import CheckpointError, load_model_state
 from ccnet.engine.checkpoint import describe as describe_object
 from ccnet.fileio import FileError, read_file
 
-from . import authors, authors_jittor, mmseg, ours
+from . import authors, authors_jittor, mmseg, ours, seed
 from .common import CLASSIFIERS, NOT_OURS, ModelFile, error, groups, has_prefix, published_state
 
-FAMILIES = (ours, mmseg, authors, authors_jittor)  # tried in this order; the first that claims a file reads it
+FAMILIES = (ours, mmseg, authors, seed, authors_jittor)  # tried in this order; the first claim reads the file
 BY_NAME = {family.NAME: family for family in FAMILIES}
 DETECTION_PREFIXES = ("rpn_head.", "roi_head.", "bbox_head.", "mask_head.", "roi_heads.", "proposal_generator.")
 
