@@ -36,12 +36,33 @@ class BackboneConfig:  # conf/backbone/
     # The settings of some backbones only (null = the backbone's own default; a backbone refuses one it lacks):
     drop_path: Optional[float] = None  # VAN: stochastic depth
     neck: Optional[str] = None  # VAN: stages 2-4 to stride 8 fused by sum | concat; none = stage 4 at stride 32
+    ln_eps: Optional[float] = None  # VAN: its stages' LayerNorm epsilon (1e-6, the official; the seed's: 1e-5)
+    # ResNet (ccnet/models/resnet.py; every name resnet*): depth 18 | 34 | 50 | 101 | 152 picks the block type and
+    # counts; blocks ([3, 4, 12, 3]) and block (basic | bottleneck) override them; backbone=resnet takes them all
+    depth: Optional[int] = None
+    blocks: Optional[List[int]] = None  # blocks per stage (4)
+    block: Optional[str] = None  # basic | bottleneck
+    stem: Optional[str] = None  # deep (3x3 convs 64-64-128, MIT's / the authors') | deep_v1c (32-32-64, mmseg's) |
+    # plain (7x7, 64: torchvision's)
+    stem_channels: Optional[List[int]] = None  # the stem's widths (3 for a deep stem, 1 for a plain one)
+    widths: Optional[List[int]] = None  # the four stages' base widths (64, 128, 256, 512)
+    ceil_mode: Optional[bool] = None  # of the stem's max-pool (the authors': true; mmseg's, torchvision's: false)
+    strides: Optional[List[int]] = None  # per stage (1, 2, 1, 1: output stride 8; 1, 2, 2, 2: 32)
+    dilations: Optional[List[int]] = None  # per stage (1, 1, 2, 4)
+    contract_dilation: Optional[bool] = None  # a dilated stage's first block at half the dilation (mmseg's V1c)
 
 
 @dataclass
 class ModelConfig:
     recurrence: int = MISSING  # CCA loops, conf/recurrence/; 0 = no attention
-    act: str = "relu"  # relu (mmseg) | leaky_relu (the authors' InPlaceABN)
+    head: str = "rcca"  # the decode head (ccnet.registry.HEADS)
+    aux_head: str = "dsn"  # the auxiliary head (ccnet.registry.AUX_HEADS)
+    head_in: Optional[str] = None  # the backbone feature the decode head reads: stage1-4 | neck (VAN); null: the
+    # backbone's own (ResNet: stage4, VAN: neck, or stage4 with backbone.neck=none)
+    aux_in: Optional[str] = None  # the same for the auxiliary head; null: stage3
+    head_reduction: Optional[int] = None  # the decode head's width = its input's channels // this (the seed's VAN
+    # head: 4); null: backbone.head_channels
+    act: str = "relu"  # of both heads: relu (mmseg) | leaky_relu (the authors' InPlaceABN) | none (the seed's)
     dropout: float = 0.1
     aux_weight: float = 0.4
     loss: str = "ce"  # ce | ohem (ccnet.registry.LOSSES); settings of loss X are the keys X_*

@@ -1,11 +1,12 @@
-"""Named parts: one small registry kind for backbones, data sets, jobs, losses and activations.
+"""Named parts: one small registry kind for backbones, heads, data sets, jobs, losses and activations.
 
 A part registers itself where it is defined, with a decorator:
 
     @BACKBONES.register("resnet50", weights=RESNET_WEIGHTS)
     def resnet50(): ...
 
-and is looked up by the name the config gives (`backbone.name`, `dataset.name`, `job`, `model.loss`, `model.act`).
+and is looked up by the name the config gives (`backbone.name`, `model.head`, `model.aux_head`, `dataset.name`, `job`,
+`model.loss`, `model.act`).
 The project's own parts are found without an import list: the first lookup imports every module of the registry's
 package. Parts of other packages (a plugin, a test) register the same way and only need to be imported first.
 Nothing here imports Jittor; looking up a model part does (through ccnet.models).
@@ -99,3 +100,5 @@ DATASETS = Registry("data set", "dataset.name", "ccnet.data")
 JOBS = Registry("job", "job", "ccnet.jobs")
 LOSSES = Registry("loss", "model.loss", "ccnet.models")
 ACTIVATIONS = Registry("activation", "model.act", "ccnet.models")
+HEADS = Registry("decode head", "model.head", "ccnet.models")  # factory(in_channels, channels, num_classes, ...)
+AUX_HEADS = Registry("auxiliary head", "model.aux_head", "ccnet.models")  # the same arguments

@@ -20,7 +20,7 @@ from typing import Any, Callable, NamedTuple
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ccnet import runtime
-from ccnet.registry import ACTIVATIONS, BACKBONES, DATASETS, JOBS, LOSSES
+from ccnet.registry import ACTIVATIONS, AUX_HEADS, BACKBONES, DATASETS, HEADS, JOBS, LOSSES
 from ccnet.runtime import DEVICES, mpi_world_size
 
 
@@ -61,6 +61,47 @@ def van_necks() -> list[str]:
     from ccnet.models.van import VAN_NECKS
 
     return list(VAN_NECKS)
+
+
+def resnet_choices(name: str) -> list[str]:
+    from ccnet.models import resnet
+
+    return list(getattr(resnet, name))
+
+
+def backbone_features(cfg) -> list[str]:
+    """The features a backbone declares at registration (model.head_in / aux_in), e.g. stage1-4."""
+    name = str(OmegaConf.select(cfg, "backbone.name", default=""))
+    return list(BACKBONES.get(name).info.get("features", ())) if name in BACKBONES.names() else []
+
+
+def feature_rule(key: str) -> Rule:
+    return Rule(
+        lambda v, cfg: v is None or v in backbone_features(cfg),
+        lambda cfg: (
+            f"null or one of {', '.join(backbone_features(cfg)) or 'nothing'} ({cfg.backbone.name}'s "
+            f"features; null: the backbone's own {'output' if key == 'head_in' else 'auxiliary feature'})"
+        ),
+    )
+
+
+def depth_ok(v, cfg) -> bool:
+    """backbone=resnet builds nothing without a depth, or blocks and block; others have their own."""
+    b = cfg.backbone
+    if v is None:
+        return b.name != "resnet" or (b.get("blocks") is not None and b.get("block") is not None)
+    return v in resnet_choices("ARCH_SETTINGS")
+
+
+def ints(n, low: int = 1, optional_lengths=()) -> Rule:
+    lengths = (n, *optional_lengths)
+    text = " or ".join(map(str, lengths))
+    return Rule(lambda v, cfg: is_list(v) and len(v) in lengths and all(is_int(x) and x >= low for x in v),
+                f"{text} integers >= {low}")  # fmt: skip
+
+
+def boolean() -> Rule:
+    return Rule(lambda v, cfg: isinstance(v, bool), "true or false")
 
 
 def is_int(v) -> bool:
@@ -200,9 +241,31 @@ RULES: dict[str, Rule] = {
     "backbone.name": one_of(BACKBONES.names),
     "backbone.neck": backbone_setting("neck", one_of(van_necks)),
     "backbone.drop_path": backbone_setting("drop_path", number(0, 1, high_open=True)),
+    "backbone.ln_eps": backbone_setting("ln_eps", number(0, 1, low_open=True)),
+    "backbone.depth": Rule(
+        lambda v, cfg: depth_ok(v, cfg) and (v is None or "depth" in backbone_takes(cfg)),
+        lambda cfg: (
+            f"one of {', '.join(map(str, resnet_choices('ARCH_SETTINGS')))} for a ResNet "
+            "(backbone=resnet needs it, or backbone.blocks and backbone.block)"
+        ),
+    ),
+    "backbone.blocks": backbone_setting("blocks", ints(4)),
+    "backbone.block": backbone_setting("block", one_of(lambda: resnet_choices("BLOCKS"))),
+    "backbone.stem": backbone_setting("stem", one_of(lambda: resnet_choices("STEMS"))),
+    "backbone.stem_channels": backbone_setting("stem_channels", ints(3, optional_lengths=(1,))),
+    "backbone.widths": backbone_setting("widths", ints(4)),
+    "backbone.ceil_mode": backbone_setting("ceil_mode", boolean()),
+    "backbone.strides": backbone_setting("strides", ints(4)),
+    "backbone.dilations": backbone_setting("dilations", ints(4)),
+    "backbone.contract_dilation": backbone_setting("contract_dilation", boolean()),
     "backbone.head_channels": integer(1),
     "model.recurrence": integer(0),
     "model.act": one_of(ACTIVATIONS.names),
+    "model.head": one_of(HEADS.names),
+    "model.aux_head": one_of(AUX_HEADS.names),
+    "model.head_in": feature_rule("head_in"),
+    "model.aux_in": feature_rule("aux_in"),
+    "model.head_reduction": Rule(lambda v, cfg: v is None or (is_int(v) and v >= 1), "null or an integer >= 1"),
     "model.dropout": number(0, 1, high_open=True),
     "model.aux_weight": number(0),
     "model.loss": one_of(LOSSES.names),

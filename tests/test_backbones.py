@@ -114,6 +114,87 @@ def test_resnet101_parameter_count():
     assert (model.aux_channels, model.out_channels) == (1024, 2048)
 
 
+# ------------------------------------------------------------- ResNet variants by configuration alone
+
+
+def backbone_of(compose, overrides):
+    """The backbone run.py builds for these overrides (its settings from the config, nothing else)."""
+    from ccnet.models.ccnet import backbone_settings
+
+    cfg = compose(overrides)
+    return BACKBONES.build(cfg.backbone.name, **backbone_settings(cfg.backbone))
+
+
+def test_resnet18_takes_torchvisions_file_strictly_and_matches_its_twin(tmp_path, torch_worker, compose):
+    """torchvision's resnet18 file (the bare state dict: fc and num_batches_tracked included) loads strictly into
+    backbone=resnet18 (conf/backbone/resnet18.yaml: name resnet, depth 18, plain stem); at torchvision's own
+    strides (2, 2, 2) every stage equals the twin's, and at output stride 8 (dilated 2, 4 from the second block,
+    torchvision's replace_stride_with_dilation) too."""
+    path = tmp_path / "resnet18-f37072fd.pth"
+    x = np.random.default_rng(2).standard_normal((2, 3, 67, 61)).astype(np.float32)
+    plain, dilated, keys = torch_worker(twins.torchvision_resnet_reference, str(path), 18, x, (False, True, True))
+
+    stride32 = backbone_of(compose, ["backbone=resnet18", "backbone.strides=[1,2,2,2]", "backbone.dilations=[1,1,1,1]"])
+    report = load_backbone_weights(stride32, str(path))
+    assert not report.missing and not report.mismatched and not report.unexpected
+    tensors = [k for k in keys if not k.endswith("num_batches_tracked")]
+    assert report.loaded == len(stride32.state_dict()) == len(tensors) - 2 == 100  # all but fc.weight, fc.bias
+    stride32.eval()
+    ours = stride32.features(jt.array(x))
+    assert rel_err(stride32.stem(jt.array(x)), plain[0]) < 1e-4
+    for i in range(1, 5):
+        assert ours[f"stage{i}"].shape == plain[i].shape, i
+        assert rel_err(ours[f"stage{i}"], plain[i]) < 1e-4, (
+            f"stage {i}: rel err {rel_err(ours[f'stage{i}'], plain[i]):.2e}"
+        )
+    assert plain[4].shape[2:] == (3, 2)  # stride 32: 67x61 -> 34x31 -> 17x16 -> 9x8 -> 5x4 -> 3x2
+
+    cfg = compose(["backbone=resnet18", f"backbone.pretrained={path}", "backbone.head_channels=8"])
+    from ccnet.models import build_model
+
+    model = build_model(cfg)  # through backbone.pretrained, strict (the default)
+    model.eval()
+    c3, c4 = model.backbone(jt.array(x))
+    assert c4.shape[2:] == dilated[4].shape[2:] == (9, 8)  # output stride 8
+    assert rel_err(c3, dilated[3]) < 1e-4 and rel_err(c4, dilated[4]) < 1e-4
+    assert (model.backbone.aux_channels, model.backbone.out_channels) == (256, 512)
+
+
+def test_resnet34_by_configuration_has_torchvisions_keys_and_size(tmp_path, torch_worker, compose):
+    """backbone=resnet34: torchvision's ResNet-34 less its classifier, 21,797,672 - 513,000 (fc 512 x 1000 + 1000)
+    parameters as torchvision publishes them; its file loads strictly."""
+    path = tmp_path / "resnet34.pth"
+    x = np.zeros((1, 3, 32, 32), np.float32)
+    _, _, keys = torch_worker(twins.torchvision_resnet_reference, str(path), 34, x)
+    ours = backbone_of(compose, ["backbone=resnet34"])
+    assert n_params(ours) == 21_797_672 - 513_000
+    tensors = {k for k in keys if not k.endswith("num_batches_tracked")}
+    assert set(ours.state_dict()) == tensors - {"fc.weight", "fc.bias"}
+    assert not load_backbone_weights(ours, str(path)).missing
+    assert n_params(backbone_of(compose, ["backbone=resnet18"])) == 11_689_512 - 513_000  # torchvision's resnet18
+
+
+def test_block_counts_are_a_setting(compose):
+    """The seed's ResNet (Bottleneck, [3, 4, 12, 3]) with the authors' stem: backbone=resnet101
+    backbone.blocks=[3,4,12,3]; counted by hand, and 12 blocks in layer3."""
+    ours = backbone_of(compose, ["backbone=resnet101", "backbone.blocks=[3,4,12,3]"])
+    assert len(ours.layer3) == 12 and n_params(ours) == resnet_backbone_params([3, 4, 12, 3])
+    generic = backbone_of(compose, ["backbone.name=resnet", "backbone.blocks=[3,4,12,3]", "backbone.block=bottleneck"])
+    assert {k: v.shape for k, v in generic.state_dict().items()} == {k: v.shape for k, v in ours.state_dict().items()}
+    wide = backbone_of(compose, ["backbone.name=resnet", "backbone.depth=152", "backbone.stem=deep_v1c"])
+    assert [len(wide.layer1), len(wide.layer2), len(wide.layer3), len(wide.layer4)] == [3, 8, 36, 3]
+    assert wide.conv1.weight.shape[0] == 32 and wide.maxpool._layer.ceil_mode is True  # only what was asked changes
+
+
+def test_resnet_settings_that_cannot_build_are_refused_in_one_line():
+    with pytest.raises(ValueError, match=r"^backbone.depth: the ResNet needs a depth"):
+        BACKBONES.build("resnet")
+    with pytest.raises(ValueError, match=r"^backbone.depth=19: expected one of \[18, 34, 50, 101, 152\]"):
+        BACKBONES.build("resnet", depth=19)
+    with pytest.raises(ValueError, match=r"^backbone.stem='wide': expected one of \['deep', 'deep_v1c', 'plain'\]"):
+        BACKBONES.build("resnet50", stem="wide")
+
+
 # ------------------------------------------------------------------------------------------- VAN
 
 

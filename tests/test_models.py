@@ -235,3 +235,93 @@ def test_the_dsn_head_width_and_bias_are_settings():
     assert keys == {"aux_head.conv.0.weight": (16, 96, 3, 3)}
     ours = CCNet(build_backbone("resnet_tiny"), 19, head_channels=32)
     assert tuple(ours.state_dict()["aux_head.conv.0.bias"].shape) == (32,)
+
+
+# ------------------------------------------------------------------------------- head variants as settings
+
+
+def numpy_bn(x, bn):
+    """Eval-mode BatchNorm in float64 from the module's own statistics."""
+    shape = (1, -1, 1, 1)
+    mean, var = bn.running_mean.numpy().reshape(shape), bn.running_var.numpy().reshape(shape)
+    scale, shift = bn.weight.numpy().reshape(shape), bn.bias.numpy().reshape(shape)
+    return (x - mean) / np.sqrt(var + bn.eps) * scale + shift
+
+
+@pytest.mark.parametrize("act", ["none", "relu", "leaky_relu"])
+def test_head_activation_is_a_setting(act):
+    """model.act=none: the seed's conv + BN without activation (negative values kept); relu clips them; leaky_relu
+    scales them by 0.01 (the authors' InPlaceABN). Checked against conv + BN in NumPy float64."""
+    from ccnet.models.heads import rcca
+
+    head = rcca(6, 4, 3, recurrence=1, act=act)
+    head.eval()
+    bn = head.conva[1]
+    bn.running_mean.update(jt.array(np.linspace(-0.5, 0.5, 4).astype(np.float32)))
+    x = np.random.default_rng(0).standard_normal((1, 6, 5, 5)).astype(np.float32)
+    w = head.conva[0].weight.numpy().astype(np.float64)
+    padded = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (1, 1), (1, 1)))
+    conv = np.zeros((1, 4, 5, 5))
+    for dy in range(3):
+        for dx in range(3):
+            conv += np.einsum("oc,bchw->bohw", w[:, :, dy, dx], padded[:, :, dy : dy + 5, dx : dx + 5])
+    pre = numpy_bn(conv, bn)
+    expected = {"none": pre, "relu": np.maximum(pre, 0), "leaky_relu": np.where(pre > 0, pre, 0.01 * pre)}[act]
+    assert (pre < 0).any()
+    np.testing.assert_allclose(head.conva(jt.array(x)).numpy(), expected, rtol=0, atol=1e-4)
+    # the keys stay those of the other activations (conva.0 conv, conva.1 BN), so files load either way
+    assert {k for k in head.state_dict() if k.startswith("conva.")} == {
+        "conva.0.weight", "conva.1.weight", "conva.1.bias", "conva.1.running_mean", "conva.1.running_var"
+    }  # fmt: skip
+
+
+def test_heads_read_the_stages_the_config_names(compose):
+    """The seed's VAN model: RCCA on VAN stage 4 (stride 32) at width in/4 = 64 for van_b0's 256 channels, the DSN
+    on stage 3 (160 channels) with a conv bias; the heads get exactly those maps."""
+    from ccnet.models import build_model
+
+    cfg = compose(
+        ["backbone=van_b0", "backbone.neck=none", "model.head_in=stage4", "model.aux_in=stage3",
+         "model.head_reduction=4", "model.act=none", "backbone.head_channels=8", "model.aux_channels=16"]
+    )  # fmt: skip
+    model = build_model(cfg)
+    assert tuple(model.head.conva[0].weight.shape) == (64, 256, 3, 3)
+    assert (
+        tuple(model.aux_head.conv[0].weight.shape) == (16, 160, 3, 3) and "aux_head.conv.0.bias" in model.state_dict()
+    )
+    model.eval()
+    x = jt.array(np.random.default_rng(1).standard_normal((1, 3, 64, 64)).astype(np.float32))
+    stages = [f.numpy() for f in model.backbone.van.forward_features(x)]
+    aux, out = model.head_inputs(x)
+    assert out.shape[2:] == (2, 2) and np.array_equal(out.numpy(), stages[3]) and np.array_equal(aux.numpy(), stages[2])
+
+    # ResNet: the decode head on stage 3 and the auxiliary head on stage 2 instead of 4 / 3
+    cfg = compose(["model.head_in=stage3", "model.aux_in=stage2", "backbone.head_channels=8"])
+    model = build_model(cfg)
+    assert model.head.conva[0].weight.shape[1] == 96 and model.aux_head.conv[0].weight.shape[1] == 64
+    model.eval()
+    features = model.backbone.features(x)
+    aux, out = model.head_inputs(x)
+    assert np.array_equal(out.numpy(), features["stage3"].numpy()) and np.array_equal(
+        aux.numpy(), features["stage2"].numpy()
+    )
+    assert model(x).shape == (1, cfg.dataset.num_classes, 64, 64)
+
+
+def test_a_feature_the_backbone_lacks_is_refused():
+    from ccnet.models.van import van_b0
+
+    with pytest.raises(ValueError, match=r"^model.head_in=neck: VANBackbone has the features stage1, stage2"):
+        CCNet(van_b0(neck="none"), 3, head_channels=8, head_in="neck")
+
+
+def test_van_layer_norm_eps_is_a_setting():
+    """backbone.ln_eps: the seed's 1e-5 or the official 1e-6, in every stage's LayerNorm; against NumPy float64."""
+    from ccnet.models.van import van_b0
+
+    seed, official = van_b0(ln_eps=1e-5), van_b0()
+    assert {seed.van.norm1.eps, seed.van.norm4.eps, official.van.norm4.eps} == {1e-5, 1e-6}
+    x = (np.random.default_rng(0).standard_normal((1, 32, 3, 3)) * 1e-3).astype(np.float32)  # eps matters here
+    for norm in (seed.van.norm1, official.van.norm1):
+        ref = (x - x.mean(1, keepdims=True)) / np.sqrt(x.astype(np.float64).var(1, keepdims=True) + norm.eps)
+        np.testing.assert_allclose(norm(jt.array(x)).numpy(), ref, rtol=2e-3, atol=1e-5)

@@ -67,7 +67,7 @@ CASES = [
     ("eval.num_vis", [-1], [0]),
     ("eval.max_images", [-1], [0]),
     ("point", [[1], [-1, 3]], [[0, 0], None]),
-    ("model.act", ["bogus", "ReLU"], ["relu", "leaky_relu"]),
+    ("model.act", ["bogus", "ReLU"], ["relu", "leaky_relu", "none"]),
     ("model.loss", ["focal"], ["ce", "ohem"]),
     ("model.ce_average", ["mean", "non_ignore"], ["valid", "all"]),
     ("model.cca_softmax", ["global", "row"], ["pixel", "whole"]),
@@ -78,6 +78,22 @@ CASES = [
     ("kernels.batch_norm", ["oneDNN"], ["fused", "jittor"]),
     ("kernels.relu", ["threaded"], ["fused", "jittor"]),
     ("backbone.neck", ["fpn"], ["sum", "concat", "none", None]),
+    ("backbone.ln_eps", [0, -1e-5], [1e-5, None]),
+    ("backbone.depth", [19, 0], [18, 152, None]),
+    ("backbone.blocks", [[3, 4, 12], [3, 0, 12, 3]], [[3, 4, 12, 3], None]),
+    ("backbone.block", ["basicblock"], ["basic", "bottleneck", None]),
+    ("backbone.stem", ["wide"], ["deep", "deep_v1c", "plain", None]),
+    ("backbone.stem_channels", [[32, 64], [0]], [[64], [16, 16, 32], None]),
+    ("backbone.widths", [[64, 128]], [[8, 16, 24, 32], None]),
+    ("backbone.ceil_mode", [], [True, False, None]),  # typed bool: Hydra refuses anything else
+    ("backbone.strides", [[1, 2, 2], [0, 2, 2, 2]], [[1, 2, 2, 2], None]),
+    ("backbone.dilations", [[1, 1, 2], [1, 1, 0, 4]], [[1, 1, 1, 1], None]),
+    ("backbone.contract_dilation", [], [True, False, None]),
+    ("model.head", ["cc_head"], ["rcca"]),
+    ("model.aux_head", ["fcn"], ["dsn"]),
+    ("model.head_in", ["neck", "layer4"], ["stage4", "stage1", None]),  # resnet_tiny has no neck
+    ("model.aux_in", ["stage5"], ["stage3", None]),
+    ("model.head_reduction", [0], [1, 4, None]),
     ("backbone.name", ["resnet18"], ["resnet_tiny", "van_b0"]),
     ("dataset.name", ["coco"], ["embedded", "context"]),
     ("eval.mode", ["sliding"], ["whole", "slide"]),
@@ -98,6 +114,9 @@ EXTRA = {
     "eval.stride": ["eval=slide_769"],
     "backbone.drop_path": ["backbone=van_b0"],
     "backbone.neck": ["backbone=van_b0"],
+    "backbone.ln_eps": ["backbone=van_b0"],
+    "backbone.depth": ["backbone=resnet101"],
+    "model.head_in": ["backbone=resnet101"],
     "eval.mode": ["eval.crop_size=[769,769]", "eval.stride=[513,513]"],
 }
 
@@ -208,8 +227,14 @@ def test_names_come_from_their_registries(compose):
     found = problems(compose(["backbone=resnet101", "backbone.neck=concat"]))
     assert found == [
         "backbone.neck='concat': expected null, or one of sum, concat, none for a backbone that takes neck "
-        "(resnet101 takes no settings)"
+        "(resnet101 takes depth, blocks, block, stem, stem_channels, widths, ceil_mode, strides, dilations, "
+        "contract_dilation)"
     ]
+    assert problems(compose(["backbone.name=resnet"])) == [
+        "backbone.depth=None: expected one of 18, 34, 50, 101, 152 for a ResNet (backbone=resnet needs it, or "
+        "backbone.blocks and backbone.block)"
+    ]
+    assert problems(compose(["backbone.name=resnet", "backbone.blocks=[1,1,1,1]", "backbone.block=basic"])) == []
 
 
 def test_eval_modes_are_those_of_inference():
@@ -320,7 +345,7 @@ REJECTED = [
     ("model.recurrence=-1", "model.recurrence=-1: expected an integer >= 0"),
     ("schedule.iters=-5", "schedule.iters=-5: expected an integer >= 1"),
     ("schedule.lr=inf", "schedule.lr=inf: expected a finite number > 0"),
-    ("model.act=bogus", "model.act='bogus': expected one of leaky_relu, relu"),
+    ("model.act=bogus", "model.act='bogus': expected one of leaky_relu, none, relu"),
     ("device=gpu", "device='gpu': expected one of auto, cpu, cuda"),
     ("schedule.min_lr=0.5", "schedule.min_lr=0.5: expected a number in [0, schedule.lr] (schedule.lr=0.02)"),
 ]

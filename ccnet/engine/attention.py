@@ -51,7 +51,7 @@ def attention_maps_at(model, image: np.ndarray, point) -> list[np.ndarray]:
     image: a normalised C x H x W float32 array; model: a CCNet with recurrence >= 1.
     """
     with jt.no_grad():
-        _, feature = model.backbone(jt.array(image[None]))
+        _, feature = model.head_inputs(jt.array(image[None]))
         attentions = [a.numpy()[0] for a in model.head.attention_maps(feature)]
     if not attentions:
         raise ValueError("the model has recurrence 0 (no attention): there is no attention map to show")

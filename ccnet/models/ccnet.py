@@ -1,4 +1,5 @@
-"""The segmentor: backbone + RCCA head + DSN head; logits upsampled bilinearly to the input size."""
+"""The segmentor: backbone + decode head (RCCA) + auxiliary head (DSN), the heads chosen by name from their
+registries (model.head, model.aux_head); logits upsampled bilinearly to the input size."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ import jittor as jt
 import numpy as np
 from jittor import nn
 
-from ccnet.registry import BACKBONES, LOSSES
+from ccnet.registry import AUX_HEADS, BACKBONES, HEADS, LOSSES
 
-from .heads import DSNHead, RCCAHead
+from .heads import HEAD_SETTINGS
 from .losses import cross_entropy, loss_settings
 
 
@@ -61,6 +62,24 @@ def upsample_to(logits, size, align_corners: bool = True):
     return nn.matmul(x, cols).reshape(b, c, out_h, out_w)
 
 
+def feature_channels(backbone, name: str | None, default: str) -> int:
+    """Channels of the backbone feature `name` (model.head_in / aux_in), or of its default output (out / aux)."""
+    if name is None:
+        return getattr(backbone, f"{default}_channels")
+    channels = backbone.feature_channels()
+    if name not in channels:
+        key = "model.head_in" if default == "out" else "model.aux_in"
+        raise ValueError(f"{key}={name}: {type(backbone).__name__} has the features {', '.join(channels)}")
+    return channels[name]
+
+
+def build_head(registry, name: str, in_channels: int, channels: int, num_classes: int, settings: dict):
+    """registry's head `name`, given the settings of HEAD_SETTINGS its factory takes (by their names)."""
+    takes = registry.get(name).parameters()
+    given = {k: v for k, v in settings.items() if k in takes and v is not None}
+    return registry.build(name, in_channels=in_channels, channels=channels, num_classes=num_classes, **given)
+
+
 class CCNet(nn.Module):
     def __init__(
         self,
@@ -76,21 +95,39 @@ class CCNet(nn.Module):
         aux_bias=True,
         align_corners=True,
         aux_average="valid",
+        head="rcca",
+        aux_head="dsn",
+        head_in=None,
+        aux_in=None,
+        head_reduction=None,
         cca_softmax="pixel",
     ):
         super().__init__()
         self.backbone = backbone
-        self.head = RCCAHead(backbone.out_channels, head_channels, num_classes, recurrence, act, dropout, cca_softmax)
-        aux_channels = aux_channels or head_channels
-        self.aux_head = DSNHead(backbone.aux_channels, aux_channels, num_classes, act, dropout, aux_bias)
+        self.head_in, self.aux_in = head_in, aux_in  # backbone features the heads read; None: its own outputs
+        head_cin = feature_channels(backbone, head_in, "out")
+        channels = head_cin // head_reduction if head_reduction else head_channels  # the seed's in/4
+        settings = dict(zip(HEAD_SETTINGS, (recurrence, act, dropout, aux_bias, cca_softmax)))  # bias: the aux head's
+        self.head = build_head(HEADS, head, head_cin, channels, num_classes, {**settings, "bias": None})
+        aux_cin = feature_channels(backbone, aux_in, "aux")
+        self.aux_head = build_head(AUX_HEADS, aux_head, aux_cin, aux_channels or head_channels, num_classes, settings)
         self.aux_weight = aux_weight
         self.main_loss = loss  # loss(logits, labels, ignore_index): cross-entropy, OHEM, ... (losses.py)
         self.align_corners = align_corners  # of the logits' upsampling (and of inference's resize back)
         self.aux_average = aux_average  # the DSN's cross-entropy: over valid pixels, or all (mmseg 0.x)
 
+    def head_inputs(self, images):
+        """(auxiliary head's input, decode head's input): the backbone's two outputs, or the features that
+        model.aux_in / head_in name."""
+        if self.head_in is None and self.aux_in is None:
+            return self.backbone(images)
+        aux_default, out_default = self.backbone.default_features()
+        features = self.backbone.features(images)
+        return features[self.aux_in or aux_default], features[self.head_in or out_default]
+
     def execute(self, images, with_aux=False):
-        """(B, 3, H, W) -> logits (B, classes, H, W); with_aux also returns the DSN logits."""
-        aux_feature, feature = self.backbone(images)
+        """(B, 3, H, W) -> logits (B, classes, H, W); with_aux also returns the auxiliary head's logits."""
+        aux_feature, feature = self.head_inputs(images)
         logits = upsample_to(self.head(feature), images.shape[2:], self.align_corners)
         if not with_aux:
             return logits
@@ -140,6 +177,11 @@ def build_model(cfg) -> CCNet:
         m.aux_bias,
         resolved_align_corners(m),
         m.ce_average,
+        m.head,
+        m.aux_head,
+        m.head_in,
+        m.aux_in,
+        m.head_reduction,
         m.cca_softmax,
     )
 

@@ -1,7 +1,13 @@
-"""Decode heads: the RCCA head (criss-cross attention applied R times) and the auxiliary DSN head.
+"""Decode heads: the RCCA head (criss-cross attention applied R times) and the auxiliary DSN head, registered by
+name (`model.head=rcca`, `model.aux_head=dsn`; ccnet.registry.HEADS, AUX_HEADS).
 
-Deviation from the authors' code: they use InPlaceABNSync, i.e. BN + LeakyReLU(0.01); we default to BN + ReLU
-(as mmsegmentation does, with numbers on par) and keep LeakyReLU one setting away: `model.act=leaky_relu`.
+A head factory takes (in_channels, channels, num_classes) and any of the settings in HEAD_SETTINGS by keyword;
+CCNet passes each head the ones its factory names (a head variant registered elsewhere, e.g. in a test module,
+takes what it needs). The published variants are settings: ours (ReLU, DSN conv bias, 512 / 512), mmseg's CCHead
++ FCNHead (ReLU, no DSN bias, 512 / 256: model.aux_bias=false model.aux_channels=256), the authors' InPlaceABN
+(BN + LeakyReLU(0.01): model.act=leaky_relu), the seed's (conv + BN without activation: model.act=none, width
+in/4: model.head_reduction=4, the RCCA head on VAN's stage 4: model.head_in=stage4, one softmax over the whole
+attention tensor: model.cca_softmax=whole).
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from jittor import nn
 from ccnet.ops.batch_norm import BatchNorm2d
 from ccnet.ops.conv import Conv2d
 from ccnet.ops.relu import LeakyReLU, ReLU
-from ccnet.registry import ACTIVATIONS
+from ccnet.registry import ACTIVATIONS, AUX_HEADS, HEADS
 
 from .cca import CrissCrossAttention
 
@@ -26,6 +32,15 @@ def relu() -> nn.Module:
 @ACTIVATIONS.register("leaky_relu")
 def leaky_relu() -> nn.Module:
     return LeakyReLU(0.01)  # the slope of the authors' InPlaceABN
+
+
+@ACTIVATIONS.register("none")
+def no_activation() -> nn.Module:
+    return nn.Identity()  # the seed's heads: conv + BN only (the module keeps the keys' numbering)
+
+
+# Settings a head factory may take by keyword (CCNet passes those it names), from the `model` config section
+HEAD_SETTINGS = ("recurrence", "act", "dropout", "bias", "cca_softmax")
 
 
 def conv_bn_act(cin: int, cout: int, kernel: int, act: str, bias: bool = False) -> nn.Sequential:
@@ -92,3 +107,16 @@ class DSNHead(nn.Module):
 
     def execute(self, x):
         return self.classifier(self.dropout(self.conv(x)))
+
+
+@HEADS.register("rcca")
+def rcca(
+    in_channels: int, channels: int, num_classes: int, recurrence: int = 2, act: str = "relu", dropout=0.1,
+    cca_softmax: str = "pixel",
+):  # fmt: skip
+    return RCCAHead(in_channels, channels, num_classes, recurrence, act, dropout, cca_softmax)
+
+
+@AUX_HEADS.register("dsn")
+def dsn(in_channels: int, channels: int, num_classes: int, act: str = "relu", dropout=0.1, bias: bool = True):
+    return DSNHead(in_channels, channels, num_classes, act, dropout, bias)

@@ -12,6 +12,8 @@ keys of mmcv's ImageNet files (`backbone.pretrained=resnet101_v1c-*.pth`) and of
 
 from __future__ import annotations
 
+import functools
+
 from jittor import nn
 
 from ccnet.ops.batch_norm import BatchNorm2d
@@ -66,27 +68,64 @@ class Bottleneck(nn.Module):
         return self.relu(out + shortcut)
 
 
+ARCH_SETTINGS = {  # depth -> (block type, blocks per stage), as torchvision and mmsegmentation build them
+    18: ("basic", (2, 2, 2, 2)),
+    34: ("basic", (3, 4, 6, 3)),
+    50: ("bottleneck", (3, 4, 6, 3)),
+    101: ("bottleneck", (3, 4, 23, 3)),
+    152: ("bottleneck", (3, 8, 36, 3)),
+}
+BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
+# stem name -> its channels: three 3x3 convs (deep) or one 7x7 conv (plain); the length tells them apart
+STEMS = {
+    "deep": (64, 64, 128),  # MIT CSAIL's / the authors'
+    "deep_v1c": (32, 32, 64),  # mmsegmentation's ResNetV1c
+    "plain": (64,),  # torchvision's: 7x7 stride 2
+}
+
+
 class ResNet(nn.Module):
+    """One ResNet for every depth, stem and dilation. `stem`: the channels of a deep stem (3 convs 3x3, the first
+    at stride 2) or of a plain one (1 conv 7x7 stride 2); then the 3x3 stride-2 max-pool and four stages of
+    `layers[i]` blocks of width widths[i], at strides[i] and dilations[i]. The default, strides (1, 2, 1, 1) and
+    dilations (1, 1, 2, 4), gives output stride 8; contract_dilation starts a dilated stage at half its
+    dilation (mmsegmentation's V1c, torchvision's replace_stride_with_dilation). Parameter names: MIT CSAIL's
+    and torchvision's (conv1/bn1[/conv2/bn2/conv3/bn3], layerN.M.convK, downsample.0/1)."""
+
     def __init__(
-        self, block, layers, stem=(64, 64, 128), widths=(64, 128, 256, 512), ceil_mode=True, contract_dilation=False
+        self,
+        block,
+        layers,
+        stem=(64, 64, 128),
+        widths=(64, 128, 256, 512),
+        ceil_mode=True,
+        contract_dilation=False,
+        strides=(1, 2, 1, 1),
+        dilations=(1, 1, 2, 4),
     ):
         super().__init__()
+        if len(stem) not in (1, 3) or not (len(layers) == len(widths) == len(strides) == len(dilations) == 4):
+            raise ValueError(f"a ResNet needs 1 or 3 stem widths and 4 stages (stem {stem}, blocks {layers})")
         self.contract_dilation = contract_dilation
-        self.conv1 = Conv2d(3, stem[0], 3, stride=2, padding=1, bias=False)
-        self.bn1 = BatchNorm2d(stem[0])
-        self.conv2 = Conv2d(stem[0], stem[1], 3, padding=1, bias=False)
-        self.bn2 = BatchNorm2d(stem[1])
-        self.conv3 = Conv2d(stem[1], stem[2], 3, padding=1, bias=False)
-        self.bn3 = BatchNorm2d(stem[2])
+        self.deep_stem = len(stem) == 3
+        if self.deep_stem:
+            self.conv1 = Conv2d(3, stem[0], 3, stride=2, padding=1, bias=False)
+            self.bn1 = BatchNorm2d(stem[0])
+            self.conv2 = Conv2d(stem[0], stem[1], 3, padding=1, bias=False)
+            self.bn2 = BatchNorm2d(stem[1])
+            self.conv3 = Conv2d(stem[1], stem[2], 3, padding=1, bias=False)
+            self.bn3 = BatchNorm2d(stem[2])
+        else:
+            self.conv1 = Conv2d(3, stem[0], 7, stride=2, padding=3, bias=False)
+            self.bn1 = BatchNorm2d(stem[0])
         self.relu = ReLU()
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=ceil_mode)
-        self.inplanes = stem[2]
-        self.layer1 = self._make_layer(block, widths[0], layers[0])
-        self.layer2 = self._make_layer(block, widths[1], layers[1], stride=2)
-        self.layer3 = self._make_layer(block, widths[2], layers[2], dilation=2)
-        self.layer4 = self._make_layer(block, widths[3], layers[3], dilation=4)
-        self.aux_channels = widths[2] * block.expansion
-        self.out_channels = widths[3] * block.expansion
+        self.inplanes = stem[-1]
+        for i in range(4):
+            setattr(self, f"layer{i + 1}", self._make_layer(block, widths[i], layers[i], strides[i], dilations[i]))
+        self.stage_channels = tuple(w * block.expansion for w in widths)
+        self.aux_channels = self.stage_channels[2]
+        self.out_channels = self.stage_channels[3]
 
     def _make_layer(self, block, planes, blocks, stride=1, dilation=1):
         downsample = None
@@ -101,11 +140,28 @@ class ResNet(nn.Module):
         layers += [block(self.inplanes, planes, 1, dilation) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
 
-    def execute(self, x):
+    def stem(self, x):
         x = self.relu(self.bn1(self.conv1(x)))
-        x = self.relu(self.bn2(self.conv2(x)))
-        x = self.relu(self.bn3(self.conv3(x)))
-        x = self.layer2(self.layer1(self.maxpool(x)))
+        if self.deep_stem:
+            x = self.relu(self.bn2(self.conv2(x)))
+            x = self.relu(self.bn3(self.conv3(x)))
+        return self.maxpool(x)
+
+    def feature_channels(self) -> dict:
+        return {f"stage{i + 1}": c for i, c in enumerate(self.stage_channels)}
+
+    def default_features(self) -> tuple[str, str]:
+        return "stage3", "stage4"  # what execute returns: the auxiliary head's input, the decode head's
+
+    def features(self, x) -> dict:
+        """Every stage's output: {"stage1": layer1's, ..., "stage4": layer4's} (the heads' `model.*_in`)."""
+        out, x = {}, self.stem(x)
+        for i in range(1, 5):
+            x = out[f"stage{i}"] = getattr(self, f"layer{i}")(x)
+        return out
+
+    def execute(self, x):
+        x = self.layer2(self.layer1(self.stem(x)))
         c3 = self.layer3(x)
         return c3, self.layer4(c3)
 
@@ -140,30 +196,57 @@ RESNET_WEIGHTS = PretrainedWeights("resnet", "layer1.0.conv1.weight", convert_re
 # min_input: the smallest input side (measured): the stem leaves ceil(s / 2) pixels and the 3x3 max-pool needs 4
 
 
-@BACKBONES.register("resnet50", weights=RESNET_WEIGHTS, min_input=7)
-def resnet50():
-    return ResNet(Bottleneck, [3, 4, 6, 3])
+def resnet(
+    depth: int | None = None,
+    blocks=None,
+    block: str | None = None,
+    stem: str | None = None,
+    stem_channels=None,
+    widths=None,
+    ceil_mode: bool = True,
+    strides=(1, 2, 1, 1),
+    dilations=(1, 1, 2, 4),
+    contract_dilation: bool = False,
+):
+    """A ResNet from its settings (the `backbone.*` keys): `depth` picks the block type and counts of
+    ARCH_SETTINGS; `blocks` (e.g. [3, 4, 12, 3]) and `block` override them; `stem` names one of STEMS, whose
+    channels `stem_channels` override; `widths`: the four stages' base widths (64, 128, 256, 512)."""
+    if depth is None and (blocks is None or block is None):
+        raise ValueError("backbone.depth: the ResNet needs a depth (18, 34, 50, 101, 152) or blocks and block")
+    if depth is not None and depth not in ARCH_SETTINGS:
+        raise ValueError(f"backbone.depth={depth}: expected one of {sorted(ARCH_SETTINGS)}")
+    kind, counts = ARCH_SETTINGS.get(depth, (None, None))
+    block, blocks = block or kind, blocks or counts
+    if block not in BLOCKS:
+        raise ValueError(f"backbone.block={block!r}: expected one of {sorted(BLOCKS)}")
+    if stem is not None and stem not in STEMS:
+        raise ValueError(f"backbone.stem={stem!r}: expected one of {sorted(STEMS)}")
+    channels = tuple(stem_channels or STEMS[stem or "deep"])
+    return ResNet(
+        BLOCKS[block],
+        list(blocks),
+        stem=channels,
+        widths=tuple(widths or (64, 128, 256, 512)),
+        ceil_mode=ceil_mode,
+        contract_dilation=contract_dilation,
+        strides=tuple(strides),
+        dilations=tuple(dilations),
+    )
 
 
-@BACKBONES.register("resnet101", weights=RESNET_WEIGHTS, min_input=7)
-def resnet101():
-    return ResNet(Bottleneck, [3, 4, 23, 3])
-
-
-V1C = dict(stem=(32, 32, 64), ceil_mode=False, contract_dilation=True)  # mmsegmentation's ResNetV1c-D8
-
-
-@BACKBONES.register("resnet50_v1c", weights=RESNET_WEIGHTS, min_input=7)
-def resnet50_v1c():
-    return ResNet(Bottleneck, [3, 4, 6, 3], **V1C)
-
-
-@BACKBONES.register("resnet101_v1c", weights=RESNET_WEIGHTS, min_input=7)
-def resnet101_v1c():
-    return ResNet(Bottleneck, [3, 4, 23, 3], **V1C)
-
-
-@BACKBONES.register("resnet_tiny", weights=RESNET_WEIGHTS, min_input=7)
-def resnet_tiny():
-    """A small ResNet-style backbone (basic blocks, same stem and dilations) that trains in minutes on a CPU."""
-    return ResNet(BasicBlock, [1, 1, 1, 1], stem=(16, 16, 32), widths=(32, 64, 96, 128))
+RESNET_FEATURES = ("stage1", "stage2", "stage3", "stage4")  # model.head_in / aux_in choices
+V1C = dict(stem="deep_v1c", ceil_mode=False, contract_dilation=True)  # mmsegmentation's ResNetV1c-D8
+# The named ResNets: presets of `resnet` (any of its settings can still be given: backbone.blocks=[3, 4, 12, 3])
+RESNET_PRESETS = {
+    "resnet": {},  # everything from the config: conf/backbone/resnet18.yaml, resnet34.yaml
+    "resnet50": dict(depth=50),  # the authors' (MIT CSAIL's deep stem, ceil-mode max-pool)
+    "resnet101": dict(depth=101),
+    "resnet50_v1c": dict(depth=50, **V1C),
+    "resnet101_v1c": dict(depth=101, **V1C),
+    # a small ResNet-style backbone (basic blocks, the authors' stem and dilations) that trains in minutes on a CPU
+    "resnet_tiny": dict(block="basic", blocks=(1, 1, 1, 1), stem_channels=(16, 16, 32), widths=(32, 64, 96, 128)),
+}
+for _name, _preset in RESNET_PRESETS.items():
+    BACKBONES.register(_name, weights=RESNET_WEIGHTS, min_input=7, features=RESNET_FEATURES)(
+        functools.partial(resnet, **_preset)
+    )

@@ -49,7 +49,7 @@ class DropPath(nn.Module):
 class LayerNorm2d(nn.Module):
     """LayerNorm over the channels of an NCHW map (same parameters as nn.LayerNorm(C))."""
 
-    def __init__(self, dim: int, eps: float = 1e-6):
+    def __init__(self, dim: int, eps: float = 1e-6):  # the official code's; the seed's port used 1e-5
         super().__init__()
         self.eps = eps
         self.weight = jt.ones(dim)
@@ -145,6 +145,7 @@ class VAN(nn.Module):
         in_chans=3,
         num_classes=0,
         drop_path=0.0,
+        ln_eps=1e-6,
     ):
         super().__init__()
         self.embed_dims = tuple(embed_dims)
@@ -157,7 +158,7 @@ class VAN(nn.Module):
             blocks = [Block(dim, mlp_ratios[i], rates[first + j]) for j in range(depth)]
             setattr(self, f"patch_embed{i + 1}", embed)
             setattr(self, f"block{i + 1}", nn.ModuleList(blocks))
-            setattr(self, f"norm{i + 1}", LayerNorm2d(dim))
+            setattr(self, f"norm{i + 1}", LayerNorm2d(dim, ln_eps))
         self.head = nn.Linear(embed_dims[-1], num_classes) if num_classes > 0 else None
         self.apply(_init_weights)
 
@@ -198,11 +199,13 @@ class VANBackbone(nn.Module):
     Pretrained ImageNet weights go into `self.van` (see ccnet.weights); the neck starts from scratch.
     """
 
-    def __init__(self, arch: dict, neck_channels: int | None = None, neck: str = "sum", drop_path: float = 0.0):
+    def __init__(
+        self, arch: dict, neck_channels: int | None = None, neck: str = "sum", drop_path: float = 0.0, ln_eps=1e-6
+    ):
         super().__init__()
         if neck not in VAN_NECKS:
             raise ValueError(f"backbone.neck={neck!r}: expected one of {list(VAN_NECKS)}")
-        self.van = VAN(**arch, drop_path=drop_path)
+        self.van = VAN(**arch, drop_path=drop_path, ln_eps=ln_eps)
         dims = self.van.embed_dims
         width = neck_channels or dims[-1]
         self.fuse_mode = neck
@@ -213,17 +216,35 @@ class VANBackbone(nn.Module):
         self.lateral = nn.ModuleList([Conv2d(d, width, 1) for d in dims[1:]])
         self.fuse = conv_bn_relu(width * (3 if neck == "concat" else 1), width, 3)
 
+    def feature_channels(self) -> dict:
+        stages = {f"stage{i + 1}": c for i, c in enumerate(self.van.embed_dims)}
+        return stages if self.fuse_mode == "none" else {**stages, "neck": self.out_channels}
+
+    def default_features(self) -> tuple[str, str]:
+        return "stage3", "stage4" if self.fuse_mode == "none" else "neck"
+
+    def features(self, x) -> dict:
+        """The four stages' maps and, with a neck, the fused stride-8 map (the heads' `model.*_in`)."""
+        stages = self.van.forward_features(x)
+        out = {f"stage{i + 1}": f for i, f in enumerate(stages)}
+        if self.fuse_mode != "none":
+            out["neck"] = self.fused(*stages[1:])
+        return out
+
     def execute(self, x):
         _, c2, c3, c4 = self.van.forward_features(x)
         if self.fuse_mode == "none":
             return c3, c4
+        return c3, self.fused(c2, c3, c4)
+
+    def fused(self, c2, c3, c4):
         size = tuple(c2.shape[2:])
         maps = [self.lateral[0](c2)] + [
             nn.interpolate(lat(c), size=size, mode="bilinear", align_corners=False)
             for lat, c in zip(self.lateral[1:], (c3, c4))
         ]
         y = jt.concat(maps, dim=1) if self.fuse_mode == "concat" else maps[0] + maps[1] + maps[2]
-        return c3, self.fuse(y)
+        return self.fuse(y)
 
 
 def van(name: str, num_classes: int = 1000, **kwargs) -> VAN:
@@ -255,21 +276,25 @@ VAN_WEIGHTS = PretrainedWeights(
 )
 
 
-@BACKBONES.register("van_b0", "van_tiny", weights=VAN_WEIGHTS)
-def van_b0(drop_path: float = 0.0, neck: str = "sum"):
-    return VANBackbone(VAN_ARCHS["van_b0"], neck=neck, drop_path=drop_path)
+VAN_FEATURES = ("stage1", "stage2", "stage3", "stage4", "neck")  # model.head_in / aux_in choices (neck: not with
+# backbone.neck=none)
 
 
-@BACKBONES.register("van_b1", "van_small", weights=VAN_WEIGHTS)
-def van_b1(drop_path: float = 0.0, neck: str = "sum"):
-    return VANBackbone(VAN_ARCHS["van_b1"], neck=neck, drop_path=drop_path)
+@BACKBONES.register("van_b0", "van_tiny", weights=VAN_WEIGHTS, features=VAN_FEATURES)
+def van_b0(drop_path: float = 0.0, neck: str = "sum", ln_eps: float = 1e-6):
+    return VANBackbone(VAN_ARCHS["van_b0"], neck=neck, drop_path=drop_path, ln_eps=ln_eps)
 
 
-@BACKBONES.register("van_b2", "van_base", weights=VAN_WEIGHTS)
-def van_b2(drop_path: float = 0.0, neck: str = "sum"):
-    return VANBackbone(VAN_ARCHS["van_b2"], neck=neck, drop_path=drop_path)
+@BACKBONES.register("van_b1", "van_small", weights=VAN_WEIGHTS, features=VAN_FEATURES)
+def van_b1(drop_path: float = 0.0, neck: str = "sum", ln_eps: float = 1e-6):
+    return VANBackbone(VAN_ARCHS["van_b1"], neck=neck, drop_path=drop_path, ln_eps=ln_eps)
 
 
-@BACKBONES.register("van_b3", "van_large", weights=VAN_WEIGHTS)
-def van_b3(drop_path: float = 0.0, neck: str = "sum"):
-    return VANBackbone(VAN_ARCHS["van_b3"], neck=neck, drop_path=drop_path)
+@BACKBONES.register("van_b2", "van_base", weights=VAN_WEIGHTS, features=VAN_FEATURES)
+def van_b2(drop_path: float = 0.0, neck: str = "sum", ln_eps: float = 1e-6):
+    return VANBackbone(VAN_ARCHS["van_b2"], neck=neck, drop_path=drop_path, ln_eps=ln_eps)
+
+
+@BACKBONES.register("van_b3", "van_large", weights=VAN_WEIGHTS, features=VAN_FEATURES)
+def van_b3(drop_path: float = 0.0, neck: str = "sum", ln_eps: float = 1e-6):
+    return VANBackbone(VAN_ARCHS["van_b3"], neck=neck, drop_path=drop_path, ln_eps=ln_eps)

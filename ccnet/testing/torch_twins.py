@@ -802,3 +802,107 @@ def mmseg_logits_from_file(path, depth, x, align_corners=False, channels=512, au
     with torch.no_grad():
         main, aux = twin(torch.from_numpy(x))
     return main.numpy(), aux.numpy(), payload["meta"]
+
+
+def torch_torchvision_resnet(depth: int, dilate=(False, False, False)):
+    """torchvision's ResNet-18/34/50 (torchvision.models.resnet, written from its published description): plain
+    stem (7x7 conv stride 2, BN, ReLU, 3x3 max-pool stride 2 pad 1), four stages of 64-128-256-512-wide blocks, the
+    stride on the first block's 3x3 conv (v1.5), a 1x1 conv + BN shortcut where the shape changes, then avgpool + fc.
+    `dilate`: replace_stride_with_dilation of stages 2-4 (the stage's dilation doubles instead of its stride; its
+    first block keeps the previous dilation). torchvision refuses dilation in basic blocks; here both 3x3 convs of
+    a basic block take it, as the bottleneck's one 3x3 does. `stages(x)`: the stem's and the four stages' outputs."""
+    import torch.nn as tnn
+
+    class BasicBlock(tnn.Module):
+        expansion = 1
+
+        def __init__(self, cin, planes, stride, downsample, dilation):
+            super().__init__()
+            self.conv1 = tnn.Conv2d(cin, planes, 3, stride, dilation, dilation, bias=False)
+            self.bn1 = tnn.BatchNorm2d(planes)
+            self.relu = tnn.ReLU(inplace=True)
+            self.conv2 = tnn.Conv2d(planes, planes, 3, 1, dilation, dilation, bias=False)
+            self.bn2 = tnn.BatchNorm2d(planes)
+            self.downsample = downsample
+
+        def forward(self, x):
+            out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+            return self.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+    class Bottleneck(tnn.Module):
+        expansion = 4
+
+        def __init__(self, cin, planes, stride, downsample, dilation):
+            super().__init__()
+            self.conv1 = tnn.Conv2d(cin, planes, 1, bias=False)
+            self.bn1 = tnn.BatchNorm2d(planes)
+            self.conv2 = tnn.Conv2d(planes, planes, 3, stride, dilation, dilation, bias=False)
+            self.bn2 = tnn.BatchNorm2d(planes)
+            self.conv3 = tnn.Conv2d(planes, planes * 4, 1, bias=False)
+            self.bn3 = tnn.BatchNorm2d(planes * 4)
+            self.relu = tnn.ReLU(inplace=True)
+            self.downsample = downsample
+
+        def forward(self, x):
+            out = self.relu(self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x))))))
+            return self.relu(self.bn3(self.conv3(out)) + (x if self.downsample is None else self.downsample(x)))
+
+    block, counts = {18: (BasicBlock, (2, 2, 2, 2)), 34: (BasicBlock, (3, 4, 6, 3)), 50: (Bottleneck, (3, 4, 6, 3))}[
+        depth
+    ]
+
+    class ResNet(tnn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inplanes, self.dilation = 64, 1
+            self.conv1 = tnn.Conv2d(3, 64, 7, 2, 3, bias=False)
+            self.bn1 = tnn.BatchNorm2d(64)
+            self.relu = tnn.ReLU(inplace=True)
+            self.maxpool = tnn.MaxPool2d(3, 2, 1)
+            self.layer1 = self._make_layer(64, counts[0])
+            self.layer2 = self._make_layer(128, counts[1], 2, dilate[0])
+            self.layer3 = self._make_layer(256, counts[2], 2, dilate[1])
+            self.layer4 = self._make_layer(512, counts[3], 2, dilate[2])
+            self.avgpool = tnn.AdaptiveAvgPool2d(1)
+            self.fc = tnn.Linear(512 * block.expansion, 1000)
+
+        def _make_layer(self, planes, blocks, stride=1, dilate=False):
+            previous = self.dilation
+            if dilate:
+                self.dilation *= stride
+                stride = 1
+            downsample = None
+            if stride != 1 or self.inplanes != planes * block.expansion:
+                downsample = tnn.Sequential(
+                    tnn.Conv2d(self.inplanes, planes * block.expansion, 1, stride, bias=False),
+                    tnn.BatchNorm2d(planes * block.expansion),
+                )
+            layers = [block(self.inplanes, planes, stride, downsample, previous)]
+            self.inplanes = planes * block.expansion
+            layers += [block(self.inplanes, planes, 1, None, self.dilation) for _ in range(1, blocks)]
+            return tnn.Sequential(*layers)
+
+        def stages(self, x):
+            feats = [self.maxpool(self.relu(self.bn1(self.conv1(x))))]
+            for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+                feats.append(layer(feats[-1]))
+            return feats
+
+    return ResNet()
+
+
+def torchvision_resnet_reference(path, depth, x, dilate=(False, False, False)):
+    """Save a randomised torchvision ResNet twin's state dict (as torchvision publishes its files: the bare dict,
+    with fc and num_batches_tracked) at `path`; return its stem and stage outputs on `x`, without and with
+    `dilate`, and its state-dict keys."""
+    import torch
+
+    twin = randomise(torch_torchvision_resnet(depth))
+    torch.save(twin.state_dict(), path)
+    dilated = torch_torchvision_resnet(depth, dilate)
+    dilated.load_state_dict(twin.state_dict())
+    dilated.eval()
+    with torch.no_grad():
+        plain = [f.numpy() for f in twin.stages(torch.from_numpy(x))]
+        wide = [f.numpy() for f in dilated.stages(torch.from_numpy(x))]
+    return plain, wide, list(twin.state_dict())

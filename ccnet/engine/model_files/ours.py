@@ -16,7 +16,9 @@ from .common import ModelFile
 
 NAME = "ccnet"
 TITLE = "a ccnet checkpoint"
-ARCHITECTURE = ("recurrence", "act", "aux_channels", "aux_bias", "align_corners")  # model.* keys a file decides
+# model.* keys a file decides (model.init takes these from a checkpoint; loss, dropout and the rest are the run's)
+ARCHITECTURE = ("recurrence", "act", "aux_channels", "aux_bias", "align_corners", "head", "aux_head", "head_in")
+ARCHITECTURE += ("aux_in", "head_reduction", "cca_softmax")
 
 
 def claims(path, obj) -> bool:

@@ -127,8 +127,8 @@ def variant_of(mf: ModelFile, tensors: dict, van: bool) -> dict:
                 f"{TITLE} whose ResNet has {blocks} blocks per stage and stem widths {stem}: the seed's ccnet_large "
                 f"is {RESNET_BLOCKS} bottleneck blocks with the stem (64, 128)",
             )
-        settings.update({"backbone.name": "resnet", "backbone.blocks": RESNET_BLOCKS, "backbone.block": "bottleneck"})
-        settings.update({"backbone.stem": "deep", "backbone.ceil_mode": True})
+        settings.update({"backbone.name": "resnet", "backbone.depth": None, "backbone.block": "bottleneck"})
+        settings.update({"backbone.blocks": RESNET_BLOCKS, "backbone.stem": "deep", "backbone.ceil_mode": True})
     return settings
 
 
