@@ -198,3 +198,34 @@ def test_evaluation_in_threads_gives_what_predict_image_gives(compose, protocol)
     expected = segmentation_metrics(conf, dataset.class_names)
     assert metrics["images"] == 3 and {k: metrics[k] for k in expected} == expected
     assert len(seen) > 1  # the untrained model's predictions vary: a comparison of maps, not of constants
+
+
+def test_evaluation_reports_the_seeds_miou_and_the_standard_one(compose, caplog):
+    """eval.miou_exclude / eval.absent_iou reach evaluate(): mIoU by that convention (named), mIoU_standard beside
+    it, both in the log's table; the numbers are segmentation_metrics' on the same confusion matrix."""
+    import logging
+
+    from ccnet.data.datasets import build_dataset
+    from ccnet.engine.evaluate import evaluate
+    from ccnet.engine.metrics import confusion_matrix, segmentation_metrics
+    from ccnet.models import build_model
+
+    overrides = ["backbone.head_channels=8", "eval.max_images=2", "eval.num_vis=0", "dataset.num_workers=1"]
+    cfg = compose([*overrides, "eval.miou_exclude=[0]", "eval.absent_iou=zero"])
+    model = build_model(cfg)
+    randomise(model)
+    model.eval()
+    dataset = build_dataset(cfg.dataset, cfg.dataset.val_split)
+    with caplog.at_level(logging.INFO):
+        metrics, _ = evaluate(model, dataset, cfg.dataset, cfg.eval)
+    conf = np.zeros((dataset.num_classes, dataset.num_classes), np.int64)
+    for i in range(2):
+        image, label = dataset.read(i)
+        pred = predict_image(model, image, cfg.dataset, cfg.eval).argmax(0)
+        conf += confusion_matrix(pred, label, dataset.num_classes, dataset.ignore_index)
+    seed = segmentation_metrics(conf, dataset.class_names, [0], "zero")
+    standard = segmentation_metrics(conf, dataset.class_names)
+    assert metrics["mIoU"] == seed["mIoU"] and metrics["mIoU_standard"] == standard["mIoU"]
+    assert metrics["mIoU"] != metrics["mIoU_standard"]
+    assert "classes 0 (background) left out of the mean; absent classes counted as 0" in caplog.text
+    assert "mIoU (standard)" in caplog.text

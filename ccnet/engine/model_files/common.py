@@ -23,6 +23,7 @@ class ModelFile:
     state: dict | None = None  # ccnet: the checkpoint (iteration, config, model, ...)
     iteration: int = 0
     variant: dict | None = None  # published files: the architecture read from keys and shapes (family.variant)
+    meta: dict = field(default_factory=dict)  # what the file records beside its weights (mmseg's `meta`)
 
 
 def error(path, problem: str) -> CheckpointError:

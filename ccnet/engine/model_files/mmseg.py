@@ -5,10 +5,14 @@ Their names -> ours: the deep stem is one Sequential `backbone.stem.{0,1,3,4,6,7
 ConvModule is `conv` + `bn`, CCHead's convs are `decode_head.convs.0` (before the attention), `.convs.1` (after)
 and `.conv_cat` (after the concat), its classifier `decode_head.conv_seg`; mmcv's CrissCrossAttention keeps gamma
 in a Scale module (`cca.gamma.scale`, a 0-d tensor; `cca.gamma` in files older than mmcv's Scale). BN buffers
-include `num_batches_tracked`. Protocol: RGB, ImageNet mean/std, align_corners=False.
+include `num_batches_tracked`. Protocol: RGB, ImageNet mean/std, align_corners=False; without a zoo preset, what
+the file records in its `meta` comes first (`recorded_protocol`: mmseg 0.x keeps its config's text in
+meta['config'] and the class names in meta['CLASSES'], mmengine in meta['cfg'] and meta['dataset_meta']).
 """
 
 from __future__ import annotations
+
+import re
 
 import numpy as np
 
@@ -59,7 +63,36 @@ def read(path, obj) -> ModelFile:
     ours, dropped, unmapped = from_mmseg(tensors)
     mf = ModelFile(str(path), NAME, ours, dropped, unmapped, iteration=iteration)
     mf.variant = published.resnet_variant(mf, TITLE, their_key, ACT)
+    mf.meta = obj["meta"] if isinstance(obj, dict) and isinstance(obj.get("meta"), dict) else {}
     return mf
+
+
+def recorded_protocol(meta: dict) -> dict:
+    """What an mmseg file's meta says of its test protocol, read as text (nothing in it is run): {'align_corners',
+    'mode', 'crop_size', 'stride', 'classes'}, each only where the file records it, with 'source': where from."""
+    found, source = {}, {}
+    text = next((meta[k] for k in ("config", "cfg") if isinstance(meta.get(k), str)), "")
+    key = next((k for k in ("config", "cfg") if isinstance(meta.get(k), str)), "")
+    head = text[text.find("decode_head") :] if "decode_head" in text else ""
+    if m := re.search(r"align_corners\s*=\s*(True|False)", head):
+        found["align_corners"], source["align_corners"] = m.group(1) == "True", f"meta['{key}'] decode_head"
+    test = text[text.find("test_cfg") :] if "test_cfg" in text else ""
+    if m := re.match(r"test_cfg\s*=\s*dict\(([^()]*(?:\([^()]*\)[^()]*)*)\)", test):
+        body = m.group(1)
+        if mode := re.search(r"mode\s*=\s*'(\w+)'", body):
+            found["mode"], source["mode"] = mode.group(1), f"meta['{key}'] test_cfg"
+        for name in ("crop_size", "stride"):
+            if pair := re.search(name + r"\s*=\s*\((\d+),\s*(\d+)\)", body):
+                found[name], source[name] = [int(pair.group(1)), int(pair.group(2))], f"meta['{key}'] test_cfg"
+    dataset_meta = meta.get("dataset_meta") if isinstance(meta.get("dataset_meta"), dict) else {}
+    for where, names in (
+        ("meta['CLASSES']", meta.get("CLASSES")),
+        ("meta['dataset_meta']", dataset_meta.get("classes")),
+    ):
+        if isinstance(names, (list, tuple)) and names and all(isinstance(n, str) for n in names):
+            found["classes"], source["classes"] = list(names), where
+            break
+    return {**found, "source": source} if found else {}
 
 
 def from_mmseg(state: dict) -> tuple[dict, list, list]:
@@ -85,10 +118,38 @@ def their_key(key: str) -> str:
 
 
 def configure(cfg, mf: ModelFile, training: bool = False, adopt_dataset: bool = False) -> list[str]:
-    """cfg's architecture from the file's variant, its protocol from the family unless a zoo preset set one
-    (adopt_dataset: the data set of its class count is jobs/restore.py's, which knows the data sets)."""
+    """cfg's architecture from the file's variant; its protocol from the zoo preset, else from what the file's meta
+    records (align_corners, the test window), else the family's (adopt_dataset: the data set of its class count is
+    jobs/restore.py's, which knows the data sets)."""
     published.set_variant(cfg, mf, TITLE, ZOO_FAMILY, training)
-    return set_protocol(cfg, PROTOCOL, "mmsegmentation's", bool((cfg.get("zoo") or {}).get("name")))
+    preset = bool((cfg.get("zoo") or {}).get("name"))
+    notes = [] if preset else from_the_file(cfg, mf)
+    return notes + set_protocol(cfg, PROTOCOL, "mmsegmentation's", preset)
+
+
+def from_the_file(cfg, mf: ModelFile) -> list[str]:
+    """Without a preset: the protocol values the file's meta records, each named with where it came from."""
+    recorded = recorded_protocol(mf.meta)
+    source, said = recorded.get("source", {}), []
+    if "align_corners" in recorded and cfg.model.align_corners is None:
+        cfg.model.align_corners = recorded["align_corners"]
+        said.append(f"model.align_corners={recorded['align_corners']} ({source['align_corners']})")
+    if recorded.get("mode") in ("whole", "slide"):
+        window = recorded["mode"] == "whole" or ("crop_size" in recorded and "stride" in recorded)
+        if window:
+            cfg.eval.mode = recorded["mode"]
+            text = f"eval.mode={recorded['mode']}"
+            if recorded["mode"] == "slide":
+                cfg.eval.crop_size, cfg.eval.stride = recorded["crop_size"], recorded["stride"]
+                cfg.eval.pad_windows = False  # mmseg's slide_inference never pads
+                text += f" eval.crop_size={recorded['crop_size']} eval.stride={recorded['stride']} (unpadded)"
+            said.append(f"{text} ({source['mode']})")
+    if "classes" in recorded:
+        names = recorded["classes"]
+        said.append(f"{len(names)} class names ({source['classes']}): {', '.join(names[:4])}, ...")
+    if not said:
+        return ["the file's meta records no test protocol: the family's defaults"]
+    return ["from the file: " + "; ".join(said) + "; the rest from the family's defaults"]
 
 
 def describe(mf: ModelFile) -> str:
