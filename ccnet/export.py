@@ -1,6 +1,9 @@
 """`python -m ccnet.export SOURCE OUT.pth [--format torch|mmseg]`: one of our models as a PyTorch file.
 
-SOURCE is whatever `checkpoint=` takes (`read_source`: a run folder, a checkpoint, an exported file). OUT is
+SOURCE is whatever `checkpoint=` takes (`read_source`: a run folder, a checkpoint, an exported file, or a published
+file of any family in ccnet/engine/model_files/: its architecture from the file, its family's protocol, R=2 as the
+config's default, the class names its meta records; so mmseg's files convert to our layout and back, the authors'
+and the seed's to PyTorch files). OUT is
 written atomically in torch.save's zip layout without importing torch (ccnet/fileio.py), and read with
 `torch.load(OUT, weights_only=True)`:
 
@@ -25,7 +28,7 @@ from typing import Callable
 
 import numpy as np
 
-from .engine.checkpoint import EXPORT_FORMAT, load_checkpoint, resolve_checkpoint
+from .engine.checkpoint import EXPORT_FORMAT, resolve_checkpoint
 from .fileio import FileError, save_torch_file
 
 FORMATS = ("torch", "mmseg")
@@ -47,9 +50,41 @@ class ExportError(FileError):
 
 
 def read_source(source) -> tuple[Path, dict]:
-    """(checkpoint path, {"iteration", "config", "model", ...}) of a run folder, checkpoint or exported file."""
+    """(checkpoint path, {"iteration", "config", "model", ...}) of a run folder, checkpoint, exported file or a
+    published file (whose config is made from what its family reads in it)."""
+    from .engine.model_files import read_model_file
+
     path = resolve_checkpoint(source)
-    return path, load_checkpoint(path)
+    mf = read_model_file(path)
+    if mf.state is not None:  # ours
+        return path, mf.state
+    return path, {"iteration": mf.iteration, "config": published_config(mf), "model": mf.tensors}
+
+
+def published_config(mf) -> dict:
+    """The backbone, model and dataset sections of a published file's model, as its family configures a run for
+    it (the rest of the config, data paths and schedule, is no part of the model)."""
+    from omegaconf import OmegaConf
+
+    from .config import Config
+    from .engine.model_files import configure
+    from .engine.model_files.mmseg import recorded_protocol
+
+    cfg = OmegaConf.structured(Config)
+    classes = (mf.variant or {}).get("num_classes")
+    cfg.model.recurrence = 2  # no file stores R: the config's default, as checkpoint= without a preset
+    cfg.dataset.num_classes = classes
+    cfg.backbone.head_channels = 512  # the seed's files set their head width through model.head_reduction instead
+    configure(cfg, mf, training=True)
+    names = recorded_protocol(mf.meta).get("classes")
+    d = cfg.dataset
+    dataset = dict(
+        num_classes=classes, mean=list(d.mean), std=list(d.std), bgr=bool(d.bgr), ignore_index=d.ignore_index
+    )
+    if names and len(names) == classes:
+        dataset["classes"] = list(names)
+    backbone, model = (OmegaConf.to_container(cfg[k]) for k in ("backbone", "model"))
+    return {"backbone": backbone, "model": model, "dataset": dataset, "source": f"{mf.family} file"}
 
 
 def class_names(dataset: dict) -> list[str]:
@@ -62,7 +97,7 @@ def class_names(dataset: dict) -> list[str]:
 
     ade20k = ADE20K_CLASSES if dataset.get("reduce_zero_label", True) else ("other",) + ADE20K_CLASSES
     known = {"embedded": SHAPES_CLASSES, "context": CONTEXT_CLASSES, "cityscapes": CITYSCAPES_CLASSES}
-    names = {**known, "voc": VOC_CLASSES, "ade20k": ade20k}.get(dataset.get("name"))
+    names = {**known, "voc": VOC_CLASSES, "ade20k": ade20k}.get(dataset.get("name"), dataset.get("classes"))
     n = int(dataset["num_classes"])
     return list(names) if names is not None and len(names) == n else [str(i) for i in range(n)]
 

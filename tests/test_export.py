@@ -208,3 +208,41 @@ def test_mmseg_export_names_what_does_not_fit_a_v1c_model(compose, tmp_path, cap
     assert err.count("\n") == 1 and "not an mmseg-compatible variant" in err and "stem" not in err
     assert "the DSN head's 3x3 conv has a bias and 64 channels" in err and "model.act=leaky_relu" in err
     assert not (tmp_path / "m.pth").exists()
+
+
+def rel_err(ours, ref) -> float:
+    return float(np.abs(ours - ref).max() / np.abs(ref).max())
+
+
+def test_published_files_export_and_read_back_in_the_twins(torch_worker, tmp_path, compose):
+    """SOURCE may be a published file: an mmseg file -> --format mmseg -> mmseg's twin (strict, mmseg's names) and
+    -> --format torch -> checkpoint= here; an authors' file (InPlaceABN folded) -> --format torch -> our-names twin
+    with the authors' LeakyReLU; every logit within 1e-4 of the original twin's. Its mmseg form is refused (the
+    authors' ResNet is not mmseg's V1c), naming why."""
+    from ccnet.jobs.restore import restore_model
+
+    x = np.random.default_rng(11).standard_normal((1, 3, 41, 57)).astype(np.float32)
+    mmseg_file, authors_file = tmp_path / "mmseg.pth", tmp_path / "authors.pth"
+    ref_m, ref_m_aux = torch_worker(twins.ccnet_reference, "mmseg", str(mmseg_file), 50, 19, x, False)
+    ref_a, ref_a_aux = torch_worker(twins.ccnet_reference, "authors", str(authors_file), 50, 21, x, True)
+
+    assert main([str(mmseg_file), str(tmp_path / "m_mmseg.pth"), "--format", "mmseg"]) == 0
+    main_m, aux_m, _ = torch_worker(twins.mmseg_logits_from_file, str(tmp_path / "m_mmseg.pth"), 50, x, False)
+    assert rel_err(main_m, ref_m) < 1e-4 and rel_err(aux_m, ref_m_aux) < 1e-4
+
+    assert main([str(mmseg_file), str(tmp_path / "m_torch.pth")]) == 0
+    cfg = compose(["job=eval", f"checkpoint={tmp_path / 'm_torch.pth'}", "dataset=cityscapes"])
+    model, state, _ = restore_model(cfg, None)
+    assert state["family"] == "ccnet" and cfg.backbone.name == "resnet50_v1c" and cfg.model.align_corners is False
+    with jt.no_grad():
+        assert rel_err(model(jt.array(x)).numpy(), ref_m) < 1e-4
+
+    assert main([str(authors_file), str(tmp_path / "a_torch.pth")]) == 0
+    main_a, aux_a, missing, unexpected, meta = torch_worker(
+        twins.ccnet_logits_from_export, str(tmp_path / "a_torch.pth"), "bottleneck", [3, 4, 6, 3], [64, 64, 128],
+        [64, 128, 256, 512], x,
+    )  # fmt: skip
+    assert (missing, unexpected) == ([], []) and (meta["act"], meta["num_classes"]) == ("leaky_relu", 21)
+    assert meta["bgr"] is True and meta["align_corners"] is True
+    assert rel_err(main_a, ref_a) < 1e-4 and rel_err(aux_a, ref_a_aux) < 1e-4
+    assert main([str(authors_file), str(tmp_path / "a_mmseg.pth"), "--format", "mmseg"]) == 1

@@ -31,7 +31,7 @@ MAY_IMPORT = {
     "models": {"runtime", "registry", "ops", "weights"},
     "engine": {"runtime", "data", "models", "ops", "weights", "fileio", "registry"},  # registry: a saved config's
     # backbone settings (model_files/ours.py)
-    "export": {"engine", "data", "fileio"},
+    "export": {"engine", "data", "fileio", "config"},  # config: the schema a published file's config fills
     "jobs": {"runtime", "registry", "ops", "data", "engine", "models", "weights", "summary", "download", "fileio"}
     | {"validate"},
     "api": {"runtime", "registry", "ops", "data", "engine", "models", "weights", "jobs", "config", "download"}

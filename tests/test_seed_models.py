@@ -135,3 +135,25 @@ def test_plain_pickle_of_the_seed_names_without_a_trailer_reads_too(compose, sma
     path.write_bytes(pickle.dumps(read_file(small_van_file), 4))
     _, _, _, state = restored(compose, path, ["dataset=cityscapes"])
     assert state["family"] == "seed"
+
+
+def test_init_model_and_model_init_take_a_seed_file(compose, small_van_file, caplog):
+    """ccnet.api.init_model reads it as checkpoint= does; model.init (fine-tuning on the 7-class shapes data) takes
+    its architecture and weights with a new classifier."""
+    from ccnet.api import init_model
+    from ccnet.jobs.restore import load_init, model_init
+    from ccnet.models import build_model
+
+    model = init_model(str(small_van_file), ["dataset=cityscapes"])
+    assert (model.cfg.model.cca_softmax, model.cfg.model.act, model.cfg.backbone.name) == ("whole", "none", "van_b1")
+    cfg = compose(["experiment=tiny", f"model.init={small_van_file}", "backbone.pretrained=null"])
+    init = model_init(cfg)
+    assert (cfg.backbone.name, cfg.model.head_in, cfg.model.head_reduction, cfg.dataset.num_classes) == (
+        "van_b1", "stage4", 4, 7
+    )  # fmt: skip
+    fresh = build_model(cfg)
+    with caplog.at_level(logging.INFO):
+        load_init(fresh, init)
+    assert "new classifier for 7 classes (the file's has 19)" in caplog.text
+    state = read_file(small_van_file)
+    np.testing.assert_array_equal(fresh.state_dict()["head.conva.0.weight"].numpy(), state["head.conva.0.weight"])
