@@ -157,3 +157,21 @@ def test_init_model_and_model_init_take_a_seed_file(compose, small_van_file, cap
     assert "new classifier for 7 classes (the file's has 19)" in caplog.text
     state = read_file(small_van_file)
     np.testing.assert_array_equal(fresh.state_dict()["head.conva.0.weight"].numpy(), state["head.conva.0.weight"])
+
+
+@pytest.mark.parametrize("model,size", [("ccnet_large", None), ("van", "van_large")])
+def test_the_training_presets_build_the_seeds_architecture(compose, torch_worker, tmp_path, model, size):
+    """experiment=seed_train_*: the model they train has every tensor of the seed's file, in its shape (the twin's
+    file read by the seed family), so that what trains here is what the seed released."""
+    from ccnet.engine.model_files import read_model_file
+    from ccnet.models import build_model
+    from ccnet.validate import problems
+
+    name = "ccnet_large" if size is None else "van_large"
+    cfg = compose([f"experiment=seed_train_{name}"])
+    assert problems(cfg) == [] and (cfg.schedule.momentum, cfg.schedule.weight_decay) == (0.0, 0.0)
+    path = tmp_path / "twin"
+    torch_worker(seed_twins.seed_reference, model, str(path), cfg.dataset.num_classes, X[:, :, :40, :40], 0, name)
+    theirs = {k: tuple(v.shape) for k, v in read_model_file(path).tensors.items()}
+    ours = {k: tuple(v.shape) for k, v in build_model(cfg).state_dict().items()}
+    assert ours == theirs
