@@ -246,3 +246,13 @@ def test_published_files_export_and_read_back_in_the_twins(torch_worker, tmp_pat
     assert meta["bgr"] is True and meta["align_corners"] is True
     assert rel_err(main_a, ref_a) < 1e-4 and rel_err(aux_a, ref_a_aux) < 1e-4
     assert main([str(authors_file), str(tmp_path / "a_mmseg.pth"), "--format", "mmseg"]) == 1
+
+
+def test_the_old_export_command_names_the_new_one(source, tmp_path, capsys):
+    """`python -m ccnet.weights export` (earlier versions) answers in one line with the command to use now."""
+    from ccnet.weights import main as weights
+
+    assert weights(["export", str(source["ckpt"]), str(tmp_path / "x.pth")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "python -m ccnet.export SOURCE OUT.pth" in err
+    assert not (tmp_path / "x.pth").exists()
