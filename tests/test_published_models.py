@@ -120,6 +120,11 @@ def test_without_a_preset_an_mmseg_file_s_own_record_decides(compose, torch_work
     assert "19 class names (meta['CLASSES']): 0, 1, 2, 3, ..." in caplog.text
     with jt.no_grad():
         assert rel_err(model(jt.array(x)).numpy(), ref) < 1e-4
+    from ccnet.jobs.restore import model_init
+
+    tuning = compose(["experiment=tiny", f"model.init={recorded}"])
+    model_init(tuning)  # fine-tuning: the architecture's align_corners, this run's data and evaluation window
+    assert tuning.model.align_corners is True and tuning.eval.mode == "whole"
     plain, _, plain_cfg = load(compose, bare, 19)
     assert plain_cfg.model.align_corners is False and plain_cfg.eval.mode == "whole"
     with jt.no_grad():

@@ -123,18 +123,19 @@ def configure(cfg, mf: ModelFile, training: bool = False, adopt_dataset: bool = 
     jobs/restore.py's, which knows the data sets)."""
     published.set_variant(cfg, mf, TITLE, ZOO_FAMILY, training)
     preset = bool((cfg.get("zoo") or {}).get("name"))
-    notes = [] if preset else from_the_file(cfg, mf)
+    notes = [] if preset else from_the_file(cfg, mf, training)
     return notes + set_protocol(cfg, PROTOCOL, "mmsegmentation's", preset)
 
 
-def from_the_file(cfg, mf: ModelFile) -> list[str]:
-    """Without a preset: the protocol values the file's meta records, each named with where it came from."""
+def from_the_file(cfg, mf: ModelFile, training: bool = False) -> list[str]:
+    """Without a preset: the protocol values the file's meta records, each named with where it came from. The test
+    window is its data set's: not for training (model.init), whose data and evaluation are the run's."""
     recorded = recorded_protocol(mf.meta)
     source, said = recorded.get("source", {}), []
     if "align_corners" in recorded and cfg.model.align_corners is None:
         cfg.model.align_corners = recorded["align_corners"]
         said.append(f"model.align_corners={recorded['align_corners']} ({source['align_corners']})")
-    if recorded.get("mode") in ("whole", "slide"):
+    if recorded.get("mode") in ("whole", "slide") and not training:
         window = recorded["mode"] == "whole" or ("crop_size" in recorded and "stride" in recorded)
         if window:
             cfg.eval.mode = recorded["mode"]
