@@ -48,10 +48,11 @@ def main() -> None:
 
     jt = runtime.setup("cpu")
     from ccnet import ops
-    from ccnet.models import CCNet, build_backbone
+    from ccnet.models import CCNet
+    from ccnet.registry import BACKBONES
 
     head = args.head_channels or (64 if args.backbone == "resnet_tiny" else 512)
-    model = CCNet(build_backbone(args.backbone), args.classes, head, 2)
+    model = CCNet(BACKBONES.build(args.backbone), args.classes, head, 2)
     rng = np.random.default_rng(0)
     images = jt.array(rng.standard_normal((args.batch, 3, args.size, args.size)).astype(np.float32))
     labels = jt.array(rng.integers(0, args.classes, (args.batch, args.size, args.size)).astype(np.int32))

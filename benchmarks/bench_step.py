@@ -96,10 +96,11 @@ def run_jittor(args) -> dict:
 
     jt = runtime.setup("cpu")
     from ccnet import ops
-    from ccnet.models import CCNet, build_backbone
+    from ccnet.models import CCNet
+    from ccnet.registry import BACKBONES
 
     ops.select(cca=args.impl)
-    model = CCNet(build_backbone(args.backbone), NUM_CLASSES, HEAD_CHANNELS, RECURRENCE)
+    model = CCNet(BACKBONES.build(args.backbone), NUM_CLASSES, HEAD_CHANNELS, RECURRENCE)
     images_np, labels_np = make_inputs(args.batch, args.size)
     images, labels = jt.array(images_np), jt.array(labels_np)
     if args.mode == "train":

@@ -507,11 +507,12 @@ def work_step(w: Worker):
     else:
         jt = setup_jittor(w)
         from ccnet.engine import amp
-        from ccnet.models import CCNet, build_backbone
+        from ccnet.models import CCNet
+        from ccnet.registry import BACKBONES
 
         gpu = bool(jt.flags.use_cuda)
         memory = start_memory(jt.flags.use_cuda or None)
-        model = CCNet(build_backbone("resnet101"), NUM_CLASSES, HEAD_CHANNELS, RECURRENCE)
+        model = CCNet(BACKBONES.build("resnet101"), NUM_CLASSES, HEAD_CHANNELS, RECURRENCE)
         model.train()
         opt = jt.nn.SGD(model.parameters(), 0.01, momentum=0.9, weight_decay=1e-4)
         stepper = amp.make_step(a.amp)

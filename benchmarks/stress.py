@@ -8,7 +8,7 @@ output: a segfault in a compile thread, glibc heap-corruption messages, Jittor "
 traceback, a signal, a plain non-zero exit.
 
 Probes (each a fresh `python` process, run from the repository root):
-  backbones  runtime.setup("cpu"); build resnet101, van_b0, van_b3 with build_backbone; one eval-mode forward of a
+  backbones  runtime.setup("cpu"); build resnet101, van_b0, van_b3 with BACKBONES.build; one eval-mode forward of a
              1x3x96x128 input each; exit
   train      `python run.py experiment=smoke` cut to 20 iterations (64x64 crops, batch 2, head_channels 16, two
              val images), backbone resnet101, van_b0, van_b3 in turn (run i uses the (i mod 3)-th)
@@ -95,11 +95,11 @@ def probe_backbones() -> None:
     jt = runtime.setup("cpu")
     import numpy as np
 
-    from ccnet.models import build_backbone
+    from ccnet.registry import BACKBONES
 
     x = jt.array(np.random.default_rng(0).standard_normal((1, 3, 96, 128)).astype(np.float32))
     for name in ("resnet101", "van_b0", "van_b3"):
-        model = build_backbone(name)
+        model = BACKBONES.build(name)
         model.eval()
         _, feature = model(x)
         print(name, tuple(feature.shape), float(feature.mean()), flush=True)
@@ -113,13 +113,13 @@ def probe_heavy() -> None:
     jt = runtime.setup("cpu")
     import numpy as np
 
-    from ccnet.models import build_backbone
+    from ccnet.registry import BACKBONES
 
     rng = np.random.default_rng(0)
     x_eval = jt.array(rng.standard_normal((1, 3, 96, 128)).astype(np.float32))
     x_train = jt.array(rng.standard_normal((2, 3, 64, 64)).astype(np.float32))
     for name in ("resnet101", "van_b0", "van_b3", "resnet50"):
-        model = build_backbone(name)
+        model = BACKBONES.build(name)
         model.train()
         aux, feature = model(x_train)
         jt.sync(jt.grad(feature.sum() + aux.sum(), model.parameters()))
@@ -140,7 +140,7 @@ def probe_fresh() -> None:
 
     import numpy as np
 
-    from ccnet.models import build_backbone
+    from ccnet.registry import BACKBONES
 
     nonce = f"{os.getpid()}_{time.time_ns()}"
     x = jt.array(np.random.default_rng(0).standard_normal((1, 3, 96, 128)).astype(np.float32))
@@ -149,7 +149,7 @@ def probe_fresh() -> None:
         for i in range(8)
     ]
     for name in ("resnet101", "van_b0", "van_b3"):
-        model = build_backbone(name)
+        model = BACKBONES.build(name)
         model.eval()
         _, feature = model(x)
         jt.sync([feature, *fresh])

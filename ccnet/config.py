@@ -33,6 +33,8 @@ class BackboneConfig:  # conf/backbone/
     head_channels: int = MISSING  # width of the RCCA and DSN heads used with this backbone (512 for ResNet-101)
     pretrained: Optional[str] = None  # path to ImageNet weights (.pth, .pth.tar or our .pkl)
     strict: bool = True  # a missing or mis-shaped backbone tensor is an error
+    allow_normalization_mismatch: bool = False  # true: train with dataset.mean/std/bgr even where the pretrained
+    # file is a published one trained on another input (ccnet.weights.WeightFile); false: that is an error
     # The settings of some backbones only (null = the backbone's own default; a backbone refuses one it lacks):
     drop_path: Optional[float] = None  # VAN: stochastic depth
     neck: Optional[str] = None  # VAN: stages 2-4 to stride 8 fused by sum | concat; none = stage 4 at stride 32

@@ -43,6 +43,11 @@ def mmseg_state(state_dict: dict) -> dict:
 
 # backbone.name -> export(state_dict): our keys -> mmsegmentation's, for the variants that have mmseg's architecture
 MMSEG_KEY_MAPPINGS: dict[str, Callable[[dict], dict]] = {"resnet50_v1c": mmseg_state, "resnet101_v1c": mmseg_state}
+# the model.* head settings whose other values no mmseg CCNet has (null: the backbone's own stages)
+MMSEG_HEADS = {"head": "rcca", "aux_head": "dsn", "head_in": None, "aux_in": None, "head_reduction": None}
+# backbone.* keys that change a ResNet preset (ccnet/models/resnet.py)
+RESNET_SETTINGS = ("depth", "blocks", "block", "stem", "stem_channels", "widths", "ceil_mode", "strides", "dilations",
+                   "contract_dilation")  # fmt: skip
 
 
 class ExportError(FileError):
@@ -163,6 +168,13 @@ def mmseg_differences(config: dict, state_dict: dict) -> list[str]:
         )
     if config["model"].get("act", "relu") != "relu":
         found.append(f"model.act={config['model']['act']} (mmseg's heads use ReLU)")
+    backbone = config["backbone"]
+    changed = [f"backbone.{k}={backbone[k]}" for k in RESNET_SETTINGS if backbone.get(k) is not None]
+    if changed and name in MMSEG_KEY_MAPPINGS:
+        found.append(f"{', '.join(changed)} (mmseg's {name} is the preset as it is)")
+    for key, default in MMSEG_HEADS.items():  # mmseg's CCHead on the last stage, FCNHead on stage 3
+        if config["model"].get(key, default) != default:
+            found.append(f"model.{key}={config['model'][key]} (mmseg's: {default})")
     return found
 
 

@@ -259,6 +259,7 @@ RULES: dict[str, Rule] = {
     "backbone.dilations": backbone_setting("dilations", ints(4)),
     "backbone.contract_dilation": backbone_setting("contract_dilation", boolean()),
     "backbone.head_channels": integer(1),
+    "backbone.allow_normalization_mismatch": boolean(),
     "model.recurrence": integer(0),
     "model.act": one_of(ACTIVATIONS.names),
     "model.head": one_of(HEADS.names),

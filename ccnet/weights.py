@@ -3,12 +3,16 @@
 Reads PyTorch files (the zip format of torch >= 1.6 and the older pickle format of the MIT CSAIL ResNets)
 through the allow-list reader of ccnet/fileio.py, which turns tensors into NumPy arrays and refuses anything
 that is not plain data; also our own checkpoints (`ccnet-checkpoint-v1`, backbone keys prefixed `backbone.`)
-and the pickles written by `python -m ccnet.weights convert IN.pth OUT.pkl [--arch resnet|van]`
+and the pickles written by `python -m ccnet.weights convert IN.pth OUT.pkl [--family resnet|van]`
 (`ccnet-backbone-v1`). Whole models are written by `python -m ccnet.export` (ccnet/export.py).
 
-Each backbone architecture (`arch`: resnet, van) declares its weights where it registers (`PretrainedWeights`:
-a signature key, the key conversion beside the model, the module they fit), e.g. `RESNET_WEIGHTS` in
-ccnet/models/resnet.py and `VAN_WEIGHTS` in ccnet/models/van.py; this module only looks them up.
+Each backbone family declares its weights where it registers (`PretrainedWeights`: its signature keys, the key
+conversion beside the model, the module they fit, and its published files), e.g. `RESNET_WEIGHTS` in
+ccnet/models/resnet.py and `VAN_WEIGHTS` in ccnet/models/van.py; this module only looks them up. Like timm's
+pretrained configs, each published file is a `WeightFile`: where it comes from (url, sha256), the input it was
+trained on (`Normalization`: channel order, mean, std in 0-255 pixel units; input size), its classifier keys and
+the backbones it fits. Loading says which family and which published file matched and why, and refuses a run
+whose normalisation differs from the file's (backbone.allow_normalization_mismatch=true keeps the run's).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from .fileio import FileError, arrays, atomic_file, read_file
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "ccnet-checkpoint-v1"  # the trainer's checkpoints (ccnet.engine.checkpoint)
-BACKBONE_FORMAT = "ccnet-backbone-v1"  # what `convert` writes: one backbone's converted state dict
+BACKBONE_FORMAT = "ccnet-backbone-v1"  # what `convert` writes: one family's converted state dict
 EXPORT_FORMAT = "ccnet-export-v1"  # meta["format"] of what `python -m ccnet.export` writes (ccnet/export.py)
 
 
@@ -44,40 +48,184 @@ class StateDict:
 
     tensors: dict
     kind: str  # "torch" or "converted" (into the inner module), "ccnet" (our checkpoint: the whole backbone)
-    arch: str | None = None
+    family: str | None = None
     dropped: list = field(default_factory=list)
+    detection: str = ""  # which family matched and why (or that none did)
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """The input a network was trained on: pixels 0-255, channels in BGR order or RGB, (x - mean) / std per
+    channel (mean and std in that channel order), as dataset.mean / std / bgr give them (conf/normalization/)."""
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    bgr: bool
+
+    @classmethod
+    def of(cls, cfg_dataset) -> Normalization:
+        return cls(tuple(cfg_dataset.mean), tuple(cfg_dataset.std), bool(cfg_dataset.bgr))
+
+    def matches(self, other: Normalization, tol: float = 0.01) -> bool:
+        close = all(abs(a - b) <= tol for a, b in zip(self.mean + self.std, other.mean + other.std))
+        return self.bgr == other.bgr and close
+
+    def __str__(self) -> str:
+        nums = lambda v: "[" + ", ".join(f"{x:g}" for x in v) + "]"  # noqa: E731
+        return f"{'BGR' if self.bgr else 'RGB'} mean {nums(self.mean)} std {nums(self.std)}"
+
+
+# the two input conventions of the published files (also conf/normalization/*.yaml; a test keeps them equal)
+AUTHORS_BGR = Normalization((104.00698793, 116.66876762, 122.67891434), (1.0, 1.0, 1.0), bgr=True)  # caffe style
+IMAGENET_RGB = Normalization((123.675, 116.28, 103.53), (58.395, 57.12, 57.375), bgr=False)  # torchvision, timm
+NORMALIZATION_PRESETS = {"authors_bgr": AUTHORS_BGR, "imagenet_rgb": IMAGENET_RGB}  # conf/normalization/<name>
+
+
+@dataclass(frozen=True)
+class WeightFile:
+    """One published ImageNet weights file (timm's pretrained config): what a fetcher needs (url, sha256), the
+    input it expects, and how to recognise it. Declared beside the model, in its family's PretrainedWeights."""
+
+    name: str  # the file name as published
+    publisher: str  # who publishes it, for messages
+    url: str | None  # where it is published; None: no direct link
+    sha256: str | None  # lower-case hex, the whole digest or the prefix in the published name; None: none published
+    normalization: Normalization  # the input it was trained on
+    backbones: tuple[str, ...]  # registered backbones it fits strictly (backbone.name)
+    settings: dict = field(default_factory=dict)  # backbone.* settings it needs beside the name (depth=18, ...)
+    fingerprint: dict = field(default_factory=dict)  # our key -> shape (None: present) that its converted tensors
+    # have; together with `absent` it tells this file from the family's others
+    absent: tuple[str, ...] = ()  # our keys its tensors do not have
+    classifier: tuple[str, ...] = ("fc.weight", "fc.bias")  # the ImageNet classifier's keys in the file (dropped)
+    num_classes: int = 1000
+    input_size: tuple[int, int, int] = (3, 224, 224)  # the training crop
+
+    def why(self, tensors: dict) -> str | None:
+        """Why `tensors` (our names) are this file's ("conv1.weight (32, 3, 3, 3), ..."), or None when not."""
+        for key, shape in self.fingerprint.items():
+            if key not in tensors or (shape is not None and tuple(tensors[key].shape) != tuple(shape)):
+                return None
+        if any(key in tensors for key in self.absent):
+            return None
+        shown = [f"{k} {tuple(tensors[k].shape)}" if s is not None else k for k, s in self.fingerprint.items()]
+        return ", ".join(shown + [f"no {k}" for k in self.absent])
 
 
 @dataclass(frozen=True)
 class PretrainedWeights:
-    """What a backbone architecture's published weights look like, declared by its backbones at registration."""
+    """What a backbone family's published weights look like, declared by its backbones at registration."""
 
-    arch: str  # the backbone architecture ("resnet", "van"), for messages and `convert --arch`
-    signature: str  # a key that only this arch's files hold, e.g. "patch_embed1.proj.weight"
+    family: str  # the family's name ("resnet", "van"), for messages and `convert --family`
+    signature: str | tuple  # the key(s) every file of the family holds, e.g. "patch_embed1.proj.weight"; where two
+    # families' signatures match one file, the one whose signature holds the other's (the more specific) wins
     convert: Callable  # file state dict -> (our names, keys dropped on purpose), beside the model
     module_type: type | tuple  # the backbone class(es) these weights fit
     inner: str = ""  # the backbone's attribute that takes them ("van"), where it has one; else the backbone itself
+    files: tuple[WeightFile, ...] = ()  # its published files
+
+    @property
+    def signature_keys(self) -> tuple[str, ...]:
+        return (self.signature,) if isinstance(self.signature, str) else tuple(self.signature)
+
+    def matches(self, keys) -> list[str]:
+        """The file keys that hold this family's signature (empty when one is missing)."""
+        found = []
+        for sig in self.signature_keys:
+            hit = next((k for k in keys if k == sig or k.endswith("." + sig)), None)
+            if hit is None:
+                return []
+            found.append(hit)
+        return found
 
 
-def weight_formats() -> dict[str, PretrainedWeights]:
-    """backbone architecture (resnet, van) -> its weights format, from every registered backbone."""
+def families() -> dict[str, PretrainedWeights]:
+    """family name -> its weights format, from every registered backbone; one format per family name."""
     from .registry import BACKBONES
 
-    found = (entry.info.get("weights") for entry in BACKBONES.entries())
-    return {weights.arch: weights for weights in found if weights is not None}
+    found: dict[str, PretrainedWeights] = {}
+    for entry in BACKBONES.entries():
+        weights = entry.info.get("weights")
+        if weights is None:
+            continue
+        known = found.setdefault(weights.family, weights)
+        if known is not weights:
+            raise ValueError(f"two weights formats are named {weights.family!r} (one of them by {entry.name})")
+    return found
 
 
-def detect_arch(path, keys) -> str | None:
-    """The arch whose signature key (e.g. patch_embed1.proj.weight for VAN) is among `keys`, or None."""
-    signatures = {fam: fmt.signature for fam, fmt in weight_formats().items()}
-    found = {fam for fam, sig in signatures.items() for k in keys if k == sig or k.endswith("." + sig)}
-    if len(found) > 1:
-        raise WeightsError(path, f"holds keys of several backbone architectures: {sorted(found)}")
-    return found.pop() if found else None
+def weight_files() -> list[tuple[str, WeightFile]]:
+    """(family, file) for every published file any registered backbone declares."""
+    return [(fam, f) for fam, fmt in families().items() for f in fmt.files]
 
 
-def read_state_dict(path, arch: str | None = None) -> StateDict:
-    """Read `path` and pick out the backbone tensors; torch files are converted with `arch`'s function."""
+def weight_file_for(backbone: str, settings: dict | None = None) -> WeightFile | None:
+    """The published ImageNet file of backbone.name `backbone` with its `settings` (backbone.* keys), or None:
+    what `backbone.pretrained=imagenet` fetches (url, sha256)."""
+    settings = settings or {}
+    fits = [f for _, f in weight_files() if backbone in f.backbones and _settings_fit(f.settings, settings)]
+    return fits[0] if len(fits) == 1 else None
+
+
+def _settings_fit(needed: dict, given: dict) -> bool:
+    return all(given.get(k) is not None and _plain(given[k]) == _plain(v) for k, v in needed.items())
+
+
+def _plain(value):
+    return list(value) if isinstance(value, (list, tuple)) or type(value).__name__ == "ListConfig" else value
+
+
+@dataclass
+class Detection:
+    """Which family a file's keys belong to, and why; `candidates`: every family whose signature matched."""
+
+    family: str | None
+    reason: str
+    candidates: dict = field(default_factory=dict)  # family -> the file keys that matched its signature
+
+
+def detect(path, keys) -> Detection:
+    """The family of a file's keys: every family whose signature keys are all present is a candidate; one that
+    holds another's signature and more (the more specific) wins; candidates that cannot be told apart are an
+    error naming each and the keys that matched."""
+    fmts = families()
+    candidates = {fam: hits for fam, fmt in fmts.items() if (hits := fmt.matches(keys))}
+    if not candidates:
+        return Detection(None, "no family's signature keys: " + "; ".join(
+            f"{fam} needs {', '.join(fmt.signature_keys)}" for fam, fmt in sorted(fmts.items())), {})  # fmt: skip
+    sigs = {fam: set(fmts[fam].signature_keys) for fam in candidates}
+    best = [fam for fam in candidates if all(sigs[other] < sigs[fam] for other in candidates if other != fam)]
+    if len(candidates) == 1 or len(best) == 1:
+        fam = best[0] if len(candidates) > 1 else next(iter(candidates))
+        reason = f"{fam}: holds {', '.join(candidates[fam])}"
+        others = [o for o in candidates if o != fam]
+        if others:
+            reason += f" (more specific than {', '.join(others)}, whose signature it includes)"
+        return Detection(fam, reason, candidates)
+    listed = "; ".join(f"{fam} (holds {', '.join(hits)})" for fam, hits in sorted(candidates.items()))
+    raise WeightsError(path, f"matches several backbone families and none is more specific: {listed}; "
+                       "give the family (convert --family)")  # fmt: skip
+
+
+def detect_family(path, keys) -> str | None:
+    """The family of a file's keys (see detect), or None."""
+    return detect(path, keys).family
+
+
+def identify_file(family: str, tensors: dict) -> tuple[WeightFile | None, str]:
+    """Which of the family's published files converted `tensors` (our names) look like, and why; (None, why not)
+    when none or several fit (then no normalisation is declared)."""
+    fmt = families().get(family)
+    fits = [(f, why) for f in (fmt.files if fmt else ()) if (why := f.why(tensors)) is not None]
+    if len(fits) == 1:
+        f, why = fits[0]
+        return f, f"{f.publisher}'s {f.name} ({why})"
+    if fits:
+        return None, f"fits several published files ({', '.join(f.name for f, _ in fits)}): none assumed"
+    return None, f"none of the {len(fmt.files) if fmt else 0} published {family} files"
+
+
+def read_state_dict(path, family: str | None = None) -> StateDict:
+    """Read `path` and pick out the backbone tensors; torch files are converted with `family`'s function."""
     obj = read_file(path)
     if not isinstance(obj, dict):
         raise WeightsError(path, f"not a checkpoint: holds a {type(obj).__name__}, not a dict of tensors")
@@ -89,9 +237,11 @@ def read_state_dict(path, arch: str | None = None) -> StateDict:
         tensors = {k[len("backbone.") :]: v for k, v in arrays(model).items() if k.startswith("backbone.")}
         if not tensors:
             raise WeightsError(path, "a ccnet checkpoint without backbone.* tensors")
-        return StateDict(tensors, "ccnet", detect_arch(path, tensors))
+        detection = detect(path, tensors)
+        return StateDict(tensors, "ccnet", detection.family, detection=detection.reason)
     if fmt == BACKBONE_FORMAT and isinstance(obj.get("state_dict"), dict):
-        return StateDict(arrays(obj["state_dict"]), "converted", obj.get("arch", obj.get("family")))  # "family" before
+        family = obj.get("family")
+        return StateDict(arrays(obj["state_dict"]), "converted", family, detection=f"{family}: converted file")
     for key in ("state_dict", "model"):  # {'state_dict': ...} (VAN .pth.tar, timm), {'model': ...}
         if isinstance(obj.get(key), dict) and arrays(obj[key]):
             obj = obj[key]
@@ -101,22 +251,23 @@ def read_state_dict(path, arch: str | None = None) -> StateDict:
         raise WeightsError(path, f"not a checkpoint: no tensors among the keys {sorted(map(str, obj))[:8]}")
     if all(k.startswith("module.") for k in tensors):  # saved from DataParallel
         tensors = {k[len("module.") :]: v for k, v in tensors.items()}
-    found = detect_arch(path, tensors)
-    arch = arch or found
-    if arch is None:
-        raise WeightsError(path, f"no ResNet or VAN keys (first keys: {list(tensors)[:4]}); give --arch")
-    if arch not in weight_formats():
-        raise WeightsError(path, f"arch {arch!r} is unknown; choose one of {sorted(weight_formats())}")
-    converted, dropped = weight_formats()[arch].convert(tensors)
-    return StateDict(converted, "torch", found or arch, dropped)
+    detection = detect(path, tensors)
+    found = detection.family
+    family = family or found
+    if family is None:
+        raise WeightsError(path, f"{detection.reason} (first keys: {list(tensors)[:4]}); give the family")
+    if family not in families():
+        raise WeightsError(path, f"family {family!r} is unknown; choose one of {sorted(families())}")
+    converted, dropped = families()[family].convert(tensors)
+    return StateDict(converted, "torch", found or family, dropped, detection.reason)
 
 
-def convert_file(src, dst, arch: str | None = None) -> StateDict:
+def convert_file(src, dst, family: str | None = None) -> StateDict:
     """Convert a PyTorch backbone file once into a NumPy pickle; written atomically (temp file + rename)."""
-    state = read_state_dict(src, arch)
-    if arch and state.arch != arch:
-        raise WeightsError(src, f"holds {state.arch} weights, not {arch}")
-    payload = dict(format=BACKBONE_FORMAT, arch=state.arch, source=Path(src).name, state_dict=state.tensors)
+    state = read_state_dict(src, family)
+    if family and state.family != family:
+        raise WeightsError(src, f"holds {state.family} weights, not {family}")
+    payload = dict(format=BACKBONE_FORMAT, family=state.family, source=Path(src).name, state_dict=state.tensors)
     try:
         with atomic_file(dst) as f:
             pickle.dump(payload, f, protocol=pickle.HIGHEST_PROTOCOL)
@@ -135,16 +286,19 @@ def _group(key: str) -> str:
 @dataclass
 class LoadReport:
     path: str
-    arch: str
+    family: str
     target: str
     loaded: int = 0
     missing: list = field(default_factory=list)
     unexpected: list = field(default_factory=list)
     mismatched: list = field(default_factory=list)  # "key: file (a, b) vs model (c, d)"
     dropped: list = field(default_factory=list)  # expected extras: classifier, num_batches_tracked
+    detection: str = ""  # which family matched and why
+    origin: str = ""  # which published file it looks like and the input it was trained on
 
     def summary(self, verb: str = "loaded") -> str:
-        lines = [f"{verb} {self.loaded} tensors from {self.path} ({self.arch}) into {self.target}"]
+        lines = [f"{verb} {self.loaded} tensors from {self.path} ({self.family}) into {self.target}"]
+        lines += [f"  {text}" for text in (self.detection, self.origin) if text]
         if self.dropped:  # grouped: "fc.* (2), num_batches_tracked (104)"
             groups = Counter(map(_group, self.dropped))
             lines.append("  dropped as expected: " + ", ".join(f"{g} ({n})" for g, n in groups.items()))
@@ -165,35 +319,77 @@ class LoadReport:
         )
 
 
-def _target(module, arch: str | None) -> tuple[PretrainedWeights, object]:
-    """(the weights format, the module that takes the weights): e.g. the inner VAN of the segmentation wrapper."""
-    fmt = next((f for f in weight_formats().values() if isinstance(module, f.module_type)), None)
-    if fmt is None or (arch and arch != fmt.arch):
-        raise TypeError(f"{type(module).__name__} does not take {arch} weights (arch={arch!r})")
+def _target(module, family: str | None) -> tuple[PretrainedWeights, object]:
+    """(the weights format, the module that takes the weights): e.g. the inner VAN of the segmentation wrapper.
+    The format declaring the module's own class wins over one declaring a base class; two declaring it alike are
+    an error naming both."""
+    fits = [f for f in families().values() if isinstance(module, f.module_type) and family in (None, f.family)]
+    exact = [f for f in fits if type(module) in _types(f.module_type)]
+    chosen = exact if exact else fits
+    if not chosen:
+        raise TypeError(f"{type(module).__name__} does not take {family} weights (family={family!r})")
+    if len(chosen) > 1:
+        names = ", ".join(sorted(f.family for f in chosen))
+        raise TypeError(f"{type(module).__name__} is declared by several weights formats ({names}); give the family")
+    fmt = chosen[0]
     return fmt, getattr(module, fmt.inner, module) if fmt.inner else module
 
 
-def load_backbone_weights(backbone, path, arch: str | None = None, strict: bool = True) -> LoadReport:
+def _types(module_type) -> tuple:
+    return module_type if isinstance(module_type, tuple) else (module_type,)
+
+
+def check_normalization(path, state: StateDict, normalization: Normalization | None, allow: bool) -> str:
+    """The file's declared input against the run's: a one-line WeightsError naming both where they differ (unless
+    allowed). Returns what was found, for the log."""
+    declared, why = identify_file(state.family, state.tensors) if state.kind != "ccnet" else (None, "our checkpoint")
+    if declared is None or normalization is None:
+        return f"published file: {why}"
+    if not declared.normalization.matches(normalization):
+        preset = next((n for n, p in NORMALIZATION_PRESETS.items() if p.matches(declared.normalization)), None)
+        fix = f"normalization={preset}" if preset else "dataset.mean/std/bgr"
+        problem = (
+            f"looks like {why}, trained on {declared.normalization}, but the run normalises {normalization} "
+            f"(dataset.mean/std/bgr): use {fix}, or backbone.allow_normalization_mismatch=true to keep the run's"
+        )
+        if not allow:
+            raise WeightsError(path, problem)
+        log.warning("%s: %s", path, problem.split(": use ")[0] + " (backbone.allow_normalization_mismatch=true)")
+    return f"published file: {why}; trained on {declared.normalization}"
+
+
+def load_backbone_weights(
+    backbone,
+    path,
+    family: str | None = None,
+    strict: bool = True,
+    normalization: Normalization | None = None,
+    allow_normalization_mismatch: bool = False,
+) -> LoadReport:
     """Load pretrained weights (PyTorch file, converted pickle or ccnet checkpoint) into `backbone`.
 
     A backbone tensor missing from the file or shaped differently is an error naming it, unless strict=False
     (then it keeps its initial value and the report lists it). Unused file tensors are reported, not errors.
+    With the run's `normalization`, a file recognised as a published one that was trained on another input is
+    refused naming both (allow_normalization_mismatch: a warning instead).
     """
     import jittor as jt
 
-    fmt, inner = _target(backbone, arch)
-    arch = fmt.arch
-    state = read_state_dict(path, arch)
-    if state.arch not in (None, arch):
-        found = f"holds {state.arch} weights, but the backbone is {arch} ({type(backbone).__name__})"
+    fmt, inner = _target(backbone, family)
+    family = fmt.family
+    state = read_state_dict(path, family)
+    if state.family not in (None, family):
+        found = f"holds {state.family} weights, but the backbone is {family} ({type(backbone).__name__})"
         raise WeightsError(path, found)
+    origin = check_normalization(path, state, normalization, allow_normalization_mismatch)
     module = backbone if state.kind == "ccnet" else inner
     own = module.state_dict()
     if state.kind != "ccnet" and getattr(module, "head", None) is not None:
         # the target's own classifier (VAN(num_classes>0)) is no backbone tensor. Strict checking compares with
         # the model's real keys: passing them through the file's converter would drop a key on both sides.
         own = {k: v for k, v in own.items() if not k.startswith("head.")}
-    report = LoadReport(str(path), arch, type(module).__name__, dropped=state.dropped)
+    report = LoadReport(str(path), family, type(module).__name__, dropped=state.dropped)
+    report.detection, report.origin = state.detection, origin
     report.missing = [k for k in own if k not in state.tensors]
     report.unexpected = [k for k in state.tensors if k not in own]
     fits = {}
@@ -227,17 +423,17 @@ def main(argv=None) -> int:
     conv = sub.add_parser("convert", help="PyTorch backbone file -> NumPy pickle (no torch needed)")
     conv.add_argument("src")
     conv.add_argument("dst")
-    conv.add_argument("--arch", "--family", dest="arch", help="the backbone (default: read from the file's keys)")
+    conv.add_argument("--family", help="the backbone family (default: read from the file's keys)")
     args = parser.parse_args(argv)
     try:
         from ccnet import runtime
 
         runtime.setup()  # the converters live beside the Jittor models
-        state = convert_file(args.src, args.dst, args.arch)
+        state = convert_file(args.src, args.dst, args.family)
     except FileError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    print(f"wrote {args.dst}: {len(state.tensors)} {state.arch} tensors, dropped {len(state.dropped)}")
+    print(f"wrote {args.dst}: {len(state.tensors)} {state.family} tensors, dropped {len(state.dropped)}")
     return 0
 
 

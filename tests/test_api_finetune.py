@@ -19,7 +19,8 @@ jt = runtime.setup()
 from ccnet.engine.checkpoint import CheckpointError  # noqa: E402
 from ccnet.engine.model_files.authors import their_key  # noqa: E402
 from ccnet.fileio import read_file  # noqa: E402
-from ccnet.models import CCNet, build_backbone  # noqa: E402
+from ccnet.models import CCNet  # noqa: E402
+from ccnet.registry import BACKBONES  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 AUTHORS_MEAN = [104.00698793, 116.66876762, 122.67891434]  # speedinghzl/CCNet evaluate.py IMG_MEAN (BGR)
@@ -29,7 +30,7 @@ def tiny_authors_model(classes=19, seed=0):
     """resnet_tiny CCNet as the authors build theirs (LeakyReLU heads, 16-channel heads, biased DSN conv), with
     random weights, BN statistics and gamma."""
     jt.set_global_seed(seed)
-    model = CCNet(build_backbone("resnet_tiny"), classes, head_channels=16, act="leaky_relu", aux_bias=True)
+    model = CCNet(BACKBONES.build("resnet_tiny"), classes, head_channels=16, act="leaky_relu", aux_bias=True)
     rng = np.random.default_rng(seed)
     for name, var in model.state_dict().items():
         if name.endswith("running_var"):

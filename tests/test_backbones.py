@@ -18,7 +18,6 @@ from ccnet.testing import torch_twins as twins
 
 jt = runtime.setup()
 
-from ccnet.models import build_backbone  # noqa: E402
 from ccnet.models.resnet import BasicBlock, Bottleneck, ResNet  # noqa: E402
 from ccnet.models.van import VAN_ALIASES, VANBackbone, van  # noqa: E402
 from ccnet.registry import BACKBONES  # noqa: E402
@@ -77,7 +76,7 @@ def test_mmcv_v1c_imagenet_file_into_resnet50_v1c(tmp_path, torch_worker):
     x = np.random.default_rng(1).standard_normal((1, 3, 61, 53)).astype(np.float32)
     ref = torch_worker(twins.v1c_imagenet_reference, str(path), 50, x)
 
-    ours = build_backbone("resnet50_v1c")
+    ours = BACKBONES.build("resnet50_v1c")
     report = load_backbone_weights(ours, str(path))
     assert not report.missing and not report.mismatched and not report.unexpected
     assert {"fc.weight", "fc.bias", "stem.1.num_batches_tracked"} <= set(report.dropped)
@@ -88,7 +87,7 @@ def test_mmcv_v1c_imagenet_file_into_resnet50_v1c(tmp_path, torch_worker):
 
     # the two stems are told apart by their shapes, in one line naming the file and the first misfit
     with pytest.raises(WeightsError, match=r"conv1.weight: file \(32, 3, 3, 3\) vs model \(64, 3, 3, 3\)") as err:
-        load_backbone_weights(build_backbone("resnet50"), str(path))
+        load_backbone_weights(BACKBONES.build("resnet50"), str(path))
     assert str(path) in str(err.value) and "\n" not in str(err.value)
 
 
@@ -106,11 +105,11 @@ def resnet_backbone_params(layers, stem=(64, 64, 128), widths=(64, 128, 256, 512
 
 
 def test_resnet101_parameter_count():
-    model = build_backbone("resnet101")
+    model = BACKBONES.build("resnet101")
     expected = resnet_backbone_params([3, 4, 23, 3])
     assert n_params(model) == expected
     assert abs(expected / 1e6 - 42.6) < 0.1  # ResNet-101 (44.5M) less its classifier, plus the deep stem
-    assert n_params(build_backbone("resnet50")) == resnet_backbone_params([3, 4, 6, 3])
+    assert n_params(BACKBONES.build("resnet50")) == resnet_backbone_params([3, 4, 6, 3])
     assert (model.aux_channels, model.out_channels) == (1024, 2048)
 
 
@@ -184,6 +183,8 @@ def test_block_counts_are_a_setting(compose):
     wide = backbone_of(compose, ["backbone.name=resnet", "backbone.depth=152", "backbone.stem=deep_v1c"])
     assert [len(wide.layer1), len(wide.layer2), len(wide.layer3), len(wide.layer4)] == [3, 8, 36, 3]
     assert wide.conv1.weight.shape[0] == 32 and wide.maxpool._layer.ceil_mode is True  # only what was asked changes
+    deeper = BACKBONES.build("resnet_tiny", depth=18)  # a depth given replaces the preset's own blocks
+    assert [len(deeper.layer1), len(deeper.layer4)] == [2, 2] and deeper.conv1.weight.shape[0] == 16
 
 
 def test_resnet_settings_that_cannot_build_are_refused_in_one_line():
@@ -246,7 +247,7 @@ def test_van_twin_parameter_count_and_keys(torch_worker):
 def test_van_registry_and_options():
     for alias, name in VAN_ALIASES.items():
         assert BACKBONES.get(alias).factory is BACKBONES.get(name).factory
-    b0 = build_backbone("van_tiny", drop_path=0.1)
+    b0 = BACKBONES.build("van_tiny", drop_path=0.1)
     assert isinstance(b0, VANBackbone) and (b0.aux_channels, b0.out_channels) == (160, 256)
     rates = [blk.drop_path.p for i in range(1, 5) for blk in getattr(b0.van, f"block{i}")]
     assert rates[0] == 0.0 and rates[-1] == pytest.approx(0.1) and rates == sorted(rates)

@@ -187,7 +187,7 @@ def run_path(path_name: str, file: Path, compose, good, out: Path, capsys):
 
     if path_name in ("convert", "export"):
         if path_name == "convert":
-            rc = weights(["convert", str(file), str(out / "x.pkl"), "--arch", "resnet"])
+            rc = weights(["convert", str(file), str(out / "x.pkl"), "--family", "resnet"])
         else:
             rc = export([str(file), str(out / "x.pth")])
         captured = capsys.readouterr()
@@ -243,7 +243,7 @@ def test_the_good_files_pass_every_path(compose, good, tmp_path, capsys):
     ):
         cfg = compose(overrides)
         get_job(cfg.job)(cfg, tmp_path / f"run{i}")
-    assert main(["convert", str(ckpt), str(tmp_path / "b.pkl"), "--arch", "resnet"]) == 0
+    assert main(["convert", str(ckpt), str(tmp_path / "b.pkl"), "--family", "resnet"]) == 0
     assert export([str(ckpt), str(tmp_path / "e.pth")]) == 0
 
 

@@ -105,10 +105,10 @@ def test_eval_and_predict_from_the_exported_file(source, compose, tmp_path, data
 
 def test_exported_file_as_pretrained_backbone(source):
     """backbone.pretrained= takes an exported file like our checkpoint: its backbone.* tensors."""
-    from ccnet.models import build_backbone
+    from ccnet.registry import BACKBONES
     from ccnet.weights import load_backbone_weights
 
-    backbone = build_backbone("resnet_tiny")
+    backbone = BACKBONES.build("resnet_tiny")
     report = load_backbone_weights(backbone, source["out"])
     assert report.loaded == len(backbone.state_dict()) and report.target == "ResNet"
     for key, var in backbone.state_dict().items():
@@ -256,3 +256,22 @@ def test_the_old_export_command_names_the_new_one(source, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "python -m ccnet.export SOURCE OUT.pth" in err
     assert not (tmp_path / "x.pth").exists()
+
+
+def test_mmseg_export_names_head_and_backbone_settings_mmseg_lacks(compose, tmp_path, capsys):
+    """resnet50_v1c with mmseg's FCNHead but 5 blocks in layer3 and the heads on stages 3 / 2: refused, naming the
+    three settings (the keys would map, the network would not be mmseg's)."""
+    from omegaconf import OmegaConf
+
+    from ccnet.models import build_model
+
+    backbone = ["backbone=resnet50_v1c", "backbone.head_channels=64", "backbone.blocks=[3,4,5,3]"]
+    heads = ["model.aux_bias=false", "model.aux_channels=256", "model.head_in=stage3", "model.aux_in=stage2"]
+    cfg = compose(backbone + heads)
+    save_checkpoint(tmp_path / "last.pkl", build_model(cfg), 1, OmegaConf.to_container(cfg, resolve=True))
+    assert main([str(tmp_path / "last.pkl"), str(tmp_path / "m.pth"), "--format", "mmseg"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not an mmseg-compatible variant" in err and "DSN" not in err
+    assert "backbone.blocks=[3, 4, 5, 3] (mmseg's resnet50_v1c is the preset as it is)" in err
+    assert "model.head_in=stage3 (mmseg's: None)" in err and "model.aux_in=stage2 (mmseg's: None)" in err
+    assert not (tmp_path / "m.pth").exists()

@@ -115,8 +115,9 @@ def test_library_import_needs_no_set_up_call(module):
 import {module}
 import jittor as jt
 from ccnet import runtime
-from ccnet.models import CCNet, build_backbone
-model = CCNet(build_backbone("resnet_tiny"), 3, head_channels=8)
+from ccnet.models import CCNet
+from ccnet.registry import BACKBONES
+model = CCNet(BACKBONES.build("resnet_tiny"), 3, head_channels=8)
 model.eval()
 print(tuple(model(jt.zeros((1, 3, 40, 48))).shape), runtime.describe())
 """

@@ -4,15 +4,16 @@ import jittor as jt
 import numpy as np
 import pytest
 
-from ccnet.models import CCNet, build_backbone
+from ccnet.models import CCNet
 from ccnet.models.ccnet import upsample_to
 from ccnet.models.heads import RCCAHead
 from ccnet.models.losses import cross_entropy, ohem_cross_entropy
+from ccnet.registry import BACKBONES
 
 
 @pytest.mark.parametrize("size", [(97, 129), (64, 64), (33, 50)])
 def test_logits_have_the_input_size_for_odd_inputs(size):
-    model = CCNet(build_backbone("resnet_tiny"), num_classes=5, head_channels=16, recurrence=2)
+    model = CCNet(BACKBONES.build("resnet_tiny"), num_classes=5, head_channels=16, recurrence=2)
     model.eval()
     x = jt.array(np.random.default_rng(0).standard_normal((2, 3) + size).astype(np.float32))
     logits, aux = model(x, with_aux=True)
@@ -93,7 +94,7 @@ def test_upsample_with_half_pixel_centres(shape, size):
 def test_the_model_upsamples_with_its_align_corners():
     """CCNet(align_corners=False) resizes its 1/8 logits with half-pixel centres: the head's own output, resized
     by the float64 reference, is what the model returns."""
-    model = CCNet(build_backbone("resnet_tiny"), num_classes=3, head_channels=8, align_corners=False)
+    model = CCNet(BACKBONES.build("resnet_tiny"), num_classes=3, head_channels=8, align_corners=False)
     model.eval()
     x = jt.array(np.random.default_rng(5).standard_normal((1, 3, 41, 57)).astype(np.float32))
     low = model.head(model.backbone(x)[1]).numpy().astype(np.float64)
@@ -101,7 +102,7 @@ def test_the_model_upsamples_with_its_align_corners():
 
 
 def test_resnet_output_stride_is_8_with_dilated_layers():
-    backbone = build_backbone("resnet_tiny")
+    backbone = BACKBONES.build("resnet_tiny")
     backbone.eval()
     c3, c4 = backbone(jt.zeros((1, 3, 769, 769)))
     assert c3.shape[2:] == (97, 97) and c4.shape[2:] == (97, 97)  # the authors' 769 -> 97
@@ -202,7 +203,7 @@ def test_ohem_keeps_pixels_below_the_threshold():
 def test_resnet_variants_stem_pooling_and_dilations(name):
     """The authors': stem 64-64-128, ceil-mode pooling, every block of layer3/4 dilated 2/4. mmseg's V1c: stem
     32-32-64, floor pooling, the first block of a dilated stage at half the dilation (contract_dilation)."""
-    backbone = build_backbone(name)
+    backbone = BACKBONES.build(name)
     v1c = name.endswith("_v1c")
     stem = [backbone.conv1.weight.shape[0], backbone.conv2.weight.shape[0], backbone.conv3.weight.shape[0]]
     assert stem == ([32, 32, 64] if v1c else [64, 64, 128])
@@ -219,7 +220,7 @@ def test_resnet_variants_stem_pooling_and_dilations(name):
 def test_max_pool_sizes_follow_floor_and_ceil_rules():
     """3x3, stride 2, pad 1 on n: floor (n - 1) // 2 + 1 without ceil mode; with it ceil((n - 1) / 2) + 1, less
     one where the last window would start in the padding (PyTorch's rule)."""
-    authors, v1c = build_backbone("resnet_tiny").maxpool, build_backbone("resnet50_v1c").maxpool
+    authors, v1c = BACKBONES.build("resnet_tiny").maxpool, BACKBONES.build("resnet50_v1c").maxpool
     for n in range(7, 40):
         x = jt.zeros((1, 1, n, n))
         ceil_size = -(-(n - 1) // 2) + 1
@@ -230,10 +231,10 @@ def test_max_pool_sizes_follow_floor_and_ceil_rules():
 
 def test_the_dsn_head_width_and_bias_are_settings():
     """mmseg's FCNHead: 256 channels, conv without bias; the authors' DSN: the head's width, biased conv."""
-    mmseg = CCNet(build_backbone("resnet_tiny"), 19, head_channels=32, aux_channels=16, aux_bias=False)
+    mmseg = CCNet(BACKBONES.build("resnet_tiny"), 19, head_channels=32, aux_channels=16, aux_bias=False)
     keys = {k: tuple(v.shape) for k, v in mmseg.state_dict().items() if k.startswith("aux_head.conv.0")}
     assert keys == {"aux_head.conv.0.weight": (16, 96, 3, 3)}
-    ours = CCNet(build_backbone("resnet_tiny"), 19, head_channels=32)
+    ours = CCNet(BACKBONES.build("resnet_tiny"), 19, head_channels=32)
     assert tuple(ours.state_dict()["aux_head.conv.0.bias"].shape) == (32,)
 
 
@@ -325,3 +326,16 @@ def test_van_layer_norm_eps_is_a_setting():
     for norm in (seed.van.norm1, official.van.norm1):
         ref = (x - x.mean(1, keepdims=True)) / np.sqrt(x.astype(np.float64).var(1, keepdims=True) + norm.eps)
         np.testing.assert_allclose(norm(jt.array(x)).numpy(), ref, rtol=2e-3, atol=1e-5)
+
+
+def test_the_parameter_count_leaves_out_batch_norm_statistics():
+    """count_parameters (the training log's figure): the state dict's values less BatchNorm's running mean and
+    variance; resnet_tiny's CCNet at head width 16, 5 classes."""
+    from ccnet.models import count_parameters
+
+    model = CCNet(BACKBONES.build("resnet_tiny"), num_classes=5, head_channels=16)
+    sizes = {k: int(np.prod(v.shape)) for k, v in model.state_dict().items()}
+    statistics = sum(n for k, n in sizes.items() if k.endswith(("running_mean", "running_var")))
+    assert statistics > 0 and count_parameters(model) == sum(sizes.values()) - statistics
+    bn_channels = sum(n for k, n in sizes.items() if k.endswith("running_mean"))
+    assert sum(p.numel() for p in model.parameters()) - count_parameters(model) == 2 * bn_channels

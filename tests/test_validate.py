@@ -89,6 +89,7 @@ CASES = [
     ("backbone.strides", [[1, 2, 2], [0, 2, 2, 2]], [[1, 2, 2, 2], None]),
     ("backbone.dilations", [[1, 1, 2], [1, 1, 0, 4]], [[1, 1, 1, 1], None]),
     ("backbone.contract_dilation", [], [True, False, None]),
+    ("backbone.allow_normalization_mismatch", [], [True, False]),  # typed bool
     ("model.head", ["cc_head"], ["rcca"]),
     ("model.aux_head", ["fcn"], ["dsn"]),
     ("model.head_in", ["neck", "layer4"], ["stage4", "stage1", None]),  # resnet_tiny has no neck

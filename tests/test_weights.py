@@ -15,7 +15,7 @@ from ccnet.testing import torch_twins as twins
 jt = runtime.setup()
 
 from ccnet.fileio import FileError, UnsafeFileError  # noqa: E402
-from ccnet.models import build_backbone  # noqa: E402
+from ccnet.models.resnet import BasicBlock, ResNet  # noqa: E402
 from ccnet.models.van import VANBackbone  # noqa: E402
 from ccnet.registry import BACKBONES  # noqa: E402
 from ccnet.weights import WeightsError, load_backbone_weights, main, read_file  # noqa: E402
@@ -78,7 +78,7 @@ def test_namespace_is_data_and_classes_are_refused(tmp_path, torch_save, torch_w
 
 @pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
 def test_mit_resnet_file(tmp_path, caplog, torch_save, legacy):
-    model = build_backbone("resnet_tiny")
+    model = BACKBONES.build("resnet_tiny")
     state = numpy_state(model)
     extra = {"fc.weight": np.zeros((1000, 128), np.float32), "fc.bias": np.zeros(1000, np.float32)}
     nbt = {"bn1.num_batches_tracked": np.array(3)}
@@ -99,7 +99,7 @@ def test_van_file_goes_into_the_inner_van(tmp_path, torch_save):
     head = {"head.weight": np.zeros((1000, 32), np.float32), "head.bias": np.zeros(1000, np.float32)}
     path = torch_save({"state_dict": {**state, **head}, "epoch": 1}, tmp_path / "van_b0.pth.tar")
     report = load_backbone_weights(model, path)
-    assert report.loaded == len(state) and report.target == "VAN" and report.arch == "van"
+    assert report.loaded == len(state) and report.target == "VAN" and report.family == "van"
     assert_holds(model.van, state)
     assert_holds(model, neck_before)  # the neck keeps its initialisation
 
@@ -117,26 +117,26 @@ def test_own_checkpoint_loads_the_whole_backbone(tmp_path):
     assert_holds(fresh, state)
 
     with pytest.raises(WeightsError, match="holds van weights, but the backbone is resnet"):
-        load_backbone_weights(build_backbone("resnet_tiny"), str(path))
+        load_backbone_weights(BACKBONES.build("resnet_tiny"), str(path))
 
 
 def test_convert_once_then_load(tmp_path, capsys, torch_save):
-    model = build_backbone("resnet_tiny")
+    model = BACKBONES.build("resnet_tiny")
     state = numpy_state(model, seed=3)
     src = torch_save({**state, "fc.bias": np.zeros(10, np.float32)}, tmp_path / "r.pth", legacy=True)
     dst = tmp_path / "out" / "r.pkl"
-    assert main(["convert", src, str(dst), "--arch", "resnet"]) == 0
+    assert main(["convert", src, str(dst), "--family", "resnet"]) == 0
     assert "wrote" in capsys.readouterr().out
     assert [p.name for p in dst.parent.iterdir()] == ["r.pkl"]  # no temp file left behind
     with open(dst, "rb") as f:
         payload = pickle.load(f)  # plain NumPy pickle: jt.load / pickle read it without torch
-    assert payload["format"] == "ccnet-backbone-v1" and payload["arch"] == "resnet"
+    assert payload["format"] == "ccnet-backbone-v1" and payload["family"] == "resnet"
     assert "fc.bias" not in payload["state_dict"]
-    fresh = build_backbone("resnet_tiny")
+    fresh = BACKBONES.build("resnet_tiny")
     assert load_backbone_weights(fresh, str(dst)).loaded == len(state)
     assert_holds(fresh, state)
 
-    assert main(["convert", src, str(tmp_path / "x.pkl"), "--arch", "van"]) == 1
+    assert main(["convert", src, str(tmp_path / "x.pkl"), "--family", "van"]) == 1
     assert "holds resnet weights" in capsys.readouterr().err
 
 
@@ -144,7 +144,7 @@ def test_convert_once_then_load(tmp_path, capsys, torch_save):
 
 
 def test_missing_and_misshaped_tensors(tmp_path, caplog, torch_save):
-    model = build_backbone("resnet_tiny")
+    model = BACKBONES.build("resnet_tiny")
     state = numpy_state(model)
     state.pop("layer2.0.conv1.weight")
     state["layer3.0.bn1.weight"] = np.ones(7, np.float32)
@@ -171,7 +171,7 @@ def test_strict_compares_with_the_models_own_keys(tmp_path, torch_save, monkeypa
     those tensors left at their initial values (the model's keys must not go through the file's converter)."""
     import ccnet.models.resnet as resnet
 
-    model = build_backbone("resnet_tiny")
+    model = BACKBONES.build("resnet_tiny")
     path = torch_save(numpy_state(model), tmp_path / "r.pth")
     real = resnet.convert_resnet_state_dict
 
@@ -202,21 +202,21 @@ def test_classifier_of_a_plain_van_is_not_required(tmp_path, torch_save):
 def test_wrong_family(tmp_path, torch_save):
     van_file = torch_save({"state_dict": numpy_state(VANBackbone(TINY_VAN).van)}, tmp_path / "v.pth.tar")
     with pytest.raises(WeightsError, match="holds van weights, but the backbone is resnet") as err:
-        load_backbone_weights(build_backbone("resnet_tiny"), van_file)
+        load_backbone_weights(BACKBONES.build("resnet_tiny"), van_file)
     assert err.value.path == van_file
-    resnet_file = torch_save(numpy_state(build_backbone("resnet_tiny")), tmp_path / "r.pth")
+    resnet_file = torch_save(numpy_state(BACKBONES.build("resnet_tiny")), tmp_path / "r.pth")
     with pytest.raises(WeightsError, match="holds resnet weights, but the backbone is van"):
         load_backbone_weights(VANBackbone(TINY_VAN), resnet_file)
 
 
 @pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
 def test_truncated_torch_file(tmp_path, torch_save, legacy):
-    path = torch_save(numpy_state(build_backbone("resnet_tiny")), tmp_path / "r.pth", legacy)
+    path = torch_save(numpy_state(BACKBONES.build("resnet_tiny")), tmp_path / "r.pth", legacy)
     data = open(path, "rb").read()
     cut = tmp_path / "cut.pth"
     cut.write_bytes(data[: len(data) // 2])
     with pytest.raises(FileError, match="truncated or corrupt") as err:
-        load_backbone_weights(build_backbone("resnet_tiny"), str(cut))
+        load_backbone_weights(BACKBONES.build("resnet_tiny"), str(cut))
     assert err.value.path == str(cut)
 
 
@@ -239,12 +239,159 @@ def test_bad_files(tmp_path, content, problem):
     path = tmp_path / "bad.pth"
     path.write_bytes(content)
     with pytest.raises(FileError, match=problem) as err:  # WeightsError is a FileError too
-        load_backbone_weights(build_backbone("resnet_tiny"), str(path))
+        load_backbone_weights(BACKBONES.build("resnet_tiny"), str(path))
     assert str(err.value).startswith(f"{path}: ") and "\n" not in str(err.value)
 
 
 def test_missing_file_and_unknown_module(tmp_path):
     with pytest.raises(FileError, match="no such file"):
-        load_backbone_weights(build_backbone("resnet_tiny"), str(tmp_path / "nope.pth"))
+        load_backbone_weights(BACKBONES.build("resnet_tiny"), str(tmp_path / "nope.pth"))
     with pytest.raises(TypeError, match="does not take"):
         load_backbone_weights(jt.nn.Linear(2, 2), str(tmp_path / "nope.pth"))
+
+
+# ------------------------------------------------------------------- published files: metadata and detection
+
+
+def test_every_published_file_declares_its_source_hash_input_and_classifier():
+    """Each WeightFile (timm's pretrained config): an http(s) URL ending in its name; sha256 = the prefix its
+    published name carries (mmcv, torchvision), None where the publisher gives none (MIT CSAIL, VAN); a known input
+    convention; classifier keys that its family's converter drops; the backbones it names exist."""
+    import re
+    import urllib.parse
+
+    from ccnet.weights import NORMALIZATION_PRESETS, families, weight_files
+
+    files = weight_files()
+    assert {f.name for _, f in files} >= {
+        "resnet50-imagenet.pth", "resnet101-imagenet.pth", "resnet50_v1c-2cccc1ad.pth",
+        "resnet101_v1c-e67eebb6.pth", "resnet18-f37072fd.pth", "van_tiny_754.pth.tar", "van_large_839.pth.tar",
+    }  # fmt: skip
+    for family, f in files:
+        url = urllib.parse.urlparse(f.url)
+        assert url.scheme in ("http", "https") and url.path.endswith("/" + f.name), f.url
+        in_name = re.search(r"-([0-9a-f]{8})\.pth", f.name)
+        assert f.sha256 == (in_name.group(1) if in_name else None), f.name
+        assert f.normalization in NORMALIZATION_PRESETS.values(), f.name
+        assert set(f.backbones) <= set(BACKBONES.names()), f.backbones
+        sample = {key: np.zeros(2, np.float32) for key in (*f.classifier, "layer1.0.conv1.weight")}
+        converted, dropped = families()[family].convert(sample)
+        assert set(f.classifier) <= set(dropped) and not set(f.classifier) & set(converted), f.name
+    by_name = {f.name: f for _, f in files}
+    assert (
+        by_name["resnet101-imagenet.pth"].normalization.bgr
+        and not by_name["resnet101_v1c-e67eebb6.pth"].normalization.bgr
+    )
+
+
+def test_normalisation_presets_are_the_declared_ones(compose):
+    """conf/normalization/<name>.yaml and ccnet.weights.NORMALIZATION_PRESETS say the same (no second truth)."""
+    from ccnet.weights import NORMALIZATION_PRESETS, Normalization
+
+    for name, declared in NORMALIZATION_PRESETS.items():
+        assert Normalization.of(compose([f"normalization={name}"]).dataset) == declared
+
+
+def test_each_published_file_is_told_apart_from_its_familys_others():
+    """A backbone built as a published file's backbones[0] (with its settings) has that file's fingerprint and no
+    other's: ResNet-50 vs 101 (layer3 depth), MIT's vs mmcv's stem, torchvision's plain stem, VAN b0-b3."""
+    from ccnet.weights import identify_file, weight_file_for, weight_files
+
+    for family, f in weight_files():
+        backbone = BACKBONES.build(f.backbones[0], **f.settings)
+        tensors = getattr(backbone, "van", backbone).state_dict()
+        found, why = identify_file(family, tensors)
+        assert found is f, (f.name, why)
+        assert why.startswith(f"{f.publisher}'s {f.name} (") and all(k in why for k in f.fingerprint)
+        assert all(weight_file_for(name, f.settings) is f for name in f.backbones)
+    assert identify_file("resnet", BACKBONES.build("resnet_tiny").state_dict()) == (
+        None, "none of the 6 published resnet files"
+    )  # fmt: skip
+    assert weight_file_for("resnet", {"depth": 50}) is None and weight_file_for("resnet_tiny") is None
+
+
+@pytest.fixture
+def mit_like_file(tmp_path, torch_save):
+    """A small file with MIT CSAIL's ResNet-50 fingerprint (its stem, bottlenecks, 6 blocks in layer3; narrow
+    stages), saved as MIT saves it (the bare state dict with fc)."""
+    backbone = BACKBONES.build("resnet50", widths=[4, 4, 4, 4])
+    state = {**numpy_state(backbone), "fc.weight": np.ones((1000, 16), np.float32), "fc.bias": np.zeros(1000)}
+    return torch_save(state, tmp_path / "resnet50-imagenet.pth"), state
+
+
+def test_a_normalisation_differing_from_the_files_is_refused_in_one_line(compose, mit_like_file, caplog):
+    from ccnet.models import build_model
+
+    path, state = mit_like_file
+    narrow = ["backbone=resnet50", "backbone.widths=[4,4,4,4]", f"backbone.pretrained={path}"]
+    with pytest.raises(WeightsError) as err:
+        build_model(compose(narrow))  # the default normalisation: imagenet_rgb
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"{path}: looks like MIT CSAIL's resnet50-imagenet.pth (")
+    assert "trained on BGR mean [104.007, 116.669, 122.679] std [1, 1, 1]" in message
+    assert "the run normalises RGB mean [123.675, 116.28, 103.53] std [58.395, 57.12, 57.375]" in message
+    assert message.endswith(
+        "use normalization=authors_bgr, or backbone.allow_normalization_mismatch=true to keep the run's"
+    )
+
+    model = build_model(compose([*narrow, "normalization=authors_bgr"]))  # the file's own: loads
+    assert_holds(model.backbone, {k: v for k, v in state.items() if not k.startswith("fc.")})
+    with caplog.at_level(logging.WARNING, logger="ccnet.weights"):
+        model = build_model(compose([*narrow, "backbone.allow_normalization_mismatch=true"]))
+    assert_holds(model.backbone, {k: v for k, v in state.items() if not k.startswith("fc.")})
+    assert any("allow_normalization_mismatch=true" in r.message for r in caplog.records if r.levelno == logging.WARNING)
+
+
+def test_the_load_report_says_which_family_and_file_matched_and_why(mit_like_file):
+    from ccnet.weights import AUTHORS_BGR
+
+    path, _ = mit_like_file
+    report = load_backbone_weights(BACKBONES.build("resnet50", widths=[4, 4, 4, 4]), path, normalization=AUTHORS_BGR)
+    assert report.detection == "resnet: holds layer1.0.conv1.weight"
+    assert report.origin.startswith("published file: MIT CSAIL's resnet50-imagenet.pth (conv1.weight (64, 3, 3, 3)")
+    assert report.origin.endswith("trained on BGR mean [104.007, 116.669, 122.679] std [1, 1, 1]")
+    assert report.detection in report.summary() and report.origin in report.summary()
+
+
+class GroupNormResNet(ResNet):  # a subclass that a second weights format declares (its keys overlap ResNet's)
+    pass
+
+
+def test_formats_with_overlapping_keys_are_told_apart_or_the_ambiguity_is_named(tmp_path):
+    """Every family whose signature keys a file holds is a candidate; the one whose signature holds another's and
+    more wins (named with the reason); two that cannot be ordered are an error naming both and their keys. The
+    module a format declares: its own class wins over a base class; two formats declaring one class are named."""
+    from ccnet.weights import BACKBONE_FORMAT, PretrainedWeights, detect
+
+    def register(name, signature, module_type):
+        fmt = PretrainedWeights(name, signature, lambda sd: (dict(sd), []), module_type)
+        BACKBONES.register(f"toy_{name}", weights=fmt)(lambda: None)
+
+    try:
+        register("resnet_gn", ("layer1.0.conv1.weight", "layer1.0.gn1.weight"), GroupNormResNet)
+        plain = {"layer1.0.conv1.weight": 0, "conv1.weight": 0}
+        assert detect("f.pth", plain).family == "resnet"
+        found = detect("f.pth", {**plain, "layer1.0.gn1.weight": 0})
+        assert found.family == "resnet_gn" and set(found.candidates) == {"resnet", "resnet_gn"}
+        assert found.reason == ("resnet_gn: holds layer1.0.conv1.weight, layer1.0.gn1.weight (more specific than "
+                                "resnet, whose signature it includes)")  # fmt: skip
+        # a GroupNormResNet takes resnet_gn weights (its own class), not resnet's (a base class): named as such
+        converted = tmp_path / "resnet.pkl"
+        converted.write_bytes(pickle.dumps(dict(format=BACKBONE_FORMAT, family="resnet", state_dict={})))
+        gn = GroupNormResNet(BasicBlock, [1, 1, 1, 1], stem=(4, 4, 4), widths=(4, 4, 4, 4))
+        with pytest.raises(WeightsError, match=r"holds resnet weights, but the backbone is resnet_gn \(GroupNorm"):
+            load_backbone_weights(gn, str(converted))
+        register("resnet_ws", ("layer1.0.conv1.weight", "layer1.0.ws1.weight"), ResNet)
+        with pytest.raises(WeightsError) as err:
+            detect("f.pth", {**plain, "layer1.0.gn1.weight": 0, "layer1.0.ws1.weight": 0})
+        assert str(err.value) == (
+            "f.pth: matches several backbone families and none is more specific: resnet (holds "
+            "layer1.0.conv1.weight); resnet_gn (holds layer1.0.conv1.weight, layer1.0.gn1.weight); resnet_ws (holds "
+            "layer1.0.conv1.weight, layer1.0.ws1.weight); give the family (convert --family)"
+        )
+        with pytest.raises(TypeError, match=r"^ResNet is declared by several weights formats \(resnet, resnet_ws\)"):
+            load_backbone_weights(BACKBONES.build("resnet_tiny"), str(tmp_path / "any.pth"))
+    finally:
+        for name in ("toy_resnet_gn", "toy_resnet_ws"):
+            BACKBONES._entries.pop(name, None)
+    assert detect("f.pth", {**plain, "layer1.0.gn1.weight": 0}).family == "resnet"  # back to one family

@@ -30,7 +30,7 @@ from ccnet.engine.checkpoint import (
 )
 from ccnet.engine.evaluate import evaluate
 from ccnet.engine.trainer import train
-from ccnet.models import build_model
+from ccnet.models import build_model, count_parameters
 from ccnet.registry import JOBS
 from ccnet.validate import check_batch_fits
 
@@ -93,11 +93,13 @@ def run(cfg, run_dir: Path) -> float:
     if is_main:
         remove_stale_temporaries(run_dir / "checkpoints")
     log.info(
-        "%s | %s + RCCA(R=%d), %.2fM parameters | %d train / %d val images | %d process(es)",
+        "%s | %s + %s (R=%d) + %s, %.2fM trainable parameters | %d train / %d val images | %d process(es)",
         runtime.describe(),
         cfg.backbone.name,
+        cfg.model.head,
         cfg.model.recurrence,
-        sum(p.numel() for p in model.parameters()) / 1e6,
+        cfg.model.aux_head,
+        count_parameters(model) / 1e6,
         len(train_set),
         len(val_set),
         jt.world_size,

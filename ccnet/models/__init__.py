@@ -7,4 +7,4 @@ from ccnet import runtime
 
 runtime.ensure_setup()  # the models import Jittor: set it up first (a no-op after run.py's own set-up)
 
-from .ccnet import CCNet, build_backbone, build_model  # noqa: E402, F401
+from .ccnet import CCNet, build_model, count_parameters  # noqa: E402, F401

@@ -144,25 +144,26 @@ class CCNet(nn.Module):
 
 # Keys of the `backbone` config section that every backbone has; the others are the named backbone's own settings
 # (VAN: drop_path, neck), passed to its factory when set; a backbone refuses a setting it does not take.
-BACKBONE_COMMON_KEYS = ("name", "pretrained", "strict", "head_channels")
+BACKBONE_COMMON_KEYS = ("name", "pretrained", "strict", "head_channels", "allow_normalization_mismatch")
 
 
 def backbone_settings(cfg_backbone) -> dict:
     return {k: v for k, v in cfg_backbone.items() if k not in BACKBONE_COMMON_KEYS and v is not None}
 
 
-def build_backbone(name: str, **settings):
-    """The registered backbone `name` (ccnet.registry.BACKBONES) built with its own settings."""
-    return BACKBONES.build(name, **settings)
-
-
 def build_model(cfg) -> CCNet:
     """From the `backbone`, `model` and `dataset` config sections."""
-    backbone = build_backbone(cfg.backbone.name, **backbone_settings(cfg.backbone))
+    backbone = BACKBONES.build(cfg.backbone.name, **backbone_settings(cfg.backbone))
     if cfg.backbone.pretrained:
-        from ccnet.weights import load_backbone_weights
+        from ccnet.weights import Normalization, load_backbone_weights
 
-        load_backbone_weights(backbone, cfg.backbone.pretrained, strict=cfg.backbone.strict)
+        load_backbone_weights(
+            backbone,
+            cfg.backbone.pretrained,
+            strict=cfg.backbone.strict,
+            normalization=Normalization.of(cfg.dataset),
+            allow_normalization_mismatch=cfg.backbone.get("allow_normalization_mismatch", False),
+        )
     m = cfg.model
     return CCNet(
         backbone,
@@ -184,6 +185,11 @@ def build_model(cfg) -> CCNet:
         m.head_reduction,
         m.cca_softmax,
     )
+
+
+def count_parameters(module) -> int:
+    """Trainable values: what the optimiser updates; BatchNorm's running statistics (stop-grad buffers) are not."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
 def resolved_align_corners(cfg_model) -> bool:

@@ -13,6 +13,7 @@ keys of mmcv's ImageNet files (`backbone.pretrained=resnet101_v1c-*.pth`) and of
 from __future__ import annotations
 
 import functools
+import inspect
 
 from jittor import nn
 
@@ -20,7 +21,7 @@ from ccnet.ops.batch_norm import BatchNorm2d
 from ccnet.ops.conv import Conv2d
 from ccnet.ops.relu import ReLU
 from ccnet.registry import BACKBONES
-from ccnet.weights import PretrainedWeights
+from ccnet.weights import AUTHORS_BGR, IMAGENET_RGB, PretrainedWeights, WeightFile
 
 
 def conv3x3(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Conv2d:
@@ -191,8 +192,45 @@ def convert_resnet_state_dict(state_dict: dict) -> tuple[dict, list]:
     return converted, dropped
 
 
+def _depth_marks(layer3_blocks: int) -> tuple[dict, tuple]:
+    """(present, absent) keys that pin layer3's block count: its last block there, the next one not."""
+    return {f"layer3.{layer3_blocks - 1}.conv1.weight": None}, (f"layer3.{layer3_blocks}.conv1.weight",)
+
+
+def _published(name, publisher, url, sha256, normalization, backbones, stem: dict, layer3: int, **more):
+    present, absent = _depth_marks(layer3)
+    return WeightFile(name, publisher, url, sha256, normalization, backbones, fingerprint={**stem, **present},
+                      absent=absent + more.pop("absent", ()), **more)  # fmt: skip
+
+
+MIT_STEM = {"conv1.weight": (64, 3, 3, 3), "conv3.weight": (128, 64, 3, 3), "layer1.0.conv3.weight": None}
+V1C_STEM = {"conv1.weight": (32, 3, 3, 3), "conv3.weight": (64, 32, 3, 3), "layer1.0.conv3.weight": None}
+PLAIN_STEM = {"conv1.weight": (64, 3, 7, 7)}
+MIT = "http://sceneparsing.csail.mit.edu/model/pretrained_resnet/"  # the authors' README links these
+MMCV = "https://download.openmmlab.com/pretrain/third_party/"  # mmcv's open-mmlab://resnet*_v1c
+TORCHVISION = "https://download.pytorch.org/models/"
+# The published ImageNet ResNets (sha256: the prefix in the published name; MIT publishes none). MIT's were trained
+# on BGR caffe-style input (the authors feed them so); mmcv's and torchvision's on RGB ImageNet mean/std.
+RESNET_FILES = (
+    _published("resnet50-imagenet.pth", "MIT CSAIL", MIT + "resnet50-imagenet.pth", None, AUTHORS_BGR,
+               ("resnet50",), MIT_STEM, 6),
+    _published("resnet101-imagenet.pth", "MIT CSAIL", MIT + "resnet101-imagenet.pth", None, AUTHORS_BGR,
+               ("resnet101",), MIT_STEM, 23),
+    _published("resnet50_v1c-2cccc1ad.pth", "mmcv", MMCV + "resnet50_v1c-2cccc1ad.pth", "2cccc1ad", IMAGENET_RGB,
+               ("resnet50_v1c",), V1C_STEM, 6),
+    _published("resnet101_v1c-e67eebb6.pth", "mmcv", MMCV + "resnet101_v1c-e67eebb6.pth", "e67eebb6", IMAGENET_RGB,
+               ("resnet101_v1c",), V1C_STEM, 23),
+    _published("resnet18-f37072fd.pth", "torchvision", TORCHVISION + "resnet18-f37072fd.pth", "f37072fd",
+               IMAGENET_RGB, ("resnet",), PLAIN_STEM, 2, settings=dict(depth=18, stem="plain"),
+               absent=("layer1.0.conv3.weight",)),
+    _published("resnet34-b627a593.pth", "torchvision", TORCHVISION + "resnet34-b627a593.pth", "b627a593",
+               IMAGENET_RGB, ("resnet",), PLAIN_STEM, 6, settings=dict(depth=34, stem="plain"),
+               absent=("layer1.0.conv3.weight",)),
+)  # fmt: skip
 # one format for every ResNet here: which stem a file holds shows in its shapes (strict loading names a misfit)
-RESNET_WEIGHTS = PretrainedWeights("resnet", "layer1.0.conv1.weight", convert_resnet_state_dict, ResNet)
+RESNET_WEIGHTS = PretrainedWeights(
+    "resnet", "layer1.0.conv1.weight", convert_resnet_state_dict, ResNet, files=RESNET_FILES
+)
 # min_input: the smallest input side (measured): the stem leaves ceil(s / 2) pixels and the 3x3 max-pool needs 4
 
 
@@ -246,7 +284,22 @@ RESNET_PRESETS = {
     # a small ResNet-style backbone (basic blocks, the authors' stem and dilations) that trains in minutes on a CPU
     "resnet_tiny": dict(block="basic", blocks=(1, 1, 1, 1), stem_channels=(16, 16, 32), widths=(32, 64, 96, 128)),
 }
+
+
+def preset_factory(preset: dict):
+    """The factory of a named ResNet: `resnet` with the preset's values, any setting given overriding them; a depth
+    given replaces the preset's own block type and counts (resnet_tiny backbone.depth=18 is a ResNet-18)."""
+
+    def factory(**settings):
+        base = dict(preset)
+        if settings.get("depth") is not None:
+            base.pop("blocks", None)
+            base.pop("block", None)
+        return resnet(**{**base, **settings})
+
+    factory.__signature__ = inspect.signature(functools.partial(resnet, **preset))  # its config keys, for the registry
+    return factory
+
+
 for _name, _preset in RESNET_PRESETS.items():
-    BACKBONES.register(_name, weights=RESNET_WEIGHTS, min_input=7, features=RESNET_FEATURES)(
-        functools.partial(resnet, **_preset)
-    )
+    BACKBONES.register(_name, weights=RESNET_WEIGHTS, min_input=7, features=RESNET_FEATURES)(preset_factory(_preset))

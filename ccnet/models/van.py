@@ -19,7 +19,7 @@ from ccnet.ops.batch_norm import BatchNorm2d
 from ccnet.ops.conv import Conv2d
 from ccnet.ops.relu import ReLU
 from ccnet.registry import BACKBONES
-from ccnet.weights import PretrainedWeights
+from ccnet.weights import IMAGENET_RGB, PretrainedWeights, WeightFile
 
 VAN_ARCHS = {
     "van_b0": dict(embed_dims=(32, 64, 160, 256), depths=(3, 3, 5, 2)),
@@ -271,8 +271,30 @@ def convert_van_state_dict(state_dict: dict) -> tuple[dict, list]:
     return converted, dropped
 
 
+def _van_file(name: str, alias: str, repo: str, dims0: int, depth3: int) -> WeightFile:
+    """A released VAN file: {'state_dict': ...} with the ImageNet head, RGB ImageNet mean/std at 224 (timm's
+    pipeline). Links: the VAN README's Hugging Face copies; no hash is published (sha256 None)."""
+    return WeightFile(
+        name,
+        "VAN (Guo et al.)",
+        f"https://huggingface.co/Visual-Attention-Network/{repo}/resolve/main/{name}",
+        None,
+        IMAGENET_RGB,
+        (alias, VAN_ALIASES[alias]) if alias in VAN_ALIASES else (alias,),
+        fingerprint={"patch_embed1.proj.weight": (dims0, 3, 7, 7), f"block3.{depth3 - 1}.norm1.weight": None},
+        absent=(f"block3.{depth3}.norm1.weight",),
+        classifier=("head.weight", "head.bias"),
+    )
+
+
+VAN_FILES = (
+    _van_file("van_tiny_754.pth.tar", "van_tiny", "VAN-Tiny-original", 32, 5),
+    _van_file("van_small_811.pth.tar", "van_small", "VAN-Small-original", 64, 4),
+    _van_file("van_base_828.pth.tar", "van_base", "VAN-Base-original", 64, 12),
+    _van_file("van_large_839.pth.tar", "van_large", "VAN-Large-original", 64, 27),
+)
 VAN_WEIGHTS = PretrainedWeights(
-    "van", "patch_embed1.proj.weight", convert_van_state_dict, (VANBackbone, VAN), inner="van"
+    "van", "patch_embed1.proj.weight", convert_van_state_dict, (VANBackbone, VAN), inner="van", files=VAN_FILES
 )
 
 
