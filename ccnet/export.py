@@ -29,20 +29,18 @@ from typing import Callable
 import numpy as np
 
 from .engine.checkpoint import EXPORT_FORMAT, resolve_checkpoint
+from .engine.model_files import configure, mmseg, read_model_file
 from .fileio import FileError, save_torch_file
 
 FORMATS = ("torch", "mmseg")
 
 
-def mmseg_state(state_dict: dict) -> dict:
-    """ResNetV1c-D8 CCNets in mmseg's names: the mmseg family's export (ccnet/engine/model_files/mmseg.py)."""
-    from .engine.model_files import mmseg  # Jittor's models come with it: only --format mmseg pays
-
-    return mmseg.export_state(state_dict)
-
-
 # backbone.name -> export(state_dict): our keys -> mmsegmentation's, for the variants that have mmseg's architecture
-MMSEG_KEY_MAPPINGS: dict[str, Callable[[dict], dict]] = {"resnet50_v1c": mmseg_state, "resnet101_v1c": mmseg_state}
+# (the mmseg family's export_state, ccnet/engine/model_files/mmseg.py)
+MMSEG_KEY_MAPPINGS: dict[str, Callable[[dict], dict]] = {
+    "resnet50_v1c": mmseg.export_state,
+    "resnet101_v1c": mmseg.export_state,
+}
 # the model.* head settings whose other values no mmseg CCNet has (null: the backbone's own stages)
 MMSEG_HEADS = {"head": "rcca", "aux_head": "dsn", "head_in": None, "aux_in": None, "head_reduction": None}
 # backbone.* keys that change a ResNet preset (ccnet/models/resnet.py)
@@ -57,8 +55,6 @@ class ExportError(FileError):
 def read_source(source) -> tuple[Path, dict]:
     """(checkpoint path, {"iteration", "config", "model", ...}) of a run folder, checkpoint, exported file or a
     published file (whose config is made from what its family reads in it)."""
-    from .engine.model_files import read_model_file
-
     path = resolve_checkpoint(source)
     mf = read_model_file(path)
     if mf.state is not None:  # ours
@@ -72,8 +68,6 @@ def published_config(mf) -> dict:
     from omegaconf import OmegaConf
 
     from .config import Config
-    from .engine.model_files import configure
-    from .engine.model_files.mmseg import recorded_protocol
 
     cfg = OmegaConf.structured(Config)
     classes = (mf.variant or {}).get("num_classes")
@@ -81,7 +75,7 @@ def published_config(mf) -> dict:
     cfg.dataset.num_classes = classes
     cfg.backbone.head_channels = 512  # the seed's files set their head width through model.head_reduction instead
     configure(cfg, mf, training=True)
-    names = recorded_protocol(mf.meta).get("classes")
+    names = mmseg.recorded_protocol(mf.meta).get("classes")
     d = cfg.dataset
     dataset = dict(
         num_classes=classes, mean=list(d.mean), std=list(d.std), bgr=bool(d.bgr), ignore_index=d.ignore_index
