@@ -76,6 +76,8 @@ class ModelConfig:
     aux_bias: bool = True  # the DSN head's 3x3 conv has a bias (the authors'); mmseg's FCNHead has none
     align_corners: Optional[bool] = None  # of the logits' resizing; null: the model's family (ours, the authors':
     # true; mmsegmentation's: false)
+    cca_softmax: str = "pixel"  # the criss-cross attention's softmax: pixel (over each pixel's H + W scores: the
+    # paper, the authors, mmseg) | whole (one over the whole (B, H, W, H + W) tensor: the seed's Jittor nn.Softmax())
     init: Optional[str] = None  # job=train: start from a whole model (ours, an export, mmseg's or the authors' file,
     # a run folder, or zoo: the zoo preset's file); its architecture, backbone and heads, a new classifier if needed
 
@@ -145,12 +147,17 @@ class EvalConfig:  # conf/eval/
     # bound; logits back with model.align_corners); null: the image as it is (ccnet/engine/inference.py)
     average: str = "logits"  # scales and flips combined as: logits (the authors, ours) | probs (mmseg: softmax)
     pad_windows: bool = True  # slide: pad a window larger than the image (the authors); false: cut it (mmseg)
+    miou_exclude: List[int] = field(default_factory=list)  # classes the reported mIoU leaves out of its mean (the
+    # seed's evaluate.py: [0]); [] (the standard): none
+    absent_iou: str = "skip"  # a class absent from both labels and predictions of the whole set: skip (left out of
+    # the mean: Cityscapes' scripts, mmseg) | zero (counted as IoU 0: the seed's evaluate.py). Either way other than
+    # the standard, metrics.json and the log give the standard mIoU beside it (mIoU_standard)
 
 
 @dataclass
 class ZooConfig:  # conf/experiment/zoo/: a published model's file; checkpoint=zoo / model.init=zoo fetch it
     name: Optional[str] = None  # the preset's name: the released file's config name
-    family: Optional[str] = None  # mmseg | authors
+    family: Optional[str] = None  # mmseg | authors | seed (ccnet/engine/model_files/)
     url: Optional[str] = None  # where the file is published
     sha256: Optional[str] = None  # the first hex digits of the file's SHA-256 (in mmseg's file names); null: the
     # file cannot be fetched directly (the authors' Google Drive links): download it by hand

@@ -1,6 +1,9 @@
-"""`python -m ccnet.weights export SOURCE OUT.pth [--format torch|mmseg]`: one of our models as a PyTorch file.
+"""`python -m ccnet.export SOURCE OUT.pth [--format torch|mmseg]`: one of our models as a PyTorch file.
 
-SOURCE is whatever `checkpoint=` takes (`read_source`: a run folder, a checkpoint, an exported file). OUT is
+SOURCE is whatever `checkpoint=` takes (`read_source`: a run folder, a checkpoint, an exported file, or a published
+file of any family in ccnet/engine/model_files/: its architecture from the file, its family's protocol, R=2 as the
+config's default, the class names its meta records; so mmseg's files convert to our layout and back, the authors'
+and the seed's to PyTorch files). OUT is
 written atomically in torch.save's zip layout without importing torch (ccnet/fileio.py), and read with
 `torch.load(OUT, weights_only=True)`:
 
@@ -12,33 +15,32 @@ written atomically in torch.save's zip layout without importing torch (ccnet/fil
   "state_dict": mmseg keys}`, for a model that is one of mmseg's variants: backbone resnet50_v1c / resnet101_v1c
   (ResNetV1c-D8), the RCCA head (CCHead) and a DSN head without conv bias (FCNHead: model.aux_bias=false), ReLU.
   Any other model is refused, naming what differs. A backbone of mmseg's layout registers its key mapping
-  `to_mmseg_state_dict(state_dict, variant) -> dict` in MMSEG_KEY_MAPPINGS.
+  `state_dict -> dict` in MMSEG_KEY_MAPPINGS.
 """
 
 from __future__ import annotations
 
+import argparse
+import sys
 from collections import OrderedDict
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from .engine.checkpoint import EXPORT_FORMAT, load_checkpoint, resolve_checkpoint
+from .engine.checkpoint import EXPORT_FORMAT, resolve_checkpoint
+from .engine.model_files import configure, mmseg, read_model_file
 from .fileio import FileError, save_torch_file
 
 FORMATS = ("torch", "mmseg")
 
 
-def mmseg_ccnet(state_dict: dict, variant: str) -> dict:
-    """ResNetV1c-D8 CCNets: the inverse of the conversion that loads mmseg's files (ccnet/models/ccnet_convert.py)."""
-    from .models.ccnet_convert import to_mmseg_state_dict  # Jittor's models come with it: only --format mmseg pays
-
-    return to_mmseg_state_dict(state_dict, variant)
-
-
-# backbone.name -> to_mmseg_state_dict(state_dict, variant): our keys -> mmsegmentation's, for the variants that
-# have mmseg's architecture
-MMSEG_KEY_MAPPINGS: dict[str, Callable[[dict, str], dict]] = {"resnet50_v1c": mmseg_ccnet, "resnet101_v1c": mmseg_ccnet}
+# backbone.name -> export(state_dict): our keys -> mmsegmentation's, for the variants that have mmseg's architecture
+# (the mmseg family's export_state, ccnet/engine/model_files/mmseg.py)
+MMSEG_KEY_MAPPINGS: dict[str, Callable[[dict], dict]] = {
+    "resnet50_v1c": mmseg.export_state,
+    "resnet101_v1c": mmseg.export_state,
+}
 # the model.* head settings whose other values no mmseg CCNet has (null: the backbone's own stages)
 MMSEG_HEADS = {"head": "rcca", "aux_head": "dsn", "head_in": None, "aux_in": None, "head_reduction": None}
 # backbone.* keys that change a ResNet preset (ccnet/models/resnet.py)
@@ -51,9 +53,37 @@ class ExportError(FileError):
 
 
 def read_source(source) -> tuple[Path, dict]:
-    """(checkpoint path, {"iteration", "config", "model", ...}) of a run folder, checkpoint or exported file."""
+    """(checkpoint path, {"iteration", "config", "model", ...}) of a run folder, checkpoint, exported file or a
+    published file (whose config is made from what its family reads in it)."""
     path = resolve_checkpoint(source)
-    return path, load_checkpoint(path)
+    mf = read_model_file(path)
+    if mf.state is not None:  # ours
+        return path, mf.state
+    return path, {"iteration": mf.iteration, "config": published_config(mf), "model": mf.tensors}
+
+
+def published_config(mf) -> dict:
+    """The backbone, model and dataset sections of a published file's model, as its family configures a run for
+    it (the rest of the config, data paths and schedule, is no part of the model)."""
+    from omegaconf import OmegaConf
+
+    from .config import Config
+
+    cfg = OmegaConf.structured(Config)
+    classes = (mf.variant or {}).get("num_classes")
+    cfg.model.recurrence = 2  # no file stores R: the config's default, as checkpoint= without a preset
+    cfg.dataset.num_classes = classes
+    cfg.backbone.head_channels = 512  # the seed's files set their head width through model.head_reduction instead
+    configure(cfg, mf, training=True)
+    names = mmseg.recorded_protocol(mf.meta).get("classes")
+    d = cfg.dataset
+    dataset = dict(
+        num_classes=classes, mean=list(d.mean), std=list(d.std), bgr=bool(d.bgr), ignore_index=d.ignore_index
+    )
+    if names and len(names) == classes:
+        dataset["classes"] = list(names)
+    backbone, model = (OmegaConf.to_container(cfg[k]) for k in ("backbone", "model"))
+    return {"backbone": backbone, "model": model, "dataset": dataset, "source": f"{mf.family} file"}
 
 
 def class_names(dataset: dict) -> list[str]:
@@ -66,7 +96,7 @@ def class_names(dataset: dict) -> list[str]:
 
     ade20k = ADE20K_CLASSES if dataset.get("reduce_zero_label", True) else ("other",) + ADE20K_CLASSES
     known = {"embedded": SHAPES_CLASSES, "context": CONTEXT_CLASSES, "cityscapes": CITYSCAPES_CLASSES}
-    names = {**known, "voc": VOC_CLASSES, "ade20k": ade20k}.get(dataset.get("name"))
+    names = {**known, "voc": VOC_CLASSES, "ade20k": ade20k}.get(dataset.get("name"), dataset.get("classes"))
     n = int(dataset["num_classes"])
     return list(names) if names is not None and len(names) == n else [str(i) for i in range(n)]
 
@@ -153,7 +183,7 @@ def export_payload(state: dict, source, fmt: str = "torch") -> dict:
     if differences:
         raise ExportError(source, "not an mmseg-compatible variant: " + "; ".join(differences))
     name = state["config"]["backbone"]["name"]
-    mmseg_weights = MMSEG_KEY_MAPPINGS[name](weights, name)
+    mmseg_weights = MMSEG_KEY_MAPPINGS[name](weights)
     mmseg_meta = {"CLASSES": tuple(meta["classes"]), "PALETTE": palette(state["config"]["dataset"]), "ccnet": meta}
     return {"meta": mmseg_meta, "state_dict": OrderedDict((k, np.asarray(v)) for k, v in mmseg_weights.items())}
 
@@ -170,3 +200,23 @@ def export(source, out, fmt: str = "torch") -> dict:
     except OSError as err:
         raise ExportError(out, f"cannot be written ({err.strerror or err})") from err
     return payload
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ccnet.export", description=__doc__.split("\n")[0])
+    parser.add_argument("source", help="a run folder, one of its checkpoints, or an exported file")
+    parser.add_argument("out", help="the .pth file to write")
+    parser.add_argument("--format", choices=list(FORMATS), default="torch", help="key names and layout")
+    args = parser.parse_args(argv)
+    try:
+        payload = export(args.source, args.out, args.format)
+    except FileError as err:  # CheckpointError and ExportError are FileErrors too
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.out}: {len(payload['state_dict'])} tensors ({args.format} layout); read it with "
+          f"torch.load({args.out!r}, weights_only=True)")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -752,3 +752,8 @@ def save_torch_file(path, obj) -> None:
     data_pkl, storages = torch_zip_bytes(obj)
     with atomic_file(path) as f:
         write_torch_zip(f, data_pkl, storages)
+
+
+def arrays(obj: dict) -> dict:
+    """The str -> ndarray items of a dict read by read_file (a state dict, among other values where it has them)."""
+    return {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, np.ndarray)}

@@ -40,8 +40,15 @@ class Rule(NamedTuple):
 
 EVAL_MODES = ("whole", "slide")  # ccnet/engine/inference.py predict()
 EVAL_AVERAGES = ("logits", "probs")  # ccnet/engine/inference.py predict_views()
-ZOO_FAMILIES = ("mmseg", "authors")  # ccnet/engine/model_files.py: the published families
+ZOO_FAMILIES = ("mmseg", "authors", "seed")  # ccnet/engine/model_files/: the published families (zoo.family)
 CE_AVERAGES = ("valid", "all")  # ccnet/models/losses.py cross_entropy()
+CCA_SOFTMAXES = ("pixel", "whole")  # ccnet/ops/cca.py SOFTMAXES
+ABSENT_IOUS = ("skip", "zero")  # ccnet/engine/metrics.py mean_iou()
+
+
+def is_page(v) -> bool:
+    parts = urllib.parse.urlparse(str(v))
+    return parts.scheme in ("http", "https") and bool(parts.netloc)
 
 
 def is_url(v) -> bool:
@@ -360,6 +367,7 @@ RULES: dict[str, Rule] = {
     "model.aux_weight": number(0),
     "model.loss": one_of(LOSSES.names),
     "model.ce_average": one_of(CE_AVERAGES),
+    "model.cca_softmax": one_of(CCA_SOFTMAXES),
     "model.ohem_thresh": number(0, 1, low_open=True),
     "model.ohem_min_kept": integer(1),
     "model.aux_channels": Rule(
@@ -423,6 +431,11 @@ RULES: dict[str, Rule] = {
     "eval.flip": BOOLEAN,
     "eval.resize": BOUND,
     "eval.average": one_of(EVAL_AVERAGES),
+    "eval.miou_exclude": Rule(
+        lambda v, cfg: is_list(v) and all(is_int(c) and 0 <= c < cfg.dataset.num_classes for c in v),
+        lambda cfg: f"a list of class indices 0..{cfg.dataset.num_classes - 1} (dataset.num_classes)",
+    ),
+    "eval.absent_iou": one_of(ABSENT_IOUS),
     "eval.num_vis": integer(0, LIMITS["vis"]),
     "eval.save_submission": BOOLEAN,
     "eval.pad_windows": BOOLEAN,
@@ -432,7 +445,10 @@ RULES: dict[str, Rule] = {
     "download.min_rate": number(0),
     "zoo.name": Rule(lambda v, cfg: v is None or bool(re.fullmatch(r"[\w.-]+", str(v))), "null or a preset's name"),
     "zoo.family": one_of(ZOO_FAMILIES, optional=True),
-    "zoo.url": Rule(lambda v, cfg: v is None or is_url(v), "null or an http(s):// address of the file"),
+    "zoo.url": Rule(  # a page (the seed's cloud share) only where the file is fetched by hand (no sha256)
+        lambda v, cfg: v is None or is_url(v) or (is_page(v) and OmegaConf.select(cfg, "zoo.sha256") is None),
+        "null or an http(s):// address of the file (of a page, with zoo.sha256=null: fetched by hand)",
+    ),
     "zoo.sha256": Rule(
         lambda v, cfg: v is None or bool(re.fullmatch(r"[0-9a-f]{8,64}", str(v))),
         "null or 8 to 64 lower-case hex digits (the start of the file's SHA-256)",

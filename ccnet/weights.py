@@ -1,11 +1,10 @@
-"""Pretrained backbone weights without PyTorch: read, convert, load, report; and the export command.
+"""Pretrained backbone weights without PyTorch: read, convert, load, report.
 
 Reads PyTorch files (the zip format of torch >= 1.6 and the older pickle format of the MIT CSAIL ResNets)
 through the allow-list reader of ccnet/fileio.py, which turns tensors into NumPy arrays and refuses anything
 that is not plain data; also our own checkpoints (`ccnet-checkpoint-v1`, backbone keys prefixed `backbone.`)
 and the pickles written by `python -m ccnet.weights convert IN.pth OUT.pkl [--family resnet|van]`
-(`ccnet-backbone-v1`). `python -m ccnet.weights export SOURCE OUT.pth [--format torch|mmseg]` writes one of
-our models as a PyTorch file (ccnet/export.py).
+(`ccnet-backbone-v1`). Whole models are written by `python -m ccnet.export` (ccnet/export.py).
 
 Each backbone family declares its weights where it registers (`PretrainedWeights`: its signature keys, the key
 conversion beside the model, the module they fit, and its published files), e.g. `RESNET_WEIGHTS` in
@@ -27,15 +26,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-
-from .fileio import FileError, atomic_file, brief, check_arrays, read_file
+from .fileio import FileError, arrays, atomic_file, brief, check_arrays, read_file
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "ccnet-checkpoint-v1"  # the trainer's checkpoints (ccnet.engine.checkpoint)
 BACKBONE_FORMAT = "ccnet-backbone-v1"  # what `convert` writes: one family's converted state dict
-EXPORT_FORMAT = "ccnet-export-v1"  # meta["format"] of what `export --format torch` writes (ccnet/export.py)
+EXPORT_FORMAT = "ccnet-export-v1"  # meta["format"] of what `python -m ccnet.export` writes (ccnet/export.py)
 
 
 class WeightsError(FileError):
@@ -227,12 +224,6 @@ def identify_file(family: str, tensors: dict) -> tuple[WeightFile | None, str]:
     return None, f"none of the {len(fmt.files) if fmt else 0} published {family} files"
 
 
-def _arrays(d: dict, path=None) -> dict:
-    """The string-keyed arrays of `d`; with `path`, each checked for a real numeric dtype (one-line error)."""
-    arrays = {k: v for k, v in d.items() if isinstance(k, str) and isinstance(v, np.ndarray)}
-    return arrays if path is None else check_arrays(path, arrays)
-
-
 def read_state_dict(path, family: str | None = None) -> StateDict:
     """Read `path` and pick out the backbone tensors; torch files are converted with `family`'s function."""
     obj = read_file(path)
@@ -243,19 +234,21 @@ def read_state_dict(path, family: str | None = None) -> StateDict:
     if fmt == CHECKPOINT_FORMAT or exported:  # ours, or what `export` made of ours: the whole model's keys
         model = obj.get("state_dict" if exported else "model")
         model = model if isinstance(model, dict) else {}
-        tensors = {k[len("backbone.") :]: v for k, v in _arrays(model, path).items() if k.startswith("backbone.")}
+        model = check_arrays(path, arrays(model))
+        tensors = {k[len("backbone.") :]: v for k, v in model.items() if k.startswith("backbone.")}
         if not tensors:
             raise WeightsError(path, "a ccnet checkpoint without backbone.* tensors")
         detection = detect(path, tensors)
         return StateDict(tensors, "ccnet", detection.family, detection=detection.reason)
     if fmt == BACKBONE_FORMAT and isinstance(obj.get("state_dict"), dict):
         family = obj.get("family")
-        return StateDict(_arrays(obj["state_dict"], path), "converted", family, detection=f"{family}: converted file")
+        tensors = check_arrays(path, arrays(obj["state_dict"]))
+        return StateDict(tensors, "converted", family, detection=f"{family}: converted file")
     for key in ("state_dict", "model"):  # {'state_dict': ...} (VAN .pth.tar, timm), {'model': ...}
-        if isinstance(obj.get(key), dict) and _arrays(obj[key]):
+        if isinstance(obj.get(key), dict) and arrays(obj[key]):
             obj = obj[key]
             break
-    tensors = _arrays(obj, path)
+    tensors = check_arrays(path, arrays(obj))
     if not tensors:
         raise WeightsError(path, f"not a checkpoint: no tensors among the keys {sorted(map(brief, obj))[:8]}")
     if all(k.startswith("module.") for k in tensors):  # saved from DataParallel
@@ -422,30 +415,24 @@ def load_backbone_weights(
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["export"]:  # the command of earlier versions: export sits above the engine, weights below
+        print("error: export has its own command now: python -m ccnet.export SOURCE OUT.pth [--format torch|mmseg]",
+              file=sys.stderr)  # fmt: skip
+        return 1
     parser = argparse.ArgumentParser(prog="python -m ccnet.weights", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     conv = sub.add_parser("convert", help="PyTorch backbone file -> NumPy pickle (no torch needed)")
     conv.add_argument("src")
     conv.add_argument("dst")
     conv.add_argument("--family", help="the backbone family (default: read from the file's keys)")
-    exp = sub.add_parser("export", help="our model (run folder or checkpoint) -> PyTorch file (no torch needed)")
-    exp.add_argument("source", help="a run folder, one of its checkpoints, or an exported file")
-    exp.add_argument("out", help="the .pth file to write")
-    exp.add_argument("--format", choices=["torch", "mmseg"], default="torch", help="key names and layout")
     args = parser.parse_args(argv)
     try:
-        if args.command == "export":
-            from ccnet.export import export  # the command line only: export sits above the engine
-
-            payload = export(args.source, args.out, args.format)
-            print(f"wrote {args.out}: {len(payload['state_dict'])} tensors ({args.format} layout); read it with "
-                  f"torch.load({args.out!r}, weights_only=True)")  # fmt: skip
-            return 0
         from ccnet import runtime
 
         runtime.setup()  # the converters live beside the Jittor models
         state = convert_file(args.src, args.dst, args.family)
-    except FileError as err:  # CheckpointError and ExportError are FileErrors too
+    except FileError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(f"wrote {args.dst}: {len(state.tensors)} {state.family} tensors, dropped {len(state.dropped)}")

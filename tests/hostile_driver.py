@@ -49,6 +49,7 @@ def main(folder: Path, plan: dict[str, list[str]]) -> None:
     from ccnet.config import register_configs
     from ccnet.data.datasets import DataError
     from ccnet.engine.checkpoint import CheckpointError, save_checkpoint
+    from ccnet.export import main as export_main
     from ccnet.fileio import FileError
     from ccnet.jobs import get_job
     from ccnet.models import build_model
@@ -71,10 +72,12 @@ def main(folder: Path, plan: dict[str, list[str]]) -> None:
 
     def run(path_name: str, file: Path, out: Path) -> tuple[object, str]:
         if path_name in ("convert", "export"):
-            args = ["convert", str(file), str(out / "x.pkl")] if path_name == "convert" else []
             err = io.StringIO()
             with contextlib.redirect_stderr(err):
-                rc = weights_main(args or ["export", str(file), str(out / "x.pth")])
+                if path_name == "convert":
+                    rc = weights_main(["convert", str(file), str(out / "x.pkl")])
+                else:
+                    rc = export_main([str(file), str(out / "x.pth")])
             return rc, err.getvalue()
         if path_name == "resume":  # resume=true: this run folder's checkpoints/last.pkl
             (out / "checkpoints").mkdir(parents=True)

@@ -17,9 +17,9 @@ from ccnet import runtime
 jt = runtime.setup()
 
 from ccnet.engine.checkpoint import CheckpointError  # noqa: E402
+from ccnet.engine.model_files.authors import their_key  # noqa: E402
 from ccnet.fileio import read_file  # noqa: E402
 from ccnet.models import CCNet  # noqa: E402
-from ccnet.models.ccnet_convert import their_key  # noqa: E402
 from ccnet.registry import BACKBONES  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,7 +49,7 @@ def tiny_file(tmp_path_factory):
     model = tiny_authors_model()
     path = tmp_path_factory.mktemp("tiny") / "ccnet_tiny_authors.pkl"
     with open(path, "wb") as f:
-        pickle.dump({their_key(k, "authors"): v.numpy() for k, v in model.state_dict().items()}, f)
+        pickle.dump({their_key(k): v.numpy() for k, v in model.state_dict().items()}, f)
     return path, model
 
 

@@ -40,15 +40,15 @@ def good(compose, tmp_path_factory, data_home):
 
     from ccnet.data.synthetic import ensure_shapes_dataset
     from ccnet.engine.checkpoint import save_checkpoint
+    from ccnet.export import main as export
     from ccnet.models import build_model
-    from ccnet.weights import main
 
     folder = tmp_path_factory.mktemp("good")
     cfg = compose(TINY)
     model = build_model(cfg)
     config = OmegaConf.to_container(cfg, resolve=True)
     save_checkpoint(folder / "good.pkl", model, 2, config, nn.SGD(model.parameters(), 0.01, momentum=0.9))
-    assert main(["export", str(folder / "good.pkl"), str(folder / "good.pth")]) == 0
+    assert export([str(folder / "good.pkl"), str(folder / "good.pth")]) == 0
     van = {"format": "ccnet-backbone-v1", "family": "van", "state_dict": {"patch_embed1.proj.weight": np.ones(1)}}
     (folder / "van.pkl").write_bytes(pickle.dumps(van))
     image = sorted((ensure_shapes_dataset(data_home) / "images" / "val").glob("*.png"))[0]
@@ -181,12 +181,15 @@ CATALOGUE = {
 
 def run_path(path_name: str, file: Path, compose, good, out: Path, capsys):
     """Hand `file` to one path in-process; returns the error message (the CLI's stderr line)."""
+    from ccnet.export import main as export
     from ccnet.jobs import get_job
-    from ccnet.weights import main
+    from ccnet.weights import main as weights
 
     if path_name in ("convert", "export"):
-        args = ["convert", str(file), str(out / "x.pkl"), "--family", "resnet"] if path_name == "convert" else []
-        rc = main(args or ["export", str(file), str(out / "x.pth")])
+        if path_name == "convert":
+            rc = weights(["convert", str(file), str(out / "x.pkl"), "--family", "resnet"])
+        else:
+            rc = export([str(file), str(out / "x.pth")])
         captured = capsys.readouterr()
         assert rc == 1 and captured.err.startswith("error: ") and captured.err.count("\n") == 1, captured
         return captured.err[len("error: ") :].strip()
@@ -220,6 +223,7 @@ def test_bad_file_catalogue_on_every_path(case, compose, good, tmp_path, capsys)
 
 def test_the_good_files_pass_every_path(compose, good, tmp_path, capsys):
     """The catalogue's base files are fine: its errors come from what was broken in each."""
+    from ccnet.export import main as export
     from ccnet.jobs import get_job
     from ccnet.weights import main
 
@@ -240,7 +244,7 @@ def test_the_good_files_pass_every_path(compose, good, tmp_path, capsys):
         cfg = compose(overrides)
         get_job(cfg.job)(cfg, tmp_path / f"run{i}")
     assert main(["convert", str(ckpt), str(tmp_path / "b.pkl"), "--family", "resnet"]) == 0
-    assert main(["export", str(ckpt), str(tmp_path / "e.pth")]) == 0
+    assert export([str(ckpt), str(tmp_path / "e.pth")]) == 0
 
 
 # ------------------------------------------------------------------- one case per path, as a user runs it
@@ -294,7 +298,7 @@ def legacy_magic_then_garbage(path: Path) -> Path:
         (
             "export",
             lambda d: planted_file(d / "evil.pkl", "jittor", "os.system"),
-            lambda f, d: ["-m", "ccnet.weights", "export", str(f), str(d / "out.pth")],
+            lambda f, d: ["-m", "ccnet.export", str(f), str(d / "out.pth")],
             "refused to load: it asks for posix.system",
         ),
     ],

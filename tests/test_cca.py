@@ -9,22 +9,29 @@ from ccnet.models.cca import CrissCrossAttention
 from ccnet.ops.cca import criss_cross_affinity, criss_cross_attention_plain
 
 
-def reference_cca(q, k, v):
-    """Loop over pixels: scores over the column (centre excluded) and the row, one softmax, weighted sum."""
+def reference_cca(q, k, v, softmax="pixel"):
+    """Loop over pixels: scores over the column (centre excluded) and the row, one softmax, weighted sum.
+    softmax="whole" (the seed's Jittor nn.Softmax() without a dim): one normaliser over every score of the batch."""
     b_, _, h, w = q.shape
     out = np.zeros(v.shape, np.float64)
+    scores = {}
     for b in range(b_):
         for y in range(h):
             for x in range(w):
                 col = [i for i in range(h) if i != y]
-                scores = [q[b, :, y, x] @ k[b, :, i, x] for i in col] + [
-                    q[b, :, y, x] @ k[b, :, y, j] for j in range(w)
-                ]
-                values = [v[b, :, i, x] for i in col] + [v[b, :, y, j] for j in range(w)]
-                scores = np.array(scores)
-                weights = np.exp(scores - scores.max())
-                weights /= weights.sum()
-                out[b, :, y, x] = weights @ np.array(values)
+                scores[b, y, x] = np.array(
+                    [q[b, :, y, x] @ k[b, :, i, x] for i in col] + [q[b, :, y, x] @ k[b, :, y, j] for j in range(w)]
+                )
+    top = max(s.max() for s in scores.values())
+    total = sum(np.exp(s - top).sum() for s in scores.values())  # over the whole tensor
+    for (b, y, x), s in scores.items():
+        values = [v[b, :, i, x] for i in range(h) if i != y] + [v[b, :, y, j] for j in range(w)]
+        if softmax == "whole":
+            weights = np.exp(s - top) / total
+        else:
+            weights = np.exp(s - s.max())
+            weights /= weights.sum()
+        out[b, :, y, x] = weights @ np.array(values)
     return out
 
 
@@ -44,6 +51,38 @@ def test_matches_float64_loop(shape):
     ref = reference_cca(q, k, v)
     assert out.shape == ref.shape
     assert np.abs(out - ref).max() / np.abs(ref).max() < 1e-5
+
+
+@pytest.mark.parametrize("shape", [(1, 2, 3, 4, 5), (2, 3, 4, 5, 3)])
+def test_whole_tensor_softmax_matches_float64_loop(shape):
+    """model.cca_softmax=whole: one softmax over the whole (B, H, W, H + W) tensor, as the seed's Jittor code."""
+    q, k, v = random_qkv(sum(shape), *shape)
+    q, k = 3 * q, 3 * k  # large scores: a per-pixel normaliser would differ a lot
+    out = criss_cross_attention_plain(*(jt.array(a.astype(np.float32)) for a in (q, k, v)), softmax="whole").numpy()
+    ref = reference_cca(q, k, v, softmax="whole")
+    assert np.abs(out - ref).max() / np.abs(ref).max() < 1e-5
+    assert np.abs(out - reference_cca(q, k, v)).max() / np.abs(ref).max() > 1e-2  # not the per-pixel op
+    att = criss_cross_affinity(jt.array(q.astype(np.float32)), jt.array(k.astype(np.float32)), "whole").numpy()
+    assert abs(att.sum() - 1.0) < 1e-5 and np.all(att[0, 0, :, 0] == 0)  # sums to 1 overall; the centre stays out
+
+
+def test_whole_softmax_module_runs_plain_ops_under_the_fused_kernel_setting(caplog):
+    """kernels.cca=fused has no whole-tensor softmax: the module falls back to the plain ops and says so."""
+    import logging
+
+    rng = np.random.default_rng(1)
+    x = jt.array(rng.standard_normal((1, 16, 5, 7)).astype(np.float32))
+    module = CrissCrossAttention(16, softmax="whole")
+    module.gamma.update(jt.ones(1))
+    q, k, v = (conv(x).numpy().astype(np.float64) for conv in (module.query_conv, module.key_conv, module.value_conv))
+    from ccnet.ops import cca
+
+    cca._whole_softmax_is_plain.cache_clear()  # said once per process
+    with ops.using(cca="fused"), caplog.at_level(logging.INFO):
+        out = module(x).numpy()
+    ref = reference_cca(q, k, v, softmax="whole") + x.numpy()
+    assert np.abs(out - ref).max() / np.abs(ref).max() < 1e-5
+    assert [r.message for r in caplog.records if "cca_softmax=whole" in r.message], caplog.text
 
 
 def test_attention_weights_sum_to_one_and_skip_the_centre():

@@ -120,6 +120,39 @@ def test_windows_smaller_than_the_image_are_padded_or_cut():
     np.testing.assert_allclose(out_c[0], x[0], atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    "hw, rows, cols",
+    [
+        # Cityscapes 1024 x 2048, by hand: stride ceil(512 * 2 / 3) = 342; rows ceil((1024 - 512) / 342) + 1 = 3 at
+        # 0, 342 and 1024 - 512 = 512 (684 would overrun); columns ceil(1536 / 342) + 1 = 6 at 0, 342, 684, 1026,
+        # 1368 and 2048 - 512 = 1536 (1710 would overrun): 18 windows
+        ((1024, 2048), [0, 342, 512], [0, 342, 684, 1026, 1368, 1536]),
+        ((512, 683), [0], [0, 171]),  # an ADE20K image: the second window flush right at 683 - 512
+        ((300, 700), [0], [0, 188]),  # shorter than a window: zero-padded below to 512 rows
+    ],
+)
+def test_the_seeds_windows_by_hand(compose, hw, rows, cols):
+    """eval=seed_512: the window origins of the seed's predict_sliding, each window 512 x 512 (padded with 0)."""
+    cfg = compose(["eval=seed_512"]).eval
+    assert (cfg.mode, list(cfg.crop_size), list(cfg.stride), cfg.pad_windows) == ("slide", [512, 512], [342, 342], True)
+    assert (list(cfg.scales), cfg.flip, cfg.max_images, list(cfg.miou_exclude), cfg.absent_iou) == (
+        [1.0],
+        False,
+        500,
+        [0],
+        "zero",
+    )
+    h, w = hw
+    where = np.stack(np.meshgrid(np.arange(h), np.arange(w), indexing="ij")).astype(np.float32) + 1  # 0: padding
+    image = np.concatenate([where, np.ones((1, h, w), np.float32)])
+    origins, model = [], Recorder(lambda v: v[:, 2:3])
+    model.fn = lambda v: (origins.append((int(v[0, 0, 0, 0]) - 1, int(v[0, 1, 0, 0]) - 1)), v[:, 2:3])[1]
+    out = predict(model, image, cfg.mode, tuple(cfg.crop_size), tuple(cfg.stride), pad_windows=cfg.pad_windows)
+    assert origins == [(y, x) for y in rows for x in cols]
+    assert set(model.sizes) == {(512, 512)}
+    np.testing.assert_allclose(out[0], 1.0, atol=1e-6)  # overlaps averaged; the zero padding is cut off
+
+
 def test_without_a_test_resize_our_protocol_is_unchanged():
     """No eval.resize (ours, the authors'): the image is normalised once, other scales resize the normalised image
     and their logits come back with OpenCV's bilinear resize, logits averaged: bit for bit what predict() does on
@@ -165,3 +198,34 @@ def test_evaluation_in_threads_gives_what_predict_image_gives(compose, protocol)
     expected = segmentation_metrics(conf, dataset.class_names)
     assert metrics["images"] == 3 and {k: metrics[k] for k in expected} == expected
     assert len(seen) > 1  # the untrained model's predictions vary: a comparison of maps, not of constants
+
+
+def test_evaluation_reports_the_seeds_miou_and_the_standard_one(compose, caplog):
+    """eval.miou_exclude / eval.absent_iou reach evaluate(): mIoU by that convention (named), mIoU_standard beside
+    it, both in the log's table; the numbers are segmentation_metrics' on the same confusion matrix."""
+    import logging
+
+    from ccnet.data.datasets import build_dataset
+    from ccnet.engine.evaluate import evaluate
+    from ccnet.engine.metrics import confusion_matrix, segmentation_metrics
+    from ccnet.models import build_model
+
+    overrides = ["backbone.head_channels=8", "eval.max_images=2", "eval.num_vis=0", "dataset.num_workers=1"]
+    cfg = compose([*overrides, "eval.miou_exclude=[0]", "eval.absent_iou=zero"])
+    model = build_model(cfg)
+    randomise(model)
+    model.eval()
+    dataset = build_dataset(cfg.dataset, cfg.dataset.val_split)
+    with caplog.at_level(logging.INFO):
+        metrics, _ = evaluate(model, dataset, cfg.dataset, cfg.eval)
+    conf = np.zeros((dataset.num_classes, dataset.num_classes), np.int64)
+    for i in range(2):
+        image, label = dataset.read(i)
+        pred = predict_image(model, image, cfg.dataset, cfg.eval).argmax(0)
+        conf += confusion_matrix(pred, label, dataset.num_classes, dataset.ignore_index)
+    seed = segmentation_metrics(conf, dataset.class_names, [0], "zero")
+    standard = segmentation_metrics(conf, dataset.class_names)
+    assert metrics["mIoU"] == seed["mIoU"] and metrics["mIoU_standard"] == standard["mIoU"]
+    assert metrics["mIoU"] != metrics["mIoU_standard"]
+    assert "classes 0 (background) left out of the mean; absent classes counted as 0" in caplog.text
+    assert "mIoU (standard)" in caplog.text

@@ -16,7 +16,7 @@ from ccnet.testing import torch_twins as twins
 jt = runtime.setup()
 
 from ccnet.engine.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from ccnet.weights import main  # noqa: E402
+from ccnet.export import main  # noqa: E402
 
 TINY_RESNET = dict(block="basic", layers=[1, 1, 1, 1], stem=[16, 16, 32], widths=[32, 64, 96, 128])  # resnet_tiny
 
@@ -52,7 +52,7 @@ def source(compose, tmp_path_factory):
     ckpt = folder / "last.pkl"
     save_checkpoint(ckpt, model, 5, OmegaConf.to_container(cfg, resolve=True))
     out = folder / "model.pth"
-    assert main(["export", str(ckpt), str(out)]) == 0
+    assert main([str(ckpt), str(out)]) == 0
     return {"model": model.eval(), "weights": weights, "ckpt": ckpt, "out": out, "folder": folder}
 
 
@@ -118,7 +118,7 @@ def test_exported_file_as_pretrained_backbone(source):
 def test_mmseg_layout_is_refused_for_our_variants(source, tmp_path, capsys):
     out = tmp_path / "mmseg.pth"
     out.write_bytes(b"an earlier export")
-    assert main(["export", str(source["ckpt"]), str(out), "--format", "mmseg"]) == 1
+    assert main([str(source["ckpt"]), str(out), "--format", "mmseg"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "not an mmseg-compatible variant" in err and str(source["ckpt"]) in err
     assert "MIT deep stem 3-16-16-32" in err and "the DSN head's 3x3 conv has a bias and 16 channels" in err
@@ -126,12 +126,11 @@ def test_mmseg_layout_is_refused_for_our_variants(source, tmp_path, capsys):
 
 
 def test_mmseg_layout_once_a_variant_has_a_mapping(source, tmp_path, monkeypatch, torch_worker):
-    """The plug-in point: a registered to_mmseg_state_dict(state_dict, variant) gives mmseg's file layout."""
+    """The plug-in point: a key mapping registered for a backbone (state_dict -> mmseg names) gives mmseg's file
+    layout."""
     import ccnet.export as export
 
-    def to_mmseg_state_dict(state_dict, variant):
-        assert variant == "resnet_tiny"
-
+    def to_mmseg_state_dict(state_dict):
         def rename(key):
             first, rest = key.split(".", 1)
             return {"head": "decode_head", "aux_head": "auxiliary_head"}.get(first, first) + "." + rest
@@ -141,7 +140,7 @@ def test_mmseg_layout_once_a_variant_has_a_mapping(source, tmp_path, monkeypatch
     monkeypatch.setitem(export.MMSEG_KEY_MAPPINGS, "resnet_tiny", to_mmseg_state_dict)
     monkeypatch.setattr(export, "mmseg_differences", lambda config, state_dict: [])
     out = tmp_path / "mmseg.pth"
-    assert main(["export", str(source["ckpt"]), str(out), "--format", "mmseg"]) == 0
+    assert main([str(source["ckpt"]), str(out), "--format", "mmseg"]) == 0
     theirs = torch_worker(twins.torch_load_arrays, str(out))
     assert set(theirs) == {"meta", "state_dict"}
     assert theirs["meta"]["CLASSES"] == ("background", "disc", "square", "triangle", "ring", "cross", "bar")
@@ -156,8 +155,8 @@ def test_export_of_a_run_folder_and_a_re_export(source, tmp_path, torch_worker):
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
     (run / "checkpoints" / "last.pkl").write_bytes(source["ckpt"].read_bytes())
-    assert main(["export", str(run), str(tmp_path / "a.pth")]) == 0
-    assert main(["export", str(tmp_path / "a.pth"), str(tmp_path / "b.pth")]) == 0
+    assert main([str(run), str(tmp_path / "a.pth")]) == 0
+    assert main([str(tmp_path / "a.pth"), str(tmp_path / "b.pth")]) == 0
     a, b = (torch_worker(twins.torch_load_arrays, str(tmp_path / n)) for n in ("a.pth", "b.pth"))
     for key, value in source["weights"].items():
         np.testing.assert_array_equal(a["state_dict"][key], value)
@@ -184,7 +183,7 @@ def test_mmseg_export_runs_in_mmsegs_twin(compose, tmp_path, torch_worker, align
     model.eval()
     save_checkpoint(tmp_path / "last.pkl", model, 7, OmegaConf.to_container(cfg, resolve=True))
     out = tmp_path / "mmseg.pth"
-    assert main(["export", str(tmp_path / "last.pkl"), str(out), "--format", "mmseg"]) == 0
+    assert main([str(tmp_path / "last.pkl"), str(out), "--format", "mmseg"]) == 0
     x = np.random.default_rng(2).standard_normal((1, 3, 97, 129)).astype(np.float32)
     theirs, their_aux, meta = torch_worker(twins.mmseg_logits_from_file, str(out), 50, x, align_corners, 64, 32)
     ours, our_aux = (v.numpy() for v in model(jt.array(x), with_aux=True))
@@ -204,11 +203,59 @@ def test_mmseg_export_names_what_does_not_fit_a_v1c_model(compose, tmp_path, cap
 
     cfg = compose(["backbone=resnet50_v1c", "backbone.head_channels=64", "model.act=leaky_relu"])
     save_checkpoint(tmp_path / "last.pkl", build_model(cfg), 1, OmegaConf.to_container(cfg, resolve=True))
-    assert main(["export", str(tmp_path / "last.pkl"), str(tmp_path / "m.pth"), "--format", "mmseg"]) == 1
+    assert main([str(tmp_path / "last.pkl"), str(tmp_path / "m.pth"), "--format", "mmseg"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "not an mmseg-compatible variant" in err and "stem" not in err
     assert "the DSN head's 3x3 conv has a bias and 64 channels" in err and "model.act=leaky_relu" in err
     assert not (tmp_path / "m.pth").exists()
+
+
+def rel_err(ours, ref) -> float:
+    return float(np.abs(ours - ref).max() / np.abs(ref).max())
+
+
+def test_published_files_export_and_read_back_in_the_twins(torch_worker, tmp_path, compose):
+    """SOURCE may be a published file: an mmseg file -> --format mmseg -> mmseg's twin (strict, mmseg's names) and
+    -> --format torch -> checkpoint= here; an authors' file (InPlaceABN folded) -> --format torch -> our-names twin
+    with the authors' LeakyReLU; every logit within 1e-4 of the original twin's. Its mmseg form is refused (the
+    authors' ResNet is not mmseg's V1c), naming why."""
+    from ccnet.jobs.restore import restore_model
+
+    x = np.random.default_rng(11).standard_normal((1, 3, 41, 57)).astype(np.float32)
+    mmseg_file, authors_file = tmp_path / "mmseg.pth", tmp_path / "authors.pth"
+    ref_m, ref_m_aux = torch_worker(twins.ccnet_reference, "mmseg", str(mmseg_file), 50, 19, x, False)
+    ref_a, ref_a_aux = torch_worker(twins.ccnet_reference, "authors", str(authors_file), 50, 21, x, True)
+
+    assert main([str(mmseg_file), str(tmp_path / "m_mmseg.pth"), "--format", "mmseg"]) == 0
+    main_m, aux_m, _ = torch_worker(twins.mmseg_logits_from_file, str(tmp_path / "m_mmseg.pth"), 50, x, False)
+    assert rel_err(main_m, ref_m) < 1e-4 and rel_err(aux_m, ref_m_aux) < 1e-4
+
+    assert main([str(mmseg_file), str(tmp_path / "m_torch.pth")]) == 0
+    cfg = compose(["job=eval", f"checkpoint={tmp_path / 'm_torch.pth'}", "dataset=cityscapes"])
+    model, state, _ = restore_model(cfg, None)
+    assert state["family"] == "ccnet" and cfg.backbone.name == "resnet50_v1c" and cfg.model.align_corners is False
+    with jt.no_grad():
+        assert rel_err(model(jt.array(x)).numpy(), ref_m) < 1e-4
+
+    assert main([str(authors_file), str(tmp_path / "a_torch.pth")]) == 0
+    main_a, aux_a, missing, unexpected, meta = torch_worker(
+        twins.ccnet_logits_from_export, str(tmp_path / "a_torch.pth"), "bottleneck", [3, 4, 6, 3], [64, 64, 128],
+        [64, 128, 256, 512], x,
+    )  # fmt: skip
+    assert (missing, unexpected) == ([], []) and (meta["act"], meta["num_classes"]) == ("leaky_relu", 21)
+    assert meta["bgr"] is True and meta["align_corners"] is True
+    assert rel_err(main_a, ref_a) < 1e-4 and rel_err(aux_a, ref_a_aux) < 1e-4
+    assert main([str(authors_file), str(tmp_path / "a_mmseg.pth"), "--format", "mmseg"]) == 1
+
+
+def test_the_old_export_command_names_the_new_one(source, tmp_path, capsys):
+    """`python -m ccnet.weights export` (earlier versions) answers in one line with the command to use now."""
+    from ccnet.weights import main as weights
+
+    assert weights(["export", str(source["ckpt"]), str(tmp_path / "x.pth")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "python -m ccnet.export SOURCE OUT.pth" in err
+    assert not (tmp_path / "x.pth").exists()
 
 
 def test_mmseg_export_names_head_and_backbone_settings_mmseg_lacks(compose, tmp_path, capsys):
@@ -222,7 +269,7 @@ def test_mmseg_export_names_head_and_backbone_settings_mmseg_lacks(compose, tmp_
     heads = ["model.aux_bias=false", "model.aux_channels=256", "model.head_in=stage3", "model.aux_in=stage2"]
     cfg = compose(backbone + heads)
     save_checkpoint(tmp_path / "last.pkl", build_model(cfg), 1, OmegaConf.to_container(cfg, resolve=True))
-    assert main(["export", str(tmp_path / "last.pkl"), str(tmp_path / "m.pth"), "--format", "mmseg"]) == 1
+    assert main([str(tmp_path / "last.pkl"), str(tmp_path / "m.pth"), "--format", "mmseg"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "not an mmseg-compatible variant" in err and "DSN" not in err
     assert "backbone.blocks=[3, 4, 5, 3] (mmseg's resnet50_v1c is the preset as it is)" in err

@@ -24,15 +24,16 @@ MAY_IMPORT = {
     "preflight": {"runtime", "run_dirs", "validate"},
     "hparams": {"runtime", "fileio"},
     "summary": {"runtime", "fileio", "hparams"},
-    "weights": {"registry", "runtime", "fileio", "export"},  # export: only its command line (weights.main)
+    "weights": {"registry", "runtime", "fileio"},
     "download": set(),
     "prepare": {"download", "data", "registry"},  # data set recipes: the fetcher, then the loader's own check
     "testing": set(),
     "ops": {"runtime"},
     "data": {"registry"},
     "models": {"runtime", "registry", "ops", "weights"},
-    "engine": {"runtime", "data", "models", "ops", "weights", "fileio"},
-    "export": {"engine", "data", "fileio", "models"},  # models: the mmseg key mapping, for --format mmseg only
+    "engine": {"runtime", "data", "models", "ops", "weights", "fileio", "registry"},  # registry: a saved config's
+    # backbone settings (model_files/ours.py)
+    "export": {"engine", "data", "fileio", "config"},  # config: the schema a published file's config fills
     "jobs": {"runtime", "registry", "ops", "data", "engine", "models", "weights", "summary", "download", "fileio"}
     | {"validate", "hparams", "prepare"},
     "api": {"runtime", "registry", "ops", "data", "engine", "models", "weights", "jobs", "config", "download"}

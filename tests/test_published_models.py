@@ -80,11 +80,62 @@ def test_without_a_preset_the_family_protocol_applies(compose, torch_worker, tmp
     assert model.align_corners is align_corners and cfg.model.align_corners is align_corners
 
 
+MMSEG_769_CONFIG = """norm_cfg = dict(type='SyncBN', requires_grad=True)
+model = dict(
+    type='EncoderDecoder',
+    decode_head=dict(
+        type='CCHead', in_channels=2048, in_index=3, channels=512, recurrence=2, num_classes=19,
+        norm_cfg=dict(type='SyncBN', requires_grad=True), align_corners=True,
+        loss_decode=dict(type='CrossEntropyLoss', use_sigmoid=False, loss_weight=1.0)),
+    auxiliary_head=dict(type='FCNHead', in_channels=1024, align_corners=True),
+    train_cfg=dict(),
+    test_cfg=dict(mode='slide', crop_size=(769, 769), stride=(513, 513)))
+"""  # the shape of mmseg 0.x's meta['config'] (cfg.pretty_text) of a 769x769 Cityscapes model
+
+
+@pytest.mark.parametrize("meta_key", ["config", "cfg"])  # mmseg 0.x, mmengine
+def test_without_a_preset_an_mmseg_file_s_own_record_decides(compose, torch_worker, tmp_path, caplog, meta_key):
+    """A 769x769 file trained with align_corners=True: read without a preset, its meta's config text gives
+    align_corners and the sliding window (named in the log); its logits match mmseg's. Without that record the
+    family default (False) applies and they do not."""
+    from ccnet.fileio import save_torch_file
+
+    x = np.random.default_rng(3).standard_normal((1, 3, 65, 97)).astype(np.float32)
+    bare = tmp_path / "bare.pth"
+    ref, _ = torch_worker(twins.ccnet_reference, "mmseg", str(bare), 50, 19, x, True)
+    obj = read_file(bare)
+    obj["meta"][meta_key] = MMSEG_769_CONFIG
+    recorded = tmp_path / "recorded.pth"
+    save_torch_file(recorded, obj)
+    with caplog.at_level(logging.INFO):
+        model, _, cfg = load(compose, recorded, 19)
+    assert cfg.model.align_corners is True and model.align_corners is True
+    e = cfg.eval
+    assert (e.mode, list(e.crop_size), list(e.stride), e.pad_windows) == ("slide", [769, 769], [513, 513], False)
+    assert f"model.align_corners=True (meta['{meta_key}'] decode_head)" in caplog.text
+    assert (
+        f"eval.mode=slide eval.crop_size=[769, 769] eval.stride=[513, 513] (unpadded) (meta['{meta_key}'] test_cfg)"
+        in caplog.text
+    )
+    assert "19 class names (meta['CLASSES']): 0, 1, 2, 3, ..." in caplog.text
+    with jt.no_grad():
+        assert rel_err(model(jt.array(x)).numpy(), ref) < 1e-4
+    from ccnet.jobs.restore import model_init
+
+    tuning = compose(["experiment=tiny", f"model.init={recorded}"])
+    model_init(tuning)  # fine-tuning: the architecture's align_corners, this run's data and evaluation window
+    assert tuning.model.align_corners is True and tuning.eval.mode == "whole"
+    plain, _, plain_cfg = load(compose, bare, 19)
+    assert plain_cfg.model.align_corners is False and plain_cfg.eval.mode == "whole"
+    with jt.no_grad():
+        assert rel_err(plain(jt.array(x)).numpy(), ref) > 1e-2
+
+
 def test_inplace_abn_scale_is_what_makes_the_authors_files_match(compose, torch_worker, tmp_path):
     """Loading the authors' file as if its BNs were plain (no |w| + eps) gives other logits: the conversion is
     needed, and the twin's signed BN scales make it visible."""
     from ccnet.engine.model_files import load_model_file, read_model_file
-    from ccnet.models.ccnet_convert import from_authors
+    from ccnet.engine.model_files.authors import from_authors
 
     x = np.random.default_rng(0).standard_normal((1, 3, 33, 41)).astype(np.float32)
     path = tmp_path / "a.pth"
@@ -99,9 +150,9 @@ def test_inplace_abn_scale_is_what_makes_the_authors_files_match(compose, torch_
     assert rel_err(good, ref) < 1e-4 and rel_err(plain, ref) > 1e-2
 
 
-def test_mmseg_round_trip_through_to_mmseg_state_dict(compose, torch_worker, tmp_path):
-    """ours -> to_mmseg_state_dict -> the same keys, shapes and values the mmseg twin saved."""
-    from ccnet.models.ccnet_convert import to_mmseg_state_dict
+def test_mmseg_round_trip_through_the_mmseg_familys_export(compose, torch_worker, tmp_path):
+    """ours -> mmseg.export_state -> the same keys, shapes and values the mmseg twin saved."""
+    from ccnet.engine.model_files.mmseg import export_state as to_mmseg_state_dict
 
     path = tmp_path / "m.pth"
     torch_worker(twins.ccnet_reference, "mmseg", str(path), 50, 21, np.zeros((1, 3, 17, 17), np.float32), False)

@@ -51,7 +51,7 @@ def test_an_unknown_name_is_refused_listing_the_choices(registry, key, known):
             "rcca",
             {"in_channels": 8, "channels": 8, "num_classes": 2, "bias": True},
             "model.bias",
-            "in_channels, channels, num_classes, recurrence, act, dropout",
+            "in_channels, channels, num_classes, recurrence, act, dropout, cca_softmax",
         ),
         (LOSSES, "ohem", {"gamma": 2.0}, "model.gamma", "thresh, min_kept"),
         (LOSSES, "ce", {"thresh": 0.7}, "model.thresh", "average"),  # model.ce_average

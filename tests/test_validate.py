@@ -37,8 +37,9 @@ CASES = [
     ("model.aux_channels", [0, -256, 8193], [1, None, 8192]),
     ("model.init", ["zoo"], [None, "/models/ccnet.pth"]),
     ("zoo.name", ["a/b"], [None, "ccnet_r50-d8_512x1024_40k_cityscapes"]),
-    ("zoo.family", ["detectron"], [None, "mmseg", "authors"]),
-    ("zoo.url", ["download.openmmlab.com/x.pth", "x.pth"], [None, "https://h/x-ad3cd481.pth"]),  # no ":" (split)
+    ("zoo.family", ["detectron"], [None, "mmseg", "authors", "seed"]),
+    # no ":" in the bad ones (split); a page only with zoo.sha256=null
+    ("zoo.url", ["download.openmmlab.com/x.pth", "x.pth"], [None, "https://h/x-ad3cd481.pth", "https://h/d/"]),
     ("download.deadline_s", [0, -1, "inf", "nan"], [1e-3, 43200]),
     ("download.min_rate", [-1, "inf"], [0, 1024]),
     ("zoo.sha256", ["ad3cd48", "AD3CD481", "zz3cd481"], [None, "ad3cd481", "0" * 64]),
@@ -74,6 +75,9 @@ CASES = [
     ("model.act", ["bogus", "ReLU"], ["relu", "leaky_relu", "none"]),
     ("model.loss", ["focal"], ["ce", "ohem"]),
     ("model.ce_average", ["mean", "non_ignore"], ["valid", "all"]),
+    ("model.cca_softmax", ["global", "row"], ["pixel", "whole"]),
+    ("eval.absent_iou", ["nan", "drop"], ["skip", "zero"]),
+    ("eval.miou_exclude", [[-1], [7]], [[], [0], [0, 6]]),  # the default data set has 7 classes
     ("kernels.cca", ["cuda", "ops"], ["fused", "jittor"]),
     ("kernels.conv", ["onednn"], ["fused", "jittor"]),
     ("kernels.batch_norm", ["oneDNN"], ["fused", "jittor"]),

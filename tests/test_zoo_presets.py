@@ -67,7 +67,7 @@ def pipeline_of(name):
 
 
 def test_every_published_file_has_a_preset():
-    assert {p.stem for p in ZOO.glob("*.yaml")} == set(MMSEG) | set(AUTHORS)
+    assert {p.stem for p in ZOO.glob("*.yaml")} == set(MMSEG) | set(AUTHORS) | set(SEED)
 
 
 @pytest.mark.parametrize("name", sorted(MMSEG))
@@ -271,6 +271,54 @@ def test_the_authors_files_are_fetched_by_hand(compose):
         model_source("zoo", cfg)
     assert "not directly downloadable (https://drive.google.com/" in str(err.value)
     assert "download it by hand and pass checkpoint=FILE" in str(err.value)
+
+
+SEED = {  # Trugen/ANN-Lab README, Reproduction Results: (data set, classes, ignore label, mIoU)
+    "seed_ccnet_large_cityscapes": ("cityscapes", 19, 255, 79.2),
+    "seed_ccnet_large_ade20k": ("ade20k", 151, 0, 43.51),
+    "seed_van_large_cityscapes": ("cityscapes", 19, 255, 80.4),
+    "seed_van_large_ade20k": ("ade20k", 151, 0, 44.83),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SEED))
+def test_the_seeds_presets_record_its_protocol_and_numbers(compose, name):
+    """evaluate.py: BGR mean only for every model, 512 windows every 342 pixels padded, align_corners=True, single
+    scale, the first 500 images, class 0 out of the mean and absent classes as 0; the README's number, the share."""
+    data, classes, ignore, miou = SEED[name]
+    cfg = compose(["job=eval", f"experiment=zoo/{name}", "checkpoint=/x"])
+    assert problems(cfg) == [], problems(cfg)
+    d, e, m = cfg.dataset, cfg.eval, cfg.model
+    assert (d.name, d.num_classes, d.ignore_index, (list(d.mean), list(d.std), d.bgr)) == (
+        data, classes, ignore, AUTHORS_BGR
+    )  # fmt: skip
+    assert (e.mode, list(e.crop_size), list(e.stride), e.pad_windows, e.average, list(e.scales), e.flip) == (
+        "slide", [512, 512], [342, 342], True, "logits", [1.0], False
+    )  # fmt: skip
+    assert (e.max_images, list(e.miou_exclude), e.absent_iou, e.resize) == (500, [0], "zero", None)
+    assert (m.align_corners, m.cca_softmax, m.recurrence) == (True, "whole", 2)
+    assert (cfg.zoo.name, cfg.zoo.family, cfg.zoo.sha256) == (name, "seed", None)
+    assert cfg.zoo.url == "https://cloud.tsinghua.edu.cn/d/8490a3718b9245c5b19b/" and cfg.expected.miou == miou
+
+
+def test_the_seeds_files_are_fetched_by_hand(compose):
+    from ccnet.jobs.restore import model_source
+
+    cfg = compose(["job=eval", "experiment=zoo/seed_van_large_ade20k", "checkpoint=zoo"])
+    with pytest.raises(CheckpointError) as err:
+        model_source("zoo", cfg)
+    message = str(err.value)
+    assert "\n" not in message and "not directly downloadable (https://cloud.tsinghua.edu.cn/d/" in message
+    assert "download it by hand and pass checkpoint=FILE" in message
+
+
+def test_the_seeds_training_schedule_is_its_train_py(compose):
+    """train.py: optim.SGD(model.parameters(), lr=...): Jittor's defaults momentum=0, weight_decay=0."""
+    s = compose(["schedule=seed"]).schedule
+    assert (s.iters, s.batch_size, s.lr, s.momentum, s.weight_decay, s.poly_power, s.min_lr) == (
+        60000, 8, 0.01, 0.0, 0.0, 0.9, 0.0
+    )  # fmt: skip
+    assert list(s.crop_size) == [512, 512] and s.checkpoint_every == 2000 and s.mirror
 
 
 def test_an_offline_machine_is_told_where_to_put_the_file(tmp_path):

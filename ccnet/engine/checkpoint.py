@@ -3,7 +3,7 @@
 `save_checkpoint` writes a temporary file in the same folder, flushes and fsyncs it, then renames it over the
 target: a crash or kill at any moment leaves either the old file or the new one, never half of one.
 `load_checkpoint` reads through the allow-list reader (ccnet/fileio.py): a checkpoint from elsewhere cannot run
-code. It also takes what `python -m ccnet.weights export` wrote (a PyTorch file with our config in its meta).
+code. It also takes what `python -m ccnet.export` wrote (a PyTorch file with our config in its meta).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 from ccnet.fileio import FileError, atomic_file, brief, check_array, read_file
 
 FORMAT = "ccnet-checkpoint-v1"
-EXPORT_FORMAT = "ccnet-export-v1"  # meta["format"] of `python -m ccnet.weights export --format torch` files
+EXPORT_FORMAT = "ccnet-export-v1"  # meta["format"] of `python -m ccnet.export --format torch` files
 
 
 class CheckpointError(FileError):

@@ -56,7 +56,8 @@ def evaluate(
         if len(pictures) < cfg_eval.num_vis:
             pictures.append(side_by_side(dataset, dataset.read(index)[0], label, pred))
         bar.set_postfix(img_s=f"{(bar.n + 1) / (time.time() - start):.1f}")
-    metrics = segmentation_metrics(conf, dataset.class_names)
+    exclude, absent = cfg_eval.get("miou_exclude") or [], cfg_eval.get("absent_iou", "skip")
+    metrics = segmentation_metrics(conf, dataset.class_names, list(exclude), absent)
     metrics["images"] = n
     metrics["eval_seconds"] = round(time.time() - start, 2)
     if vis_dir is not None:

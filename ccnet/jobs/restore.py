@@ -5,7 +5,7 @@ Our own checkpoints and exports: the architecture (backbone, model) comes from t
 section comes from this run (job=eval: evaluate on any compatible data) or, with adopt_dataset, from the checkpoint
 too (visualize, predict: the same classes, normalisation and, by default, pictures the model was trained on).
 Published files (mmsegmentation's, the authors'): the architecture is read from the file's keys and shapes, the
-protocol from the zoo preset or else the family (ccnet/engine/model_files.py). `zoo` instead of a path fetches the
+protocol from the zoo preset or else the family (ccnet/engine/model_files/). `zoo` instead of a path fetches the
 zoo preset's published file once into the cache (ccnet/download.py).
 """
 
@@ -15,35 +15,16 @@ import logging
 from pathlib import Path
 
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from ccnet.engine.checkpoint import CheckpointError, resolve_checkpoint
-from ccnet.engine.model_files import ModelFile, adopt_variant, load_model_file, read_model_file, report
+from ccnet.engine.model_files import ModelFile, configure, load_model_file, read_model_file, report
 from ccnet.models import build_model
-from ccnet.models.ccnet import BACKBONE_COMMON_KEYS
-from ccnet.registry import BACKBONES, RegistryError
 
 from .common import prepare_run_dir
 
 log = logging.getLogger(__name__)
 CONF = Path(__file__).resolve().parents[2] / "conf"
 DATASET_OF_CLASSES = {19: "cityscapes", 150: "ade20k", 21: "voc"}  # the published models' data sets
-# model.* keys a file decides
-ARCHITECTURE = ("recurrence", "act", "aux_channels", "aux_bias", "align_corners", "head", "aux_head", "head_in",
-                "aux_in", "head_reduction")  # fmt: skip
-
-
-def known_keys(section, saved) -> dict:
-    """The saved section's keys that this version's schema has (checkpoints of earlier versions carry keys that
-    have moved since, e.g. model.cca_impl, now kernels.cca: a run-time choice, not part of the architecture)."""
-    return {key: value for key, value in saved.items() if key in section}
-
-
-def saved_backbone(saved) -> dict:
-    """The saved backbone section, keeping only the settings its backbone takes (earlier versions saved drop_path
-    and neck for every backbone; they never changed a ResNet)."""
-    takes = BACKBONES.get(saved.name).parameters()
-    return {key: value for key, value in saved.items() if key in BACKBONE_COMMON_KEYS or key in takes}
 
 
 def model_source(value, cfg, key: str = "checkpoint") -> Path:
@@ -64,40 +45,14 @@ def model_source(value, cfg, key: str = "checkpoint") -> Path:
     return download.fetch_file(zoo["url"], sha256_prefix=zoo["sha256"], **download.limits(cfg))
 
 
-def adopt_saved_config(cfg, mf: ModelFile, adopt_dataset: bool, training: bool = False) -> None:
-    """cfg's architecture (and with adopt_dataset its data set section) from our checkpoint's saved config."""
-    try:  # a config from another version or a hand-made file: unknown backbone, wrong types
-        saved = OmegaConf.create(mf.state["config"])
-        cfg.backbone = OmegaConf.merge(cfg.backbone, saved_backbone(saved.backbone))
-        model = {k: v for k, v in known_keys(cfg.model, saved.model).items() if k != "init"}  # its history
-        if training:  # model.init: the architecture only; loss, dropout and the rest are this run's
-            model = {k: v for k, v in model.items() if k in ARCHITECTURE}
-        cfg.model = OmegaConf.merge(cfg.model, model)
-        cfg.backbone.pretrained = None  # the checkpoint holds every weight
-        if adopt_dataset:
-            root = cfg.dataset.root
-            cfg.dataset = OmegaConf.merge(cfg.dataset, known_keys(cfg.dataset, saved.dataset))
-            if not Path(cfg.dataset.root).expanduser().exists():  # trained elsewhere: this run's data folder
-                cfg.dataset.root = root
-        saved_classes = saved.dataset.num_classes
-    except (OmegaConfBaseException, RegistryError) as err:
-        problem = str(err).splitlines()[0]
-        raise CheckpointError(f"{mf.path}: its config does not fit this version of ccnet ({problem})") from err
-    if not training and saved_classes != cfg.dataset.num_classes:
-        raise CheckpointError(
-            f"{mf.path}: trained for {saved_classes} classes, but dataset.num_classes={cfg.dataset.num_classes}"
-        )
-
-
-def adopt_published(cfg, mf: ModelFile, adopt_dataset: bool) -> list[str]:
-    """cfg's architecture from a published file; predict / visualize also take the data set of its class count
-    (its class names and colours)."""
-    notes, classes = [], mf.variant["num_classes"]
-    if adopt_dataset and classes != cfg.dataset.num_classes and classes in DATASET_OF_CLASSES:
-        name = DATASET_OF_CLASSES[classes]
-        cfg.dataset = OmegaConf.merge(cfg.dataset, OmegaConf.load(CONF / "dataset" / f"{name}.yaml"))
-        notes.append(f"{classes} classes: dataset={name} for the class names and colours")
-    return notes + adopt_variant(cfg, mf)
+def dataset_of_file(cfg, mf: ModelFile) -> list[str]:
+    """predict / visualize of a published file: the data set of its class count (its class names and colours)."""
+    classes = mf.variant["num_classes"]
+    if classes == cfg.dataset.num_classes or classes not in DATASET_OF_CLASSES:
+        return []
+    name = DATASET_OF_CLASSES[classes]
+    cfg.dataset = OmegaConf.merge(cfg.dataset, OmegaConf.load(CONF / "dataset" / f"{name}.yaml"))
+    return [f"{classes} classes: dataset={name} for the class names and colours"]
 
 
 def build(cfg, path):
@@ -117,21 +72,18 @@ def restore_model(cfg, run_dir: Path | None, adopt_dataset: bool = False):
         raise CheckpointError(f"job={cfg.job} needs checkpoint=PATH (a checkpoint file or a run directory)")
     path = model_source(cfg.checkpoint, cfg)
     mf = read_model_file(path)
-    if mf.family == "ccnet":
-        adopt_saved_config(cfg, mf, adopt_dataset)
-        notes = []
-    else:
-        notes = adopt_published(cfg, mf, adopt_dataset)
+    notes = dataset_of_file(cfg, mf) if adopt_dataset and mf.variant else []
+    notes += configure(cfg, mf, adopt_dataset=adopt_dataset)
     if run_dir is not None:
         prepare_run_dir(cfg, run_dir)
     model = build(cfg, path)
     loaded = load_model_file(model, mf)
-    if mf.family != "ccnet":
+    if mf.variant:  # a published file: what it is (our own files are named by the run's config)
         log.info("%s", report(mf, loaded))
     for note in notes:
         log.info("%s", note)
     model.eval()
-    state = mf.state if mf.family == "ccnet" else {"iteration": mf.iteration}
+    state = mf.state or {"iteration": mf.iteration}
     return model, {**state, "family": mf.family}, path
 
 
@@ -148,10 +100,7 @@ def model_init(cfg):
             "already holds backbone weights; give one of the two"
         )
     mf = read_model_file(model_source(cfg.model.init, cfg, "model.init"))
-    if mf.family == "ccnet":
-        adopt_saved_config(cfg, mf, adopt_dataset=False, training=True)
-        return mf, []
-    return mf, adopt_variant(cfg, mf, training=True)
+    return mf, configure(cfg, mf, training=True)
 
 
 def load_init(model, init) -> None:

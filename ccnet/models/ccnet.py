@@ -100,13 +100,14 @@ class CCNet(nn.Module):
         head_in=None,
         aux_in=None,
         head_reduction=None,
+        cca_softmax="pixel",
     ):
         super().__init__()
         self.backbone = backbone
         self.head_in, self.aux_in = head_in, aux_in  # backbone features the heads read; None: its own outputs
         head_cin = feature_channels(backbone, head_in, "out")
         channels = head_cin // head_reduction if head_reduction else head_channels  # the seed's in/4
-        settings = dict(zip(HEAD_SETTINGS, (recurrence, act, dropout, aux_bias)))  # bias: the auxiliary head's
+        settings = dict(zip(HEAD_SETTINGS, (recurrence, act, dropout, aux_bias, cca_softmax)))  # bias: the aux head's
         self.head = build_head(HEADS, head, head_cin, channels, num_classes, {**settings, "bias": None})
         aux_cin = feature_channels(backbone, aux_in, "aux")
         self.aux_head = build_head(AUX_HEADS, aux_head, aux_cin, aux_channels or head_channels, num_classes, settings)
@@ -182,6 +183,7 @@ def build_model(cfg) -> CCNet:
         m.head_in,
         m.aux_in,
         m.head_reduction,
+        m.cca_softmax,
     )
 
 

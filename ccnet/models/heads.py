@@ -6,7 +6,8 @@ CCNet passes each head the ones its factory names (a head variant registered els
 takes what it needs). The published variants are settings: ours (ReLU, DSN conv bias, 512 / 512), mmseg's CCHead
 + FCNHead (ReLU, no DSN bias, 512 / 256: model.aux_bias=false model.aux_channels=256), the authors' InPlaceABN
 (BN + LeakyReLU(0.01): model.act=leaky_relu), the seed's (conv + BN without activation: model.act=none, width
-in/4: model.head_reduction=4, the RCCA head on VAN's stage 4: model.head_in=stage4).
+in/4: model.head_reduction=4, the RCCA head on VAN's stage 4: model.head_in=stage4, one softmax over the whole
+attention tensor: model.cca_softmax=whole).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def no_activation() -> nn.Module:
 
 
 # Settings a head factory may take by keyword (CCNet passes those it names), from the `model` config section
-HEAD_SETTINGS = ("recurrence", "act", "dropout", "bias")
+HEAD_SETTINGS = ("recurrence", "act", "dropout", "bias", "cca_softmax")
 
 
 def conv_bn_act(cin: int, cout: int, kernel: int, act: str, bias: bool = False) -> nn.Sequential:
@@ -66,11 +67,11 @@ class ChannelDropout(nn.Module):
 class RCCAHead(nn.Module):
     """conva 3x3 -> CCA x R (shared weights) -> convb 3x3 -> concat with input -> 3x3 -> dropout -> 1x1."""
 
-    def __init__(self, in_channels, channels, num_classes, recurrence=2, act="relu", dropout=0.1):
+    def __init__(self, in_channels, channels, num_classes, recurrence=2, act="relu", dropout=0.1, cca_softmax="pixel"):
         super().__init__()
         self.recurrence = recurrence
         self.conva = conv_bn_act(in_channels, channels, 3, act)
-        self.cca = CrissCrossAttention(channels)
+        self.cca = CrissCrossAttention(channels, cca_softmax)
         self.convb = conv_bn_act(channels, channels, 3, act)
         self.bottleneck = conv_bn_act(in_channels + channels, channels, 3, act)
         self.dropout = ChannelDropout(dropout)
@@ -109,8 +110,11 @@ class DSNHead(nn.Module):
 
 
 @HEADS.register("rcca")
-def rcca(in_channels: int, channels: int, num_classes: int, recurrence: int = 2, act: str = "relu", dropout=0.1):
-    return RCCAHead(in_channels, channels, num_classes, recurrence, act, dropout)
+def rcca(
+    in_channels: int, channels: int, num_classes: int, recurrence: int = 2, act: str = "relu", dropout=0.1,
+    cca_softmax: str = "pixel",
+):  # fmt: skip
+    return RCCAHead(in_channels, channels, num_classes, recurrence, act, dropout, cca_softmax)
 
 
 @AUX_HEADS.register("dsn")

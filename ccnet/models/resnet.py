@@ -7,7 +7,7 @@ mmsegmentation's ResNetV1c-D8 (`resnet50_v1c`, `resnet101_v1c`), the backbone of
 3->32->32->64, max-pool without ceil mode, dilations 1, 1, 2, 4 with contract_dilation (the first block of a
 dilated stage uses half the dilation: layer3 starts at 1, layer4 at 2). Same parameter names here; the `stem.N`
 keys of mmcv's ImageNet files (`backbone.pretrained=resnet101_v1c-*.pth`) and of mmseg's CCNet files
-(ccnet/models/ccnet_convert.py) are renamed on load (MMCV_STEM).
+(ccnet/engine/model_files/mmseg.py) are renamed on load (MMCV_STEM).
 """
 
 from __future__ import annotations

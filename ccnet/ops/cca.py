@@ -15,11 +15,16 @@ masks the centre in the column branch so it is counted once, takes ONE softmax o
   The kernels compile on first use (cached by Jittor afterwards). If they fail to compile or disagree with the
   plain ops on a small self-test, the fused op warns once and runs the plain ops instead.
 - `criss_cross_attention`: the one the model calls; fused unless `kernels.cca=jittor`.
+
+`softmax="whole"` (model.cca_softmax) takes one softmax over the whole (B, H, W, H + W) tensor instead of one per
+pixel: what Jittor's `nn.Softmax()` without a dim does, and so what the seed (Trugen/ANN-Lab
+cc_attention/functions.py) computed. Only the plain ops have it; the fused kernels' softmax is per pixel.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 
 import jittor as jt
 import numpy as np
@@ -36,15 +41,25 @@ def _column_mask(h: int) -> jt.Var:
     return jt.where(eye > 0, jt.float32(float("-inf")), jt.float32(0.0)).reshape(1, h, 1, h)
 
 
-def criss_cross_affinity(query: jt.Var, key: jt.Var) -> jt.Var:
-    """Attention weights (B, H, W, H + W): column part first (i = 0..H-1), then the row (j = 0..W-1)."""
+SOFTMAXES = ("pixel", "whole")  # over each pixel's H + W scores (the paper) | over the whole tensor (the seed)
+log = logging.getLogger(__name__)
+
+
+def criss_cross_affinity(query: jt.Var, key: jt.Var, softmax: str = "pixel") -> jt.Var:
+    """Attention weights (B, H, W, H + W): column part first (i = 0..H-1), then the row (j = 0..W-1); softmax:
+    one per pixel (sums to 1 over its H + W positions) or one over the whole tensor (sums to 1 over everything)."""
     b, cq, h, w = query.shape
     # column: for every x, (H_y x Cq) @ (Cq x H_i)
     e_h = nn.matmul(query.permute(0, 3, 2, 1), key.permute(0, 3, 1, 2))  # B, W, H_y, H_i
     e_h = e_h.permute(0, 2, 1, 3) + _column_mask(h)  # B, H_y, W, H_i
     # row: for every y, (W_x x Cq) @ (Cq x W_j)
     e_w = nn.matmul(query.permute(0, 2, 3, 1), key.permute(0, 2, 1, 3))  # B, H, W_x, W_j
-    return nn.softmax(jt.concat([e_h, e_w], dim=3), dim=3)
+    energies = jt.concat([e_h, e_w], dim=3)
+    if softmax == "whole":  # jt.nn.softmax(x) without a dim reduces over every axis
+        energies = energies - energies.max()
+        weights = energies.exp()
+        return weights / weights.sum()
+    return nn.softmax(energies, dim=3)
 
 
 def criss_cross_aggregate(attention: jt.Var, value: jt.Var) -> jt.Var:
@@ -58,9 +73,9 @@ def criss_cross_aggregate(attention: jt.Var, value: jt.Var) -> jt.Var:
     return out_h.permute(0, 2, 3, 1) + out_w.permute(0, 2, 1, 3)
 
 
-def criss_cross_attention_plain(query: jt.Var, key: jt.Var, value: jt.Var) -> jt.Var:
+def criss_cross_attention_plain(query: jt.Var, key: jt.Var, value: jt.Var, softmax: str = "pixel") -> jt.Var:
     """(B, Cq, H, W), (B, Cq, H, W), (B, C, H, W) -> (B, C, H, W), without gamma and residual. Plain ops."""
-    return criss_cross_aggregate(criss_cross_affinity(query, key), value)
+    return criss_cross_aggregate(criss_cross_affinity(query, key, softmax), value)
 
 
 # ------------------------------------------------------------------------------------------- fused kernels
@@ -239,8 +254,19 @@ def criss_cross_attention_fused(query: jt.Var, key: jt.Var, value: jt.Var) -> jt
     return out if out.dtype == value.dtype else out.cast(value.dtype)
 
 
-def criss_cross_attention(query: jt.Var, key: jt.Var, value: jt.Var) -> jt.Var:
-    """The criss-cross attention the models run: the fused kernels unless kernels.cca=jittor (then plain ops)."""
+@functools.cache
+def _whole_softmax_is_plain() -> None:
+    log.info("model.cca_softmax=whole: the criss-cross attention runs on Jittor's ops (the fused kernels have a "
+             "per-pixel softmax only)")  # fmt: skip
+
+
+def criss_cross_attention(query: jt.Var, key: jt.Var, value: jt.Var, softmax: str = "pixel") -> jt.Var:
+    """The criss-cross attention the models run: the fused kernels unless kernels.cca=jittor (then plain ops) or
+    softmax="whole" (plain ops, said once in the log)."""
+    if softmax == "whole":
+        if selected("cca") == "fused":
+            _whole_softmax_is_plain()
+        return criss_cross_attention_plain(query, key, value, softmax)
     if selected("cca") == "fused":
         return criss_cross_attention_fused(query, key, value)
     return criss_cross_attention_plain(query, key, value)
