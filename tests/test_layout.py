@@ -29,10 +29,10 @@ MAY_IMPORT = {
     "prepare": {"download", "data", "registry"},  # data set recipes: the fetcher, then the loader's own check
     "testing": set(),
     "ops": {"runtime"},
-    "data": {"registry"},
+    "data": {"registry", "fileio"},  # fileio: a FIFO or device given as an image is named as such
     "models": {"runtime", "registry", "ops", "weights"},
-    "engine": {"runtime", "data", "models", "ops", "weights", "fileio", "registry"},  # registry: a saved config's
-    # backbone settings (model_files/ours.py)
+    "engine": {"runtime", "data", "models", "ops", "weights", "fileio", "registry", "validate"},  # registry: a saved
+    # config's backbone settings (model_files/ours.py); validate: a checkpoint's saved config through the same rules
     "export": {"engine", "data", "fileio", "config"},  # config: the schema a published file's config fills
     "jobs": {"runtime", "registry", "ops", "data", "engine", "models", "weights", "summary", "download", "fileio"}
     | {"validate", "hparams", "prepare"},
