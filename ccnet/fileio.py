@@ -19,7 +19,9 @@ it allocates for arrays (storages, copies of tensors, inflated zip records) is c
 3,000 distinct tensors over one storage, a zip record that inflates far beyond the file are refused; one tensor
 referenced many times is built once and stays shared), nested data is at most `MAX_DEPTH` deep and, counted as a
 tree (a pickle can share one list many times over), at most `MAX_ITEMS` + 10 x the file's size objects and
-characters, so that walking or printing what comes back is bounded too; every step is linear in the file's size.
+characters, so that walking or printing what comes back is bounded too, and each pickle's opcodes are counted
+before it is unpickled: the objects a file's pickles build (and references they push) are at most `MAX_OBJECTS` or
+one per `BYTES_PER_OBJECT` bytes of the file; every step is linear in the file's size.
 Text made from a file's objects for messages goes through `brief`, which stops early (reprlib).
 
 `save_torch_file` writes nested dicts/lists of NumPy arrays and plain values in torch.save's zip layout
@@ -37,6 +39,7 @@ import hashlib
 import io
 import os
 import pickle
+import pickletools
 import reprlib
 import stat
 import struct
@@ -61,6 +64,8 @@ MEMORY_FACTOR = 4  # what the reader may allocate for arrays: this many times th
 MEMORY_SLACK = 16 << 20  # ... plus this (small files: dtype tables, zip directories, the bfloat16 widening)
 MAX_DEPTH = 100  # nesting of containers (a state dict is 2 to 4 deep, a config 5)
 MAX_ITEMS = 1_000_000  # objects and characters, counted as a tree, beyond 10 per byte of the file
+MAX_OBJECTS = 100_000  # what a file's pickles may build (objects and references pushed): at least this many ...
+BYTES_PER_OBJECT = 32  # ... or one per this many bytes of the file (real checkpoints: one per 1,400 to 54,000)
 
 _BRIEF = reprlib.Repr()
 _BRIEF.maxlevel, _BRIEF.maxstring, _BRIEF.maxother = 3, 40, 40
@@ -415,7 +420,8 @@ class _Limits:
         self.path, self.file_size = path, file_size
         self.memory = MEMORY_FACTOR * file_size + MEMORY_SLACK
         self.items = MAX_ITEMS + 10 * file_size
-        self.used = 0
+        self.objects = max(MAX_OBJECTS, file_size // BYTES_PER_OBJECT)
+        self.used = self.built = 0
 
     def take(self, nbytes: int, what: str) -> None:
         self.used += nbytes
@@ -426,6 +432,84 @@ class _Limits:
                 f"than the reader allows for a file of {self.file_size:,} bytes ({MEMORY_FACTOR} x its size + "
                 f"{MEMORY_SLACK >> 20} MiB); a corrupt or hostile file",
             )
+
+
+# opcodes that build no object and push no reference (they fill, memoise, mark, frame or end)
+_NOT_BUILDING = {
+    "MARK", "STOP", "POP", "POP_MARK", "PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE",
+    "APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS", "PROTO", "FRAME",
+}  # fmt: skip
+_LINE, _TWO_LINES = -1, -2  # an argument up to a newline (GLOBAL and INST: two lines)
+_LENGTH = {pickletools.TAKEN_FROM_ARGUMENT1: 1, pickletools.TAKEN_FROM_ARGUMENT4: 4,
+           pickletools.TAKEN_FROM_ARGUMENT4U: 4, pickletools.TAKEN_FROM_ARGUMENT8U: 8}  # fmt: skip
+
+
+def _opcode_table() -> list:
+    """opcode byte -> (argument: its fixed size, _LINE, _TWO_LINES or -(10 + size of its length prefix),
+    1 if it builds an object or pushes a reference else 0); None for bytes that are no opcode."""
+    table = [None] * 256
+    for op in pickletools.opcodes:
+        arg = op.arg
+        if arg is None:
+            skip = 0
+        elif op.name in ("GLOBAL", "INST"):
+            skip = _TWO_LINES
+        elif arg.n >= 0:
+            skip = arg.n
+        elif arg.n == pickletools.UP_TO_NEWLINE:
+            skip = _LINE
+        else:
+            skip = -(10 + _LENGTH[arg.n])
+        table[op.code.encode("latin-1")[0]] = (skip, int(op.name not in _NOT_BUILDING))
+    return table
+
+
+_OPCODES = _opcode_table()
+_STOP = pickle.STOP[0]
+
+
+def _count_objects(data: bytes, pos: int, limits: _Limits) -> None:
+    """Count what the pickle starting at data[pos] would build (containers, numbers, strings, calls, references
+    pushed), without building anything: opcode by opcode, arguments skipped, linear in time and constant in memory.
+    Refused in one line once the file's pickles pass `limits.objects`. A truncated or unknown opcode ends the scan
+    there: the unpickler then names the problem as before."""
+    end, table, count = len(data), _OPCODES, limits.built
+    while pos < end:
+        code = data[pos]
+        entry = table[code]
+        if entry is None:
+            break
+        skip, builds = entry
+        pos += 1
+        if skip >= 0:
+            pos += skip
+        elif skip == _LINE:
+            pos = data.find(b"\n", pos) + 1
+        elif skip == _TWO_LINES:
+            pos = data.find(b"\n", pos) + 1
+            pos = pos and data.find(b"\n", pos) + 1
+        else:
+            size = -skip - 10
+            pos += size + int.from_bytes(data[pos : pos + size], "little")
+        if pos <= 0:
+            break
+        count += builds
+        if count > limits.objects:
+            raise FileError(
+                limits.path,
+                f"its pickle builds more than {limits.objects:,} Python objects, the most the reader allows for a "
+                f"file of {limits.file_size:,} bytes ({MAX_OBJECTS:,} or one per {BYTES_PER_OBJECT} bytes); a "
+                "corrupt or hostile file",
+            )
+        if code == _STOP:
+            break
+    limits.built = count
+
+
+def _load(f: io.BytesIO, data: bytes, path, load_storage=None):
+    """The next pickle of `data` (read by `f`), once what it would build is counted."""
+    _count_objects(data, f.tell(), _limits())
+    return _Unpickler(f, path, load_storage).load()
 
 
 _LIMITS: list[_Limits] = []  # the read in progress (the unpickler's callbacks have no other way to reach it)
@@ -560,8 +644,8 @@ def _read_torch_zip(path):
                 storages[key] = np.frombuffer(raw, dtype, numel)
             return storages[key]
 
-        with zf.open(pkl) as f:
-            return _materialise(_Unpickler(f, path, load_storage).load(), path)
+        data = _read_record(zf, records[pkl], records[pkl].file_size)  # counted above
+        return _materialise(_load(io.BytesIO(data), data, path, load_storage), path)
 
 
 def _read_pickle(path, data: bytes):
@@ -573,10 +657,10 @@ def _read_pickle(path, data: bytes):
             raise FileError(path, "corrupt Jittor file: its SHA-1 checksum does not match its contents")
         data = body
     f = io.BytesIO(data)
-    first = _Unpickler(f, path).load()
+    first = _load(f, data, path)
     if not (isinstance(first, int) and first == _LEGACY_MAGIC):
         return _materialise(first, path)
-    _version, _sys_info = _Unpickler(f, path).load(), _Unpickler(f, path).load()
+    _version, _sys_info = _load(f, data, path), _load(f, data, path)
     storages = {}
 
     def load_storage(dtype, key, numel, view=None):
@@ -596,8 +680,8 @@ def _read_pickle(path, data: bytes):
             raise _Malformed(f"a view beyond storage {key}")
         return storages[key][offset : offset + view_size]
 
-    obj = _Unpickler(f, path, load_storage).load()
-    keys = _Unpickler(f, path).load()
+    obj = _load(f, data, path, load_storage)
+    keys = _load(f, data, path)
     if not (isinstance(keys, list) and all(isinstance(k, (str, int)) for k in keys)) or set(map(str, keys)) != set(
         storages
     ):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import planted_files as pf
-from ccnet.fileio import FileError, UnsafeFileError, read_file, save_torch_file
+from ccnet.fileio import BYTES_PER_OBJECT, FileError, UnsafeFileError, read_file, save_torch_file
 from ccnet.testing import torch_twins as twins
 
 
@@ -179,3 +179,72 @@ def test_written_torch_files_read_back_and_load_in_torch(tmp_path, torch_worker)
             assert got.shape == value.shape and got.dtype == value.dtype.newbyteorder("=")
             np.testing.assert_array_equal(got, value)
     assert [p.name for p in tmp_path.iterdir()] == ["out.pth"]  # no temporary file left
+
+
+def resnet101_like_state(rng) -> dict:
+    """A ResNet-101 backbone's state dict as to its keys and tensors (594), each tensor small."""
+    state = {}
+    for stage, blocks in enumerate((3, 4, 23, 3), 1):
+        for block in range(blocks):
+            for conv in (1, 2, 3):
+                name = f"backbone.layer{stage}.{block}.conv{conv}"
+                state[f"{name}.weight"] = rng.standard_normal((2, 2, 1, 1)).astype(np.float32)
+                for part in ("weight", "bias", "running_mean", "running_var"):
+                    state[f"{name.replace('conv', 'bn')}.{part}"] = rng.standard_normal(2).astype(np.float32)
+                state[f"{name.replace('conv', 'bn')}.num_batches_tracked"] = np.array(7, np.int64)
+    return state
+
+
+@pytest.mark.parametrize("layout", ["torch_zip", "pickle"])
+def test_a_checkpoint_of_many_tensors_reads(tmp_path, layout):
+    """A training checkpoint of a ResNet-101's 594 tensors and as many momentum buffers (1,188 small arrays, 150 class
+    names) builds far fewer objects than the bound (100,000 for a file this small)."""
+    rng = np.random.default_rng(2)
+    state = resnet101_like_state(rng)
+    momentum = {key: rng.standard_normal(value.shape).astype(np.float32) for key, value in state.items()}
+    path = tmp_path / "many.pth"
+    obj = {"meta": {"CLASSES": [f"c{i}" for i in range(150)]}, "state_dict": state, "momentum": momentum}
+    if layout == "torch_zip":
+        save_torch_file(path, obj)
+    else:
+        path.write_bytes(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
+    got = read_file(path)
+    assert len(state) == 594 and got["meta"] == obj["meta"] and got["state_dict"].keys() == state.keys()
+    for key, value in state.items():
+        np.testing.assert_array_equal(got["state_dict"][key], value)
+        np.testing.assert_array_equal(got["momentum"][key], momentum[key])
+
+
+def test_the_object_count_bound_is_one_per_32_bytes(tmp_path):
+    """{'pad': bytes, 'x': [n ints]} in protocol 3 builds n + 5 objects (the dict, two keys, the bytes, the list,
+    n ints; counted by hand from the opcodes): read when the file has 32 bytes for each, refused one byte short."""
+    n = 200_000
+    assert BYTES_PER_OBJECT == 32 and (n + 5) * 32 > 100_000 * 32  # beyond the 100,000 every file may build
+    size0 = len(pickle.dumps({"pad": bytes(256), "x": list(range(n))}, protocol=3)) - 256  # BINBYTES from 256 on
+    path = tmp_path / "ints.pkl"
+    for spare, reads in ((0, True), (31, True), (-1, False)):
+        pad = (n + 5) * 32 - size0 + spare
+        path.write_bytes(pickle.dumps({"pad": bytes(pad), "x": list(range(n))}, protocol=3))
+        assert path.stat().st_size == (n + 5) * 32 + spare
+        if reads:
+            assert read_file(path)["x"] == list(range(n))
+        else:
+            with pytest.raises(FileError) as err:
+                read_file(path)
+            assert str(err.value) == (
+                f"{path}: its pickle builds more than {n + 4:,} Python objects, the most the reader allows for a file "
+                f"of {path.stat().st_size:,} bytes (100,000 or one per 32 bytes); a corrupt or hostile file"
+            )
+
+
+def test_a_legacy_files_storage_bytes_are_not_counted_as_opcodes(tmp_path):
+    """The count covers a legacy file's five pickles, each up to its STOP, not the raw storage data after them:
+    here 2,000,156 bytes of 0x7d, each pickle's EMPTY_DICT opcode were it read as one (the element count before
+    them starts with BINFLOAT's opcode, whose 8-byte argument would carry a scan past the STOP into the data)."""
+    n = 1953 * 256 + ord("G")
+    raw = b"}" * (4 * n)
+    obj = {"state_dict": {"w": pf.tensor("0", (n,), legacy=True)}}
+    data = b"".join(pf.crafted(part) for part in (pf.LEGACY_MAGIC, 1001, {"little_endian": True}, obj, ["0"]))
+    path = tmp_path / "legacy.pth"
+    path.write_bytes(data + n.to_bytes(8, "little") + raw)
+    np.testing.assert_array_equal(read_file(path)["state_dict"]["w"], np.frombuffer(raw, np.float32))

@@ -31,6 +31,7 @@ PATH_SLACK = 96 * MIB  # what a path itself may add over the reader's own bound 
 OBJECT_BYTES = 12  # the reader's Python objects (zip directory, tensors' views): at most this many bytes per file byte
 
 MORE_THAN_IT_HOLDS = "declares more data than it holds"
+TOO_MANY_OBJECTS = "Python objects, the most the reader allows for a file of"
 NOT_OURS = "not a ccnet checkpoint"
 NO_FAMILY = "no family's signature keys"
 NO_FIT = "no tensor fits ResNet"
@@ -65,12 +66,15 @@ CASES = {
     "nested_device": refused_by_reader("it holds a torch.device of ([[[...], [...]], [[...], [...]]],)"),
     "nested_pid": refused_by_reader("it holds a persistent id ([[[...], [...]], [[...], [...]]],)"),
     "deep_lists": refused_by_reader("nested more than 100 levels deep"),
+    # counted before unpickling: what unpickling builds is at most one object per 32 bytes of the file
+    "small_dicts": refused_by_reader(TOO_MANY_OBJECTS),
+    "many_ints": refused_by_reader(TOO_MANY_OBJECTS),
     # read (shared, linear), then refused for what they are
     "shared_tensor": {**dict.fromkeys(("eval", "init", "resume", "export"), NOT_OURS), "pretrained": NO_FIT,
                       "convert": NO_FAMILY},
-    # the same reader on every path: the two families of readers (whole models, backbone weights) suffice for the
-    # costly one, whose time ceiling catches a scan per storage (61 s before)
-    "many_records": {**dict.fromkeys(PATHS), "eval": NOT_OURS, "convert": NO_FAMILY},
+    # 50,000 one-element tensors: 18 objects each in data.pkl, one per 16 bytes of the file (61 s before, with a
+    # scan per storage); the same reader on every path, so the two families of readers suffice
+    "many_records": {**dict.fromkeys(PATHS), "eval": TOO_MANY_OBJECTS, "convert": TOO_MANY_OBJECTS},
     # arrays of the wrong dtype or shape, before any arithmetic on them (export reads published files as eval does)
     "mmseg_gamma_2": {
         **dict.fromkeys(("eval", "init", "export"), "decode_head.cca.gamma.scale holds a float32 array of shape (2,); "
@@ -158,6 +162,8 @@ def traced_read(path):
         ("zip_bomb", "storage archive/data/0 of 67,108,864 items"),
         ("nested_lists", "objects and characters"),
         ("deep_lists", "nested more than 100 levels deep"),
+        ("small_dicts", "builds more than 100,000 Python objects, the most the reader allows for a file of 2,10"),
+        ("many_ints", "builds more than 152,229 Python objects, the most the reader allows for a file of 4,871,352"),
     ],
 )
 def test_the_reader_refuses_before_it_allocates(tmp_path, case, problem):
