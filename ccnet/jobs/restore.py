@@ -17,6 +17,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from ccnet.data.datasets import dataset_with_classes
 from ccnet.engine.checkpoint import CheckpointError, resolve_checkpoint
 from ccnet.engine.model_files import ModelFile, adopt_variant, load_model_file, read_model_file, report
 from ccnet.models import build_model
@@ -27,7 +28,6 @@ from .common import prepare_run_dir
 
 log = logging.getLogger(__name__)
 CONF = Path(__file__).resolve().parents[2] / "conf"
-DATASET_OF_CLASSES = {19: "cityscapes", 150: "ade20k", 21: "voc"}  # the published models' data sets
 ARCHITECTURE = ("recurrence", "act", "aux_channels", "aux_bias", "align_corners")  # model.* keys a file decides
 
 
@@ -91,9 +91,11 @@ def adopt_published(cfg, mf: ModelFile, adopt_dataset: bool) -> list[str]:
     """cfg's architecture from a published file; predict / visualize also take the data set of its class count
     (its class names and colours)."""
     notes, classes = [], mf.variant["num_classes"]
-    if adopt_dataset and classes != cfg.dataset.num_classes and classes in DATASET_OF_CLASSES:
-        name = DATASET_OF_CLASSES[classes]
-        cfg.dataset = OmegaConf.merge(cfg.dataset, OmegaConf.load(CONF / "dataset" / f"{name}.yaml"))
+    name = dataset_with_classes(classes) if adopt_dataset and classes != cfg.dataset.num_classes else None
+    if name is not None:
+        section = OmegaConf.load(CONF / "dataset" / f"{name}.yaml")
+        section.pop("defaults", None)  # a data set's own schedule (context's) is no part of its classes
+        cfg.dataset = OmegaConf.merge(cfg.dataset, section)
         notes.append(f"{classes} classes: dataset={name} for the class names and colours")
     return notes + adopt_variant(cfg, mf)
 
