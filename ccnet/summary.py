@@ -5,7 +5,7 @@
   overrides from `.hydra/overrides.yaml`, status, final val mIoU (`metrics.json`), best val mIoU over every
   evaluation (`val/mIoU` in the TensorBoard events), time; writes summary.csv, summary.md, summary.png.
 - `SweepSummary` is the Hydra callback (conf/config.yaml, hydra.callbacks) calling it when a multirun ends;
-  `python run.py job=sweep sweep_dir=PATH` calls it on any sweep folder.
+  `python run.py job=summarize sweep_dir=PATH` calls it on any sweep folder.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
 from ccnet.fileio import atomic_file
-from ccnet.runtime import import_tensorboardx, mpi_rank
+from ccnet.launch import mpi_rank
+from ccnet.tensorboard import import_tensorboardx
 
 log = logging.getLogger(__name__)
 

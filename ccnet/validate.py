@@ -20,8 +20,9 @@ from typing import Any, Callable, NamedTuple
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ccnet import runtime
+from ccnet.launch import mpi_world_size
 from ccnet.registry import ACTIVATIONS, BACKBONES, DATASETS, JOBS, LOSSES
-from ccnet.runtime import DEVICES, mpi_world_size
+from ccnet.runtime import DEVICES
 
 
 class ConfigValueError(ValueError):
@@ -184,7 +185,7 @@ RULES: dict[str, Rule] = {
     "seed": integer(0),  # NumPy's seeded generators take no negative seeds
     "checkpoint": model_file("checkpoint", "eval", "visualize", "predict"),
     "model.init": model_file("model.init", only=("train",)),
-    "sweep_dir": needed_by("sweep"),
+    "sweep_dir": needed_by("summarize", "sweep"),
     "input": needed_by("predict"),
     "point": Rule(
         lambda v, cfg: v is None or (is_list(v, 2) and all(is_int(x) and x >= 0 for x in v)),

@@ -13,16 +13,20 @@ PACKAGE = ROOT / "ccnet"
 
 # Who may import whom (ccnet.<layer>): data flows run.py -> jobs -> engine -> models/data/ops, never back up.
 MAY_IMPORT = {
-    "runtime": {"cuda_compat", "crash_guard"},
+    "runtime": {"cuda_compat", "crash_guard", "onednn", "compile_log"},
     "cuda_compat": set(),
     "crash_guard": set(),
+    "onednn": set(),
+    "compile_log": set(),
+    "launch": set(),
+    "tensorboard": set(),
     "registry": set(),
     "fileio": set(),
-    "config": {"runtime", "run_dirs"},
-    "run_dirs": {"runtime"},
-    "validate": {"runtime", "registry", "ops", "models"},
-    "preflight": {"runtime", "run_dirs", "validate"},
-    "summary": {"runtime", "fileio"},
+    "config": {"runtime", "run_dirs", "launch"},
+    "run_dirs": {"launch"},
+    "validate": {"runtime", "registry", "ops", "models", "launch"},
+    "preflight": {"runtime", "run_dirs", "validate", "launch"},
+    "summary": {"launch", "fileio", "tensorboard"},
     "weights": {"registry", "runtime", "fileio", "export"},  # export: only its command line (weights.main)
     "download": set(),
     "testing": set(),
@@ -32,9 +36,13 @@ MAY_IMPORT = {
     "engine": {"runtime", "data", "models", "ops", "weights", "fileio"},
     "export": {"engine", "data", "fileio", "models"},  # models: the mmseg key mapping, for --format mmseg only
     "jobs": {"runtime", "registry", "ops", "data", "engine", "models", "weights", "summary", "download", "fileio"}
-    | {"validate"},
+    | {"validate", "config", "tensorboard"},  # config: where conf/ is (a data set's section for a published model)
     "api": {"runtime", "registry", "ops", "data", "engine", "models", "weights", "jobs", "config", "download"}
     | {"validate"},
+    # run.py's job, for run.py, the `ccnet` command and `python -m ccnet` (__main__): the top of the package
+    "cli": {"runtime", "config", "launch", "validate", "summary", "data", "download", "engine", "fileio", "jobs"}
+    | {"registry"},
+    "__main__": {"cli"},
 }
 
 
@@ -149,18 +157,18 @@ import sys
 from ccnet import runtime
 runtime.setup("cpu")
 from ccnet.api import compose_config
-from ccnet.jobs import get_job
+from ccnet.registry import JOBS
 from ccnet.summary import read_scalars
 import pathlib
 run = pathlib.Path({str(tmp_path / "run")!r})
-get_job("train")(compose_config(["experiment=tiny", "schedule.iters=2", "schedule.checkpoint_every=2"]), run)
+JOBS.get("train").factory(compose_config(["experiment=tiny", "schedule.iters=2", "schedule.checkpoint_every=2"]), run)
 assert len(read_scalars(run / "tb", "val/mIoU")) == 1  # what a sweep summary reads
 print("torch" in sys.modules, sys.modules.get("tensorboardX") is not None)
 """
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split()[-2:] == ["False", "True"], proc.stdout[-500:]
-    first = "import torch, sys\nfrom ccnet import runtime\ntb = runtime.import_tensorboardx()\n"
+    first = "import torch, sys\nfrom ccnet.tensorboard import import_tensorboardx\ntb = import_tensorboardx()\n"
     first += "print(tb.writer.numpy_compatible is torch.Tensor)"
     proc = subprocess.run([sys.executable, "-c", first], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.split()[-1] == "True", proc.stderr[-2000:]

@@ -20,10 +20,6 @@ runtime.ensure_setup()  # the jobs import Jittor: set it up first (a no-op after
 log = logging.getLogger(__name__)
 
 
-def get_job(name: str):
-    return JOBS.get(name).factory
-
-
 def run_job(cfg, run_dir: Path, multirun: bool, reraise=()):
     """The job cfg.job on (cfg, run_dir), with status.json written either way (status ok or failed, the error,
     the seconds). A failure raises unless multirun: then it logs its traceback and returns -inf (a float, so the
@@ -37,7 +33,7 @@ def run_job(cfg, run_dir: Path, multirun: bool, reraise=()):
 
     try:
         ops.select(**cfg.kernels)
-        result = get_job(cfg.job)(cfg, run_dir)
+        result = JOBS.get(cfg.job).factory(cfg, run_dir)
     except Exception as err:
         if isinstance(err, reraise):
             raise

@@ -17,6 +17,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from ccnet.config import config_dir
 from ccnet.data.datasets import dataset_with_classes
 from ccnet.engine.checkpoint import CheckpointError, resolve_checkpoint
 from ccnet.engine.model_files import ModelFile, adopt_variant, load_model_file, read_model_file, report
@@ -27,7 +28,6 @@ from ccnet.registry import BACKBONES, RegistryError
 from .common import prepare_run_dir
 
 log = logging.getLogger(__name__)
-CONF = Path(__file__).resolve().parents[2] / "conf"
 ARCHITECTURE = ("recurrence", "act", "aux_channels", "aux_bias", "align_corners")  # model.* keys a file decides
 
 
@@ -93,7 +93,7 @@ def adopt_published(cfg, mf: ModelFile, adopt_dataset: bool) -> list[str]:
     notes, classes = [], mf.variant["num_classes"]
     name = dataset_with_classes(classes) if adopt_dataset and classes != cfg.dataset.num_classes else None
     if name is not None:
-        section = OmegaConf.load(CONF / "dataset" / f"{name}.yaml")
+        section = OmegaConf.load(config_dir() / "dataset" / f"{name}.yaml")
         section.pop("defaults", None)  # a data set's own schedule (context's) is no part of its classes
         cfg.dataset = OmegaConf.merge(cfg.dataset, section)
         notes.append(f"{classes} classes: dataset={name} for the class names and colours")
