@@ -25,26 +25,26 @@ from ccnet import runtime
 
 runtime.ensure_setup()
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
-
 
 def compose_config(overrides=()):
-    """The config run.py would compose from conf/ with these overrides."""
+    """The config run.py would compose from conf/ (the checkout's, or the one installed with the package) with
+    these overrides."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from ccnet.config import register_configs
+    from ccnet.config import config_dir, register_configs
 
     register_configs()
+    conf = str(config_dir())
     if not GlobalHydra.instance().is_initialized():
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        with initialize_config_dir(config_dir=conf, version_base="1.3"):
             return compose(config_name="config", overrides=list(overrides))
     from hydra.initialize import get_gh_backup, restore_gh_from_backup
 
     backup = get_gh_backup()  # inside a Hydra app (run.py, a notebook's own compose): put its state back after
     GlobalHydra.instance().clear()
     try:
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        with initialize_config_dir(config_dir=conf, version_base="1.3"):
             return compose(config_name="config", overrides=list(overrides))
     finally:
         restore_gh_from_backup(backup)

@@ -11,13 +11,29 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
+from ccnet.launch import launch_time, mpi_rank
 from ccnet.run_dirs import claim_dir
-from ccnet.runtime import launch_time, mpi_rank
+
+
+def config_dir() -> Path:
+    """The conf/ folder Hydra composes from: the checkout's top-level conf/ beside ccnet/ (run.py, an editable
+    install), or, installed from a wheel or `pip install .`, the copy shipped inside the package as ccnet/conf
+    (pyproject.toml maps conf/ to it)."""
+    package = Path(__file__).resolve().parent
+    shipped = package / "conf"
+    return shipped if shipped.is_dir() else package.parent / "conf"
+
+
+def config_groups() -> list[str]:
+    """The groups conf/config.yaml picks one option of (paths, backbone, ..., experiment), in its order."""
+    defaults = OmegaConf.load(config_dir() / "config.yaml").defaults
+    return [next(iter(entry)) for entry in defaults if not isinstance(entry, str)]
 
 
 @dataclass
@@ -178,13 +194,13 @@ class ExploreConfig:  # job=explore: the attention explorer's web page (ccnet/jo
 
 @dataclass
 class Config:
-    job: str = "train"  # a registered job (ccnet.registry.JOBS): train, eval, sweep, visualize, predict, download, ...
+    job: str = "train"  # a registered job (ccnet.registry.JOBS): train, eval, summarize, visualize, predict, ...
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     verbose: bool = False  # show Jittor's compile logs
     checkpoint: Optional[str] = None  # job=eval|visualize|predict|explore: a checkpoint, an export, a run directory, an
     # mmsegmentation or the authors' CCNet file, or zoo (the zoo preset's published file)
-    sweep_dir: Optional[str] = None  # job=sweep: the multirun folder to summarise
+    sweep_dir: Optional[str] = None  # job=summarize: the multirun folder to summarise
     image: Optional[str] = None  # job=visualize: the picture (default: the first val image)
     point: Optional[List[int]] = None  # job=visualize: [y, x] in image pixels (default: on an object)
     input: Optional[str] = None  # job=predict|explore: an image file or a folder of images

@@ -87,30 +87,16 @@ def published_config(mf) -> dict:
 
 
 def class_names(dataset: dict) -> list[str]:
-    """The class names of a dataset config section; "0", "1", ... where they are not known here."""
-    from .data.ade20k import ADE20K_CLASSES
-    from .data.cityscapes import CITYSCAPES_CLASSES
-    from .data.context import CONTEXT_CLASSES
-    from .data.synthetic import SHAPES_CLASSES
-    from .data.voc import VOC_CLASSES
+    """The class names of a dataset config section, as its data set declares them (ccnet/data/datasets.py)."""
+    from .data.datasets import dataset_facts
 
-    ade20k = ADE20K_CLASSES if dataset.get("reduce_zero_label", True) else ("other",) + ADE20K_CLASSES
-    known = {"embedded": SHAPES_CLASSES, "context": CONTEXT_CLASSES, "cityscapes": CITYSCAPES_CLASSES}
-    names = {**known, "voc": VOC_CLASSES, "ade20k": ade20k}.get(dataset.get("name"), dataset.get("classes"))
-    n = int(dataset["num_classes"])
-    return list(names) if names is not None and len(names) == n else [str(i) for i in range(n)]
+    return list(dataset_facts(dataset).class_names)
 
 
 def palette(dataset: dict) -> list[list[int]]:
-    from .data.cityscapes import CITYSCAPES_PALETTE
-    from .data.context import MARKER_COLOURS
-    from .data.datasets import default_palette
+    from .data.datasets import dataset_facts
 
-    n = int(dataset["num_classes"])
-    colours = {"cityscapes": CITYSCAPES_PALETTE, "context": np.concatenate([[[0, 0, 0]], MARKER_COLOURS])}
-    chosen = colours.get(dataset.get("name"))
-    chosen = chosen if chosen is not None and len(chosen) == n else default_palette(n)
-    return np.asarray(chosen).astype(int).tolist()
+    return np.asarray(dataset_facts(dataset).palette).astype(int).tolist()
 
 
 def export_meta(state: dict, source) -> dict:

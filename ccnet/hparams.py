@@ -29,7 +29,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from ccnet.fileio import atomic_file
-from ccnet.runtime import import_tensorboardx
+from ccnet.tensorboard import import_tensorboardx
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
 from ccnet import run_dirs
-from ccnet.runtime import launch_identity, mpi_rank
+from ccnet.launch import launch_identity, mpi_rank
 from ccnet.validate import ConfigValueError, check
 
 log = logging.getLogger("ccnet")

@@ -18,7 +18,7 @@ import shutil
 import time
 from pathlib import Path
 
-from ccnet.runtime import launch_alive, launch_identity, launched_by_local_mpirun, mpi_rank
+from ccnet.launch import launch_alive, launch_identity, launched_by_local_mpirun, mpi_rank
 
 CLAIM = ".claim"
 RUN_MARKERS = ("config.yaml", "checkpoints", "metrics.json")  # a folder with any of these holds a run

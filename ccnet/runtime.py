@@ -1,23 +1,20 @@
-"""Jittor set-up that must happen before `import jittor`: device, oneDNN, log level.
+"""Jittor set-up that must happen before `import jittor`: the device, the environment Jittor reads at import.
 
-Import this module (and call `setup`) before anything imports Jittor. Two facts of Jittor drive it:
-- a machine with `nvcc` but no CUDA driver crashes at import unless `nvcc_path` is empty;
-- Jittor downloads oneDNN 2.2 into `~/.cache/jittor/mkl/dnnl_lnx_2.2.0_cpu_gomp/` at first import, and
-  without it convolutions run far slower (README). We point that folder at a oneDNN 2.x that pip (the
-  `onednn-devel-cpu-gomp` wheel, inside the venv) or Debian (`libdnnl-dev`) installed, so no download happens.
+Import this module (and call `setup`) before anything imports Jittor. A machine with `nvcc` but no CUDA driver
+crashes at import unless `nvcc_path` is empty; the CUDA libraries come through ccnet/cuda_compat.py, oneDNN
+through ccnet/onednn.py (no download), and Jittor's compile progress is kept off the terminal by
+ccnet/compile_log.py.
 """
 
 from __future__ import annotations
 
 import ctypes
-import glob
-import io
 import os
 import signal
-import subprocess
 import sys
-import warnings
-from pathlib import Path
+
+from ccnet.compile_log import hide_compile_progress
+from ccnet.onednn import find_onednn, setup_onednn
 
 _state: dict = {}
 DEVICES = ("auto", "cpu", "cuda")
@@ -25,79 +22,6 @@ DEVICES = ("auto", "cpu", "cuda")
 
 class DeviceError(RuntimeError):
     """The asked-for device cannot be used (no GPU for device=cuda, no CUDA compiler)."""
-
-
-# Where Jittor looks for oneDNN (compile_extern.setup_mkl); the folder name is fixed in Jittor.
-JITTOR_DNNL_DIR = Path.home() / ".cache" / "jittor" / "mkl" / "dnnl_lnx_2.2.0_cpu_gomp"
-
-
-def _find_onednn() -> tuple[Path, Path] | None:
-    """(include dir, libdnnl.so.2 path) of an installed oneDNN 2.x, or None."""
-    prefixes = [Path(sys.prefix), Path(sys.base_prefix), Path("/usr"), Path("/usr/local")]
-    for prefix in prefixes:
-        inc = prefix / "include"
-        version_h = inc / "oneapi" / "dnnl" / "dnnl_version.h"
-        if not (inc / "dnnl.hpp").is_file() or not version_h.is_file():
-            continue
-        if _dnnl_major(version_h) != 2:
-            continue
-        libs = glob.glob(str(prefix / "lib" / "libdnnl.so.2")) + glob.glob(
-            str(prefix / "lib" / "*-linux-gnu" / "libdnnl.so.2")
-        )
-        if libs:
-            return inc, Path(libs[0]).resolve()
-    return None
-
-
-def _dnnl_major(version_header: Path) -> int:
-    for line in version_header.read_text().splitlines():
-        if line.startswith("#define DNNL_VERSION_MAJOR"):
-            return int(line.split()[-1])
-    return -1
-
-
-def _link(src: Path, dst: Path) -> None:
-    if dst.is_symlink() and Path(os.readlink(dst)) == src:
-        return
-    if dst.is_symlink() or dst.exists():
-        dst.unlink()
-    dst.symlink_to(src)
-
-
-def _prepend_env_path(name: str, path: Path) -> None:
-    parts = [p for p in os.environ.get(name, "").split(os.pathsep) if p]
-    if str(path) not in parts:
-        os.environ[name] = os.pathsep.join([str(path), *parts])
-
-
-def setup_onednn() -> str:
-    """Make Jittor's oneDNN folder point at an installed oneDNN 2.x. Returns a short status."""
-    lib_file = JITTOR_DNNL_DIR / "lib" / "libmkldnn.so"
-    # Our own oneDNN op (ccnet/ops/conv.py) includes <dnnl.hpp>; Jittor passes that -I to its own oneDNN ops
-    # only. The compiler reads this variable; it is not part of Jittor's cache keys, so nothing recompiles.
-    _prepend_env_path("CPLUS_INCLUDE_PATH", JITTOR_DNNL_DIR / "include")
-    if lib_file.is_file() and not lib_file.is_symlink():
-        return f"oneDNN: Jittor's own copy in {JITTOR_DNNL_DIR}"  # a real download from elsewhere: keep it
-    found = _find_onednn()
-    if found is None:
-        os.environ["use_mkl"] = "0"  # otherwise Jittor tries to download it and fails offline
-        warnings.warn(
-            "oneDNN 2.x not found (pip: onednn-devel-cpu-gomp==2022.2.1, Debian: libdnnl-dev); "
-            "Jittor runs convolutions without it, far slower on the CPU.",
-            stacklevel=2,
-        )
-        return "oneDNN: missing (slow CPU path)"
-    inc, lib = found
-    (JITTOR_DNNL_DIR / "include").mkdir(parents=True, exist_ok=True)
-    (JITTOR_DNNL_DIR / "lib").mkdir(parents=True, exist_ok=True)
-    for header in list(inc.glob("dnnl*.h*")) + [inc / "oneapi"]:
-        if header.exists():
-            _link(header, JITTOR_DNNL_DIR / "include" / header.name)
-    _link(lib, lib_file)
-    # The op library Jittor builds records the SONAME libdnnl.so.2; loading it globally first
-    # lets the dynamic linker resolve it without LD_LIBRARY_PATH.
-    ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
-    return f"oneDNN: {lib}"
 
 
 def shield_compile_pool() -> None:
@@ -125,53 +49,6 @@ def cuda_driver_available() -> bool:
     if libcuda.cuInit(0) != 0 or libcuda.cuDeviceGetCount(ctypes.byref(count)) != 0:
         return False
     return count.value > 0
-
-
-# Runs in a child process: copies stdin to stdout, dropping Jittor's "Compiling Operators(i/n) ..." progress,
-# which Jittor's C++ writes straight to file descriptor 2 whatever its log level.
-_PROGRESS_FILTER = r"""
-import os, re, signal
-# Ctrl-C and SIGTERM reach the whole process group; the filter lives until its writer closes the pipe
-signal.signal(signal.SIGINT, signal.SIG_IGN)
-signal.signal(signal.SIGTERM, signal.SIG_IGN)
-progress = re.compile(rb"\n?Compiling Operators\(\d+/\d+\)[^\r\n]*\r?\n?")
-pending = b""
-while True:
-    chunk = os.read(0, 65536)
-    if not chunk:
-        break
-    pending += chunk
-    cut = max(pending.rfind(b"\n"), pending.rfind(b"\r")) + 1
-    out, pending = progress.sub(b"", pending[:cut]), pending[cut:]
-    if out.strip(b"\r\n"):
-        os.write(1, out)
-if pending:
-    os.write(1, progress.sub(b"", pending))
-"""
-
-
-def hide_compile_progress() -> None:
-    """Route fd 2 through a filter process; Python's own sys.stderr keeps writing to the terminal directly.
-
-    A child process (not a thread) does the filtering because Jittor compiles while holding the GIL: a
-    thread could not drain the pipe then, and a full pipe would block Jittor.
-    """
-    if _state.get("filtered"):
-        return
-    sys.stderr.flush()
-    original = os.dup(2)
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _PROGRESS_FILTER], stdin=subprocess.PIPE, stdout=original, close_fds=True
-    )
-    os.dup2(proc.stdin.fileno(), 2)
-    proc.stdin.close()
-    sys.stderr = io.TextIOWrapper(
-        os.fdopen(original, "wb", buffering=0),
-        write_through=True,
-        encoding=sys.stderr.encoding or "utf-8",
-        errors="backslashreplace",
-    )
-    _state["filtered"] = proc
 
 
 def setup(device: str = "auto", verbose: bool = False):
@@ -214,7 +91,7 @@ def setup(device: str = "auto", verbose: bool = False):
             _state["cuda"] = cuda_compat.prepare()
         except cuda_compat.CudaSetupError as error:
             raise DeviceError(str(error)) from None
-        if _find_onednn() is None:
+        if find_onednn() is None:
             os.environ.setdefault("use_mkl", "0")  # a GPU run needs no CPU convolutions: no warning about them
     status = setup_onednn() if os.environ.get("use_mkl", "1") == "1" else "oneDNN: disabled"
     import jittor as jt
@@ -242,111 +119,6 @@ def ensure_setup():
         _state.update(jt=jt, onednn="oneDNN: as Jittor found it", device="cuda" if jt.flags.use_cuda else "cpu")
         return jt
     return setup()
-
-
-def import_tensorboardx():
-    """tensorboardX, imported with torch hidden: its writer module imports torch when torch is installed (only to
-    accept torch tensors), and torch and Jittor in one process have crashed (tests run torch in a worker process).
-    Where the user imported torch already, it is imported as it is."""
-    if "tensorboardX" in sys.modules or "torch" in sys.modules:
-        import tensorboardX
-
-        return tensorboardX
-    sys.modules["torch"] = None  # `import torch` now raises ImportError, which tensorboardX expects without torch
-    try:
-        import tensorboardX
-    finally:
-        if "torch" in sys.modules and sys.modules["torch"] is None:
-            del sys.modules["torch"]
-    return tensorboardX
-
-
-def mpi_rank() -> int:
-    """This process's rank under mpirun (OpenMPI, or PMI-style launchers), read before Jittor is imported."""
-    for name in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"):
-        if name in os.environ:
-            return int(os.environ[name])
-    return 0
-
-
-def mpi_world_size() -> int:
-    """The number of MPI ranks (1 without mpirun), read before Jittor is imported."""
-    for name in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
-        if name in os.environ:
-            return int(os.environ[name])
-    return 1
-
-
-def _process_start(pid: int | str = "self") -> int | None:
-    """A process's start time in clock ticks since boot (with its pid, it names the process uniquely)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[19])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-MPIRUNS = ("mpirun", "mpiexec", "orterun", "prterun", "prte")
-MPI_DAEMONS = ("orted", "prted")  # what starts the ranks on the other machines
-
-
-def _mpi_launcher() -> tuple[int, int, str] | None:
-    """(pid, start ticks, name) of the mpirun (or OpenMPI daemon) above this process, or None."""
-    if mpi_rank() == 0 and "OMPI_COMM_WORLD_SIZE" not in os.environ:
-        return None
-    try:
-        pid = os.getppid()
-        while pid > 1:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            with open(f"/proc/{pid}/comm") as f:
-                name = f.read().strip()
-            if name in MPIRUNS + MPI_DAEMONS:
-                return pid, int(fields[19]), name
-            pid = int(fields[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def launch_time() -> float:
-    """When this job was launched: mpirun's start time for every MPI rank on a machine (so that all ranks
-    agree on one run folder), else now."""
-    import time
-
-    launcher = _mpi_launcher()
-    if launcher is None:
-        return time.time()
-    try:
-        boot = next(float(line.split()[1]) for line in open("/proc/stat") if line.startswith("btime"))
-        return boot + launcher[1] / os.sysconf("SC_CLK_TCK")
-    except (OSError, StopIteration, ValueError):
-        return time.time()
-
-
-def launch_identity() -> str:
-    """`host:pid:start` of the launch: mpirun's for every MPI rank on a machine, else this process's own."""
-    import socket
-
-    pid, start, _ = _mpi_launcher() or (os.getpid(), _process_start(), "")
-    return f"{socket.gethostname()}:{pid}:{start}"
-
-
-def launched_by_local_mpirun() -> bool:
-    """Whether mpirun itself (not a daemon on another machine, not srun) started this process: then rank 0 of
-    the same launch runs on this machine."""
-    launcher = _mpi_launcher()
-    return launcher is not None and launcher[2] in MPIRUNS
-
-
-def launch_alive(identity: str) -> bool:
-    """Whether the launch an identity names still runs (False when it ran on another machine: unknowable)."""
-    import socket
-
-    host, pid, start = (identity.rsplit(":", 2) + ["", ""])[:3]
-    if host != socket.gethostname() or not pid.isdigit() or not start.isdigit():
-        return False
-    return str(_process_start(int(pid))) == start
 
 
 def current_device() -> str | None:

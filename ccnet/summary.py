@@ -6,7 +6,7 @@
   evaluation (`val/mIoU` in the TensorBoard events), time; writes summary.csv, summary.md, summary.png, and
   each job's session of TensorBoard's HParams tab (ccnet/hparams.py: the keys the table shows first).
 - `SweepSummary` is the Hydra callback (conf/config.yaml, hydra.callbacks) calling it when a multirun ends;
-  `python run.py job=sweep sweep_dir=PATH` calls it on any sweep folder.
+  `python run.py job=summarize sweep_dir=PATH` calls it on any sweep folder.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from omegaconf import OmegaConf
 
 from ccnet.fileio import atomic_file
 from ccnet.hparams import write_sweep_hparams
-from ccnet.runtime import import_tensorboardx, mpi_rank
+from ccnet.launch import mpi_rank
+from ccnet.tensorboard import import_tensorboardx
 
 log = logging.getLogger(__name__)
 

@@ -25,8 +25,9 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ccnet import runtime
+from ccnet.launch import mpi_world_size
 from ccnet.registry import ACTIVATIONS, AUX_HEADS, BACKBONES, DATASETS, HEADS, JOBS, LOSSES
-from ccnet.runtime import DEVICES, mpi_world_size
+from ccnet.runtime import DEVICES
 
 
 class ConfigValueError(ValueError):
@@ -318,7 +319,7 @@ RULES: dict[str, Rule] = {
     },
     "checkpoint": model_file("checkpoint", "eval", "visualize", "predict", "explore"),
     "model.init": model_file("model.init", only=("train",)),
-    "sweep_dir": needed_by("sweep", path=True),
+    "sweep_dir": needed_by("summarize", "sweep", path=True),
     "input": needed_by("predict", path=True),
     "point": Rule(
         lambda v, cfg: v is None or (is_list(v, 2) and all(is_int(x) and x >= 0 for x in v)),

@@ -51,9 +51,8 @@ def main(folder: Path, plan: dict[str, list[str]]) -> None:
     from ccnet.engine.checkpoint import CheckpointError, save_checkpoint
     from ccnet.export import main as export_main
     from ccnet.fileio import FileError
-    from ccnet.jobs import get_job
     from ccnet.models import build_model
-    from ccnet.registry import RegistryError
+    from ccnet.registry import JOBS, RegistryError
     from ccnet.validate import ConfigValueError
     from ccnet.weights import main as weights_main
 
@@ -90,7 +89,7 @@ def main(folder: Path, plan: dict[str, list[str]]) -> None:
         }[path_name]
         try:
             job = config(overrides)
-            get_job(job.job)(job, out)
+            JOBS.get(job.job).factory(job, out)
         except reported as error:
             return 1, "".join(f"error: {line}\n" for line in str(error).splitlines())
         except BaseException as error:  # noqa: BLE001 - what a user would see as a traceback

@@ -112,7 +112,7 @@ def test_finetune_from_a_published_model_on_another_data_set(tiny_file, compose,
     named in the log; with lr 1e-30 two iterations change no weight, so the checkpoint still holds the file's."""
     import logging
 
-    from ccnet.jobs import get_job
+    from ccnet.registry import JOBS
 
     path, source = tiny_file
     overrides = [
@@ -125,7 +125,7 @@ def test_finetune_from_a_published_model_on_another_data_set(tiny_file, compose,
         "eval.max_images=2",
     ]
     with caplog.at_level(logging.INFO):
-        get_job("train")(compose(overrides), tmp_path)
+        JOBS.get("train").factory(compose(overrides), tmp_path)
     assert (
         "new classifier for 7 classes (the file's has 19), freshly initialised: aux_head.classifier, head.classifier"
         in caplog.text
@@ -138,7 +138,7 @@ def test_finetune_from_a_published_model_on_another_data_set(tiny_file, compose,
     assert weights["head.classifier.weight"].shape == (7, 16, 1, 1)
     assert "model.init" in (tmp_path / "run.log").read_text()
     with pytest.raises(CheckpointError, match="model.init=.* and backbone.pretrained=.*give one of the two"):
-        get_job("train")(compose([f"model.init={path}", f"backbone.pretrained={path}"]), tmp_path / "both")
+        JOBS.get("train").factory(compose([f"model.init={path}", f"backbone.pretrained={path}"]), tmp_path / "both")
 
 
 def test_compose_config_inside_a_running_hydra_context_leaves_it_intact():

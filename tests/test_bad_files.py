@@ -182,7 +182,7 @@ CATALOGUE = {
 def run_path(path_name: str, file: Path, compose, good, out: Path, capsys):
     """Hand `file` to one path in-process; returns the error message (the CLI's stderr line)."""
     from ccnet.export import main as export
-    from ccnet.jobs import get_job
+    from ccnet.registry import JOBS
     from ccnet.weights import main as weights
 
     if path_name in ("convert", "export"):
@@ -203,7 +203,7 @@ def run_path(path_name: str, file: Path, compose, good, out: Path, capsys):
     }[path_name]
     cfg = compose(overrides)
     with pytest.raises((FileError, CheckpointError)) as err:  # the errors run.py reports as one line
-        get_job(cfg.job)(cfg, out)
+        JOBS.get(cfg.job).factory(cfg, out)
     return str(err.value)
 
 
@@ -224,7 +224,7 @@ def test_bad_file_catalogue_on_every_path(case, compose, good, tmp_path, capsys)
 def test_the_good_files_pass_every_path(compose, good, tmp_path, capsys):
     """The catalogue's base files are fine: its errors come from what was broken in each."""
     from ccnet.export import main as export
-    from ccnet.jobs import get_job
+    from ccnet.registry import JOBS
     from ccnet.weights import main
 
     ckpt = good["dir"] / "good.pkl"
@@ -242,7 +242,7 @@ def test_the_good_files_pass_every_path(compose, good, tmp_path, capsys):
         )
     ):
         cfg = compose(overrides)
-        get_job(cfg.job)(cfg, tmp_path / f"run{i}")
+        JOBS.get(cfg.job).factory(cfg, tmp_path / f"run{i}")
     assert main(["convert", str(ckpt), str(tmp_path / "b.pkl"), "--family", "resnet"]) == 0
     assert export([str(ckpt), str(tmp_path / "e.pth")]) == 0
 

@@ -9,8 +9,10 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
+from ccnet.config import config_groups
+
 CONF = Path(__file__).resolve().parents[1] / "conf"
-GROUPS = ["paths", "backbone", "dataset", "normalization", "schedule", "recurrence", "kernels", "eval", "experiment"]
+GROUPS = config_groups()
 
 
 def options(group):

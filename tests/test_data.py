@@ -73,7 +73,7 @@ def test_bad_samples_give_errors_naming_the_file(tmp_path):
 
 
 def test_missing_split_list_and_empty_split(tmp_path):
-    from ccnet.data.datasets import pairs_from_list
+    from ccnet.data.files import pairs_from_list
 
     with pytest.raises(DataError, match="train.txt"):
         pairs_from_list(tmp_path, "train", "images", "labels", ".png", ".png")

@@ -30,10 +30,10 @@ TINY = [
 
 @pytest.fixture(scope="module")
 def trained(compose, tmp_path_factory):
-    from ccnet.jobs import get_job
+    from ccnet.registry import JOBS
 
     run_dir = tmp_path_factory.mktemp("context-run")
-    get_job("train")(compose(TINY), run_dir)
+    JOBS.get("train").factory(compose(TINY), run_dir)
     return run_dir
 
 
@@ -82,8 +82,8 @@ def model_attentions(model, normalised):
 def test_page_maps_are_visualize_maps_and_the_composed_loops(trained, compose, tmp_path):
     from ccnet.data.transforms import eval_transform
     from ccnet.engine.attention import attention_maps_at
-    from ccnet.jobs import get_job
     from ccnet.jobs.explore import Explorer
+    from ccnet.registry import JOBS
 
     model, cfg = restored(compose, trained, tmp_path / "explore")
     explorer = Explorer(model, cfg, tmp_path / "explore")
@@ -100,7 +100,9 @@ def test_page_maps_are_visualize_maps_and_the_composed_loops(trained, compose, t
         assert at_features[0].sum() == pytest.approx(1, abs=1e-5) and at_features[1].min() > 0
     # "save PNG" writes the very file job=visualize writes for the point
     saved = explorer.save(picture, (16, 230))
-    get_job("visualize")(compose(["job=visualize", f"checkpoint={trained}", "point=[16,230]"]), tmp_path / "vis")
+    JOBS.get("visualize").factory(
+        compose(["job=visualize", f"checkpoint={trained}", "point=[16,230]"]), tmp_path / "vis"
+    )
     written = tmp_path / "vis" / "attention_0000_y16_x230.png"
     assert saved.name == written.name and saved.read_bytes() == written.read_bytes()
 

@@ -83,7 +83,7 @@ def test_exported_file_reads_back_as_the_same_checkpoint(source):
 
 def test_eval_and_predict_from_the_exported_file(source, compose, tmp_path, data_home):
     from ccnet.data.synthetic import ensure_shapes_dataset
-    from ccnet.jobs import get_job
+    from ccnet.registry import JOBS
 
     images = sorted((ensure_shapes_dataset(data_home) / "images" / "val").glob("*.png"))[:2]
     (tmp_path / "in").mkdir()
@@ -93,8 +93,10 @@ def test_eval_and_predict_from_the_exported_file(source, compose, tmp_path, data
     for name in ("ckpt", "out"):
         run = tmp_path / name
         cfg = compose(["job=eval", f"checkpoint={source[name]}", "eval.max_images=4", "eval.num_vis=0"])
-        miou = get_job("eval")(cfg, run / "eval")
-        get_job("predict")(compose(["job=predict", f"checkpoint={source[name]}", f"input={tmp_path / 'in'}"]), run)
+        miou = JOBS.get("eval").factory(cfg, run / "eval")
+        JOBS.get("predict").factory(
+            compose(["job=predict", f"checkpoint={source[name]}", f"input={tmp_path / 'in'}"]), run
+        )
         ids = [cv2.imread(str(run / "ids" / image.name), cv2.IMREAD_UNCHANGED) for image in images]
         results[name] = miou, ids
     assert results["out"][0] == results["ckpt"][0]

@@ -169,13 +169,13 @@ def test_a_backbone_without_a_published_file(compose, server):
 
 def test_a_training_run_with_imagenet_weights_records_the_file_and_its_input(server, monkeypatch, tmp_path, compose):
     """job=train end to end (2 iterations): config.yaml names the cached file and the BGR input it was made for."""
-    from ccnet.jobs import get_job
+    from ccnet.registry import JOBS
 
     narrow = BACKBONES.build("resnet50", widths=[4, 4, 4, 4])
     publish(server, monkeypatch, tmp_path, "resnet50", random_state(narrow, 3), {"widths": [4, 4, 4, 4]})
     cfg = compose(["experiment=tiny", "backbone=resnet50", NARROW, "backbone.head_channels=8"])
     cfg.backbone.pretrained, cfg.schedule.iters, cfg.schedule.checkpoint_every = "imagenet", 2, 2
-    get_job("train")(cfg, tmp_path / "run")
+    JOBS.get("train").factory(cfg, tmp_path / "run")
     saved = OmegaConf.load(tmp_path / "run" / "config.yaml")
     assert saved.backbone.pretrained == str(tmp_path / "cache" / "checkpoints" / "resnet50-imagenet.pth")
     assert saved.dataset.bgr is True and list(saved.dataset.std) == [1.0, 1.0, 1.0]

@@ -13,17 +13,21 @@ PACKAGE = ROOT / "ccnet"
 
 # Who may import whom (ccnet.<layer>): data flows run.py -> jobs -> engine -> models/data/ops, never back up.
 MAY_IMPORT = {
-    "runtime": {"cuda_compat", "crash_guard"},
+    "runtime": {"cuda_compat", "crash_guard", "onednn", "compile_log"},
     "cuda_compat": set(),
     "crash_guard": set(),
+    "onednn": set(),
+    "compile_log": set(),
+    "launch": set(),
+    "tensorboard": set(),
     "registry": set(),
     "fileio": set(),
-    "config": {"runtime", "run_dirs"},
-    "run_dirs": {"runtime"},
-    "validate": {"runtime", "registry", "ops", "models"},
-    "preflight": {"runtime", "run_dirs", "validate"},
-    "hparams": {"runtime", "fileio"},
-    "summary": {"runtime", "fileio", "hparams"},
+    "config": {"runtime", "run_dirs", "launch"},
+    "run_dirs": {"launch"},
+    "validate": {"runtime", "registry", "ops", "models", "launch"},
+    "preflight": {"runtime", "run_dirs", "validate", "launch"},
+    "hparams": {"tensorboard", "fileio"},
+    "summary": {"launch", "fileio", "tensorboard", "hparams"},
     "weights": {"registry", "runtime", "fileio"},
     "download": set(),
     "prepare": {"download", "data", "registry"},  # data set recipes: the fetcher, then the loader's own check
@@ -35,9 +39,21 @@ MAY_IMPORT = {
     # config's backbone settings (model_files/ours.py); validate: a checkpoint's saved config through the same rules
     "export": {"engine", "data", "fileio", "config"},  # config: the schema a published file's config fills
     "jobs": {"runtime", "registry", "ops", "data", "engine", "models", "weights", "summary", "download", "fileio"}
-    | {"validate", "hparams", "prepare"},
+    | {
+        "validate",
+        "hparams",
+        "prepare",
+        "config",
+        "tensorboard",
+        "launch",
+    },  # config: where conf/ is (a published model's data
+    # set section)
     "api": {"runtime", "registry", "ops", "data", "engine", "models", "weights", "jobs", "config", "download"}
     | {"validate"},
+    # run.py's job, for run.py, the `ccnet` command and `python -m ccnet` (__main__): the top of the package
+    "cli": {"runtime", "config", "launch", "validate", "summary", "data", "download", "engine", "fileio", "jobs"}
+    | {"registry"},
+    "__main__": {"cli"},
 }
 
 
@@ -165,7 +181,7 @@ print("torch" in sys.modules, sys.modules.get("tensorboardX") is not None)
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split()[-2:] == ["False", "True"], proc.stdout[-500:]
-    first = "import torch, sys\nfrom ccnet import runtime\ntb = runtime.import_tensorboardx()\n"
+    first = "import torch, sys\nfrom ccnet.tensorboard import import_tensorboardx\ntb = import_tensorboardx()\n"
     first += "print(tb.writer.numpy_compatible is torch.Tensor)"
     proc = subprocess.run([sys.executable, "-c", first], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.split()[-1] == "True", proc.stderr[-2000:]

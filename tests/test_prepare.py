@@ -252,11 +252,11 @@ def test_the_mat_decoder_reads_what_scipy_wrote(tmp_path):
 
 
 def train_two_iterations(compose, name: str, root: Path, run_dir: Path) -> dict:
-    from ccnet.jobs import get_job
+    from ccnet.registry import JOBS
 
     cfg = compose(["experiment=tiny", f"dataset={name}", f"dataset.root={root}", "schedule.iters=2"])
     cfg.schedule.checkpoint_every, cfg.eval.max_images = 2, 2
-    get_job("train")(cfg, run_dir)
+    JOBS.get("train").factory(cfg, run_dir)
     return json.loads((run_dir / "metrics.json").read_text())
 
 
@@ -307,17 +307,17 @@ def test_voc_with_sbd_fetched_converted_and_trained(server, monkeypatch, tmp_pat
 def test_ade20k_fetched_and_trained_and_the_job_does_nothing_twice(server, monkeypatch, tmp_path, compose):
     serve(server, monkeypatch, "ADE20K_ZIP", "ADEChallengeData2016.zip", zip_bytes(ade20k_files()))
     root = tmp_path / "data" / "ADEChallengeData2016"
-    from ccnet.jobs import get_job
+    from ccnet.registry import JOBS
 
     cfg = compose(["job=download", "dataset=ade20k", f"dataset.root={root}"])
-    assert get_job("download")(cfg, tmp_path / "job") is None
+    assert JOBS.get("download").factory(cfg, tmp_path / "job") is None
     section = dataset_section("ade20k", root)
     val = build_dataset(section, "validation")
     assert len(val) == 3 and len(build_dataset(section, "training")) == 3
     image, lab = val.pairs[0]
     np.testing.assert_array_equal(cv2.imread(lab, cv2.IMREAD_UNCHANGED), label(1, 151))
     assert (root / "objectInfo150.txt").is_file()
-    get_job("download")(cfg, tmp_path / "job2")
+    JOBS.get("download").factory(cfg, tmp_path / "job2")
     assert len(server.requests) == 1
     metrics = train_two_iterations(compose, "ade20k", root, tmp_path / "run")
     assert metrics["iteration"] == 2

@@ -205,3 +205,18 @@ def test_class_count_and_preset_must_fit_the_file(compose, mmseg_r50):
     assert "holds a resnet50_v1c model, but the preset zoo/ccnet_r101-d8_512x1024_80k_cityscapes is for " in message
     message = one_line_error(compose, mmseg_r50, 19, "experiment=zoo/ccnet_authors_r2_cityscapes")
     assert "an mmsegmentation CCNet, but the preset zoo/ccnet_authors_r2_cityscapes is for authors files" in message
+
+
+def test_predict_takes_the_data_set_of_a_published_files_class_count(compose, mmseg_r50, caplog):
+    """job=predict / visualize on a published file: its 19 classes name the data set (the one registered with 19
+    classes, ccnet/data/datasets.py), whose class names and colours the pictures use."""
+    from ccnet.data.cityscapes import CITYSCAPES_FACTS
+    from ccnet.data.datasets import dataset_facts
+
+    cfg = compose(["job=predict", f"checkpoint={mmseg_r50}", "input=x.png"])
+    assert cfg.dataset.name == "embedded" and cfg.dataset.num_classes == 7
+    with caplog.at_level(logging.INFO):
+        restore_model(cfg, None, adopt_dataset=True)
+    assert cfg.dataset.name == "cityscapes" and cfg.dataset.num_classes == 19
+    assert "19 classes: dataset=cityscapes for the class names and colours" in caplog.text
+    assert dataset_facts(cfg.dataset).class_names == CITYSCAPES_FACTS.class_names

@@ -1,5 +1,6 @@
 """Cityscapes, ADE20K and Pascal VOC on tiny trees written in each real on-disk format, and every bad input."""
 
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -215,19 +216,6 @@ def test_missing_or_empty_root(compose, tmp_path, name, url):
         build_dataset(dataset_cfg(compose, name, tmp_path / "empty"), "val")
 
 
-def test_unmatched_files_are_all_listed(compose, tmp_path):
-    root = write_cityscapes(tmp_path, names=("a/a_0_1", "a/a_0_2", "b/b_0_3"))
-    (root / "gtFine/val/a/a_0_1_gtFine_labelIds.png").unlink()
-    (root / "leftImg8bit/val/b/b_0_3_leftImg8bit.png").unlink()
-    with pytest.raises(DataError) as err:
-        build_dataset(dataset_cfg(compose, "cityscapes", root), "val")
-    message = str(err.value)
-    assert "2 problem(s)" in message
-    assert "a_0_1_leftImg8bit.png: image without a label (expected" in message
-    assert "a_0_1_gtFine_labelIds.png" in message
-    assert "b_0_3_gtFine_labelIds.png: label without an image" in message
-
-
 def test_empty_and_unknown_splits(compose, tmp_path):
     root = write_cityscapes(tmp_path)
     (root / "leftImg8bit/train").mkdir()
@@ -244,15 +232,64 @@ def test_empty_and_unknown_splits(compose, tmp_path):
         build_dataset(dataset_cfg(compose, "voc", tmp_path / "voc"), "trainval")
 
 
-def test_voc_missing_listed_files(compose, tmp_path):
-    root = write_voc(tmp_path)
-    (root / "JPEGImages/2007_000000.jpg").unlink()
-    (root / "SegmentationClass/2007_000001.png").unlink()
+MISSING_FILE = re.compile(r"(\S+): (image|label) of '([^']+)' is missing \((listed in \S+|its (image|label) is \S+)\)")
+
+
+def missing_files(message: str) -> set[tuple[str, str]]:
+    """(file, sample) of every line of a DataError that reports a missing file; any other problem line fails."""
+    lines = message.splitlines()[1:]
+    assert lines and all(MISSING_FILE.fullmatch(line.strip()) for line in lines), message
+    return {MISSING_FILE.fullmatch(line.strip()).group(1, 3) for line in lines}
+
+
+def test_missing_files_are_reported_one_way_by_every_data_set(compose, tmp_path):
+    """A split list (Pascal VOC, the embedded sets), or two folders matched by name (Cityscapes, ADE20K): one
+    pairing function, so every missing file is one line of the same form, all of them listed, none stopping the
+    search for the others."""
+    from ccnet.data.files import pairs_from_list
+
+    voc = write_voc(tmp_path / "voc")
+    (voc / "JPEGImages/2007_000000.jpg").unlink()
+    (voc / "SegmentationClass/2007_000001.png").unlink()
     with pytest.raises(DataError) as err:
-        build_dataset(dataset_cfg(compose, "voc", root), "train")
-    assert "2 problem(s)" in str(err.value)
-    assert "2007_000000.jpg: image of '2007_000000'" in str(err.value)
-    assert "2007_000001.png: label of '2007_000001'" in str(err.value)
+        build_dataset(dataset_cfg(compose, "voc", voc), "train")
+    assert missing_files(str(err.value)) == {
+        (str(voc / "JPEGImages/2007_000000.jpg"), "2007_000000"),
+        (str(voc / "SegmentationClass/2007_000001.png"), "2007_000001"),
+    }
+    city = write_cityscapes(tmp_path / "city", names=("a/a_0_1", "a/a_0_2", "b/b_0_3"))
+    (city / "gtFine/val/a/a_0_1_gtFine_labelIds.png").unlink()
+    (city / "leftImg8bit/val/b/b_0_3_leftImg8bit.png").unlink()
+    with pytest.raises(DataError) as err:
+        build_dataset(dataset_cfg(compose, "cityscapes", city), "val")
+    assert missing_files(str(err.value)) == {
+        (str(city / "gtFine/val/a/a_0_1_gtFine_labelIds.png"), "a/a_0_1"),
+        (str(city / "leftImg8bit/val/b/b_0_3_leftImg8bit.png"), "b/b_0_3"),
+    }
+    ade = write_ade20k(tmp_path / "ade")
+    (ade / "annotations/validation/ADE_val_00000001.png").unlink()
+    with pytest.raises(DataError) as err:
+        build_dataset(dataset_cfg(compose, "ade20k", ade), "val")
+    assert missing_files(str(err.value)) == {
+        (str(ade / "annotations/validation/ADE_val_00000001.png"), "ADE_val_00000001")
+    }
+    listed = tmp_path / "listed"
+    (listed / "train.txt").parent.mkdir()
+    (listed / "train.txt").write_text("0000\n0001\n0002\n")
+    for name in ("0000", "0002"):
+        write_pair_as(listed, "train", name)
+    with pytest.raises(DataError) as err:
+        pairs_from_list(listed, "train", "images", "labels", ".png", ".png")
+    assert missing_files(str(err.value)) == {
+        (str(listed / "images/train/0001.png"), "0001"),
+        (str(listed / "labels/train/0001.png"), "0001"),
+    }
+
+
+def write_pair_as(root: Path, split: str, name: str) -> None:
+    for folder in ("images", "labels"):
+        (root / folder / split).mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(root / folder / split / f"{name}.png"), np.zeros((4, 4), np.uint8))
 
 
 def truncate(path: Path):
@@ -318,3 +355,42 @@ def test_submission_needs_a_format(tmp_path):
     dataset = SimpleNamespace(name="voc", meta={})
     with pytest.raises(DataError, match="no submission format"):
         evaluate(None, dataset, None, None, submission_dir=tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------ data-set facts
+
+
+def test_a_data_sets_facts_are_read_by_the_data_set_the_export_and_the_published_model_lookup(compose, tmp_path):
+    """Class names and colours are declared once, at the registration: a data set registered here (as a plugin
+    would) is named and coloured by the export and found by its class count, without an edit elsewhere."""
+    from ccnet import export
+    from ccnet.data.datasets import DatasetFacts, dataset_facts, dataset_with_classes
+    from ccnet.registry import DATASETS
+
+    assert {n: dataset_with_classes(n) for n in (19, 150, 21, 151)} == {
+        19: "cityscapes",
+        150: "ade20k",  # reduce_zero_label, the default
+        21: "voc",
+        151: None,
+    }
+    facts = DatasetFacts(("sky", "sea", "sand"), np.array([[0, 0, 255], [0, 128, 128], [200, 180, 90]], np.uint8))
+    DATASETS.register("beach", facts=lambda section: facts)(lambda cfg, split: None)
+    try:
+        section = {"name": "beach", "num_classes": 3}
+        assert export.class_names(section) == ["sky", "sea", "sand"]
+        assert export.palette(section) == [[0, 0, 255], [0, 128, 128], [200, 180, 90]]
+        assert dataset_with_classes(3) == "beach"
+        assert export.class_names({**section, "num_classes": 4}) == ["0", "1", "2", "3"]  # not the data set's count
+        DATASETS.register("beach_copy", facts=lambda section: facts)(lambda cfg, split: None)
+        assert dataset_with_classes(3) is None  # two data sets of 3 classes: which one is not known
+    finally:
+        DATASETS._entries.pop("beach", None)
+        DATASETS._entries.pop("beach_copy", None)
+    for name, write in (("cityscapes", write_cityscapes), ("ade20k", write_ade20k), ("voc", write_voc)):
+        cfg = dataset_cfg(compose, name, write(tmp_path / name))
+        built, facts = build_dataset(cfg, "val"), dataset_facts(cfg)
+        assert built.class_names == facts.class_names and np.array_equal(built.palette, facts.palette)
+        assert export.class_names(cfg) == list(built.class_names)
+        assert export.palette(cfg) == built.palette.astype(int).tolist()
+    seed = {"name": "ade20k", "num_classes": 151, "reduce_zero_label": False}  # the seed's convention
+    assert export.class_names(seed)[:2] == ["other", "wall"] and len(export.palette(seed)) == 151

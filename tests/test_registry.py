@@ -12,7 +12,7 @@ from ccnet.registry import ACTIVATIONS, AUX_HEADS, BACKBONES, DATASETS, HEADS, J
 REGISTRIES = [
     (BACKBONES, "backbone.name", {"resnet_tiny", "resnet50", "resnet101", "van_b0", "van_tiny", "van_large"}),
     (DATASETS, "dataset.name", {"embedded", "context", "cityscapes", "ade20k", "voc"}),
-    (JOBS, "job", {"train", "eval", "sweep", "visualize", "predict"}),
+    (JOBS, "job", {"train", "eval", "summarize", "sweep", "visualize", "predict"}),  # sweep: summarize's old name
     (LOSSES, "model.loss", {"ce", "ohem"}),
     (ACTIVATIONS, "model.act", {"relu", "leaky_relu", "none"}),
     (HEADS, "model.head", {"rcca"}),

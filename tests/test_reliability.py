@@ -43,9 +43,9 @@ def interrupt_after(monkeypatch, n_batches):
 
 
 def test_resume_gives_the_same_weights_as_a_straight_run(compose, tmp_path, monkeypatch):
-    from ccnet.jobs import get_job
+    from ccnet.registry import JOBS
 
-    train = get_job("train")
+    train = JOBS.get("train").factory
     straight = train(compose(TINY), tmp_path / "straight")
 
     with monkeypatch.context() as m:
@@ -80,9 +80,9 @@ def tensorboard_steps(folder, tag):
 
 
 def test_keeps_the_last_k_and_the_best(compose, tmp_path):
-    from ccnet.jobs import get_job
+    from ccnet.registry import JOBS
 
-    get_job("train")(
+    JOBS.get("train").factory(
         compose(TINY + ["schedule.keep_checkpoints=2", "schedule.checkpoint_every=1", "schedule.eval_every=2"]),
         tmp_path,
     )
@@ -93,8 +93,8 @@ def test_keeps_the_last_k_and_the_best(compose, tmp_path):
 
 
 def test_non_finite_loss_stops_without_touching_the_good_checkpoint(compose, tmp_path, monkeypatch):
-    from ccnet.jobs import get_job
     from ccnet.models.ccnet import CCNet
+    from ccnet.registry import JOBS
 
     real, calls = CCNet.losses, []
 
@@ -105,19 +105,19 @@ def test_non_finite_loss_stops_without_touching_the_good_checkpoint(compose, tmp
 
     monkeypatch.setattr(CCNet, "losses", losses)
     with pytest.raises(NonFiniteLossError, match="iteration 5"):
-        get_job("train")(compose(TINY + ["schedule.max_bad_steps=3"]), tmp_path)
+        JOBS.get("train").factory(compose(TINY + ["schedule.max_bad_steps=3"]), tmp_path)
     state = pickle.loads((tmp_path / "checkpoints/last.pkl").read_bytes())
     assert state["iteration"] == 2 and all(np.isfinite(v).all() for v in state["model"].values())
 
 
 def test_unwritable_run_directory_is_a_clear_error(compose, tmp_path):
-    from ccnet.jobs import get_job
     from ccnet.jobs.common import RunDirError
+    from ccnet.registry import JOBS
 
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     with pytest.raises(RunDirError, match="file/run"):
-        get_job("train")(compose(TINY), blocker / "run")
+        JOBS.get("train").factory(compose(TINY), blocker / "run")
 
 
 def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -166,11 +166,11 @@ def test_kill_9_during_saves_never_leaves_a_broken_file(tmp_path):
 def test_nan_learning_rate_names_only_files_that_exist(compose, tmp_path, checkpoint_every):
     """schedule.lr=nan: the first step's loss is finite but leaves NaN weights; nothing non-finite is saved
     and the message does not point at a checkpoint that was never written."""
-    from ccnet.jobs import get_job
+    from ccnet.registry import JOBS
 
     cfg = compose(TINY + ["schedule.lr=nan", f"schedule.checkpoint_every={checkpoint_every}"])
     with pytest.raises(NonFiniteLossError) as err:
-        get_job("train")(cfg, tmp_path)
+        JOBS.get("train").factory(cfg, tmp_path)
     assert "No checkpoint was written" in str(err.value) and "last.pkl" not in str(err.value)
     assert not list((tmp_path / "checkpoints").glob("*.pkl"))
 
@@ -221,9 +221,9 @@ def test_kill_9_then_resume_keeps_every_point_of_the_curve(compose, tmp_path):
     and after resume=true the loss curve has every iteration once, equal to a straight run's."""
     import random
 
-    from ccnet.jobs import get_job
+    from ccnet.registry import JOBS
 
-    get_job("train")(compose(KILLED), tmp_path / "straight")
+    JOBS.get("train").factory(compose(KILLED), tmp_path / "straight")
     straight = loss_curve(tmp_path / "straight" / "tb")
     assert [s for s, _ in straight] == list(range(1, 17))
 
@@ -249,7 +249,7 @@ def test_kill_9_then_resume_keeps_every_point_of_the_curve(compose, tmp_path):
     survived = [s for s, _ in loss_curve(run_dir / "tb")]
     assert survived[:saved] == list(range(1, saved + 1)), f"lost events before the checkpoint at {saved}"
 
-    get_job("train")(compose(KILLED + ["resume=true"]), run_dir)
+    JOBS.get("train").factory(compose(KILLED + ["resume=true"]), run_dir)
     resumed = loss_curve(run_dir / "tb")
     assert [s for s, _ in resumed] == list(range(1, 17))  # every iteration, once
     np.testing.assert_allclose([v for _, v in resumed], [v for _, v in straight], rtol=1e-5)

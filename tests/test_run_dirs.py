@@ -15,8 +15,8 @@ import pytest
 import yaml
 
 from ccnet import run_dirs
+from ccnet.launch import launch_alive, launch_identity
 from ccnet.run_dirs import RunDirRefused, claim, take_over
-from ccnet.runtime import launch_alive, launch_identity
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [

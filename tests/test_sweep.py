@@ -223,15 +223,15 @@ def test_a_single_run_marks_the_keys_of_its_command_line(tmp_path):
     )
 
 
-def test_job_sweep_rebuilds_a_half_finished_summary(sweep, compose, tmp_path):
-    from ccnet.jobs import get_job
+def test_job_summarize_rebuilds_a_half_finished_summary(sweep, compose, tmp_path):
+    from ccnet.registry import JOBS
 
     sweep_dir, _ = sweep
     running = sweep_dir / "2_model.act-leaky_relu" / ".hydra"  # a job that has started but not finished
     running.mkdir(parents=True)
     (running / "overrides.yaml").write_text("- model.act=leaky_relu\n")
     (sweep_dir / "summary.csv").unlink()
-    get_job("sweep")(compose(["job=sweep", f"sweep_dir={sweep_dir}"]), tmp_path)
+    JOBS.get("summarize").factory(compose(["job=summarize", f"sweep_dir={sweep_dir}"]), tmp_path)
     rows = list(csv.DictReader(open(sweep_dir / "summary.csv")))
     assert [(r["job"], r["status"]) for r in rows] == [("0", "ok"), ("1", "failed"), ("2", "unfinished")]
 

@@ -22,11 +22,11 @@ TINY = [
 
 @pytest.fixture(scope="module")
 def trained(compose, tmp_path_factory):
-    from ccnet.jobs import get_job
+    from ccnet.registry import JOBS
 
     run_dir = tmp_path_factory.mktemp("run")
     cfg = compose(TINY)
-    miou = get_job("train")(cfg, run_dir)
+    miou = JOBS.get("train").factory(cfg, run_dir)
     return run_dir, miou
 
 
@@ -84,18 +84,18 @@ def test_tensorboard_has_the_curves(trained):
 
 
 def test_eval_of_the_checkpoint_gives_the_same_miou(trained, compose, tmp_path):
-    from ccnet.jobs import get_job
+    from ccnet.registry import JOBS
 
     run_dir, miou = trained
     cfg = compose(["job=eval", f"checkpoint={run_dir}", "eval.max_images=6", "eval.num_vis=1"])
-    assert get_job("eval")(cfg, tmp_path) == pytest.approx(miou, abs=1e-12)
+    assert JOBS.get("eval").factory(cfg, tmp_path) == pytest.approx(miou, abs=1e-12)
     assert json.loads((tmp_path / "metrics.json").read_text())["iteration"] == 6
 
 
 def test_a_checkpoint_written_as_before_evaluates_the_same(trained, compose, tmp_path):
     """The layout the trainer has always written (a pickle of this dict), now read by the allow-list reader:
     eval gives the training run's own final mIoU, and resume=true of the finished run evaluates the same."""
-    from ccnet.jobs import get_job
+    from ccnet.registry import JOBS
 
     run_dir, miou = trained
     saved = pickle.loads((run_dir / "checkpoints" / "last.pkl").read_bytes())  # this session's own file
@@ -110,18 +110,20 @@ def test_a_checkpoint_written_as_before_evaluates_the_same(trained, compose, tmp
     path = tmp_path / "old.pkl"
     path.write_bytes(pickle.dumps(old, protocol=pickle.HIGHEST_PROTOCOL))
     cfg = compose(["job=eval", f"checkpoint={path}", "eval.max_images=6", "eval.num_vis=0"])
-    assert get_job("eval")(cfg, tmp_path / "eval") == pytest.approx(miou, abs=1e-12)
-    assert get_job("train")(compose(TINY + [f"resume={path}"]), tmp_path / "resumed") == pytest.approx(miou, abs=1e-12)
+    assert JOBS.get("eval").factory(cfg, tmp_path / "eval") == pytest.approx(miou, abs=1e-12)
+    assert JOBS.get("train").factory(compose(TINY + [f"resume={path}"]), tmp_path / "resumed") == pytest.approx(
+        miou, abs=1e-12
+    )
 
 
 def test_eval_rejects_a_bad_checkpoint(compose, tmp_path):
     from ccnet.engine.checkpoint import CheckpointError
-    from ccnet.jobs import get_job
+    from ccnet.registry import JOBS
 
     bad = tmp_path / "bad.pkl"
     bad.write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="bad.pkl"):
-        get_job("eval")(compose(["job=eval", f"checkpoint={bad}"]), tmp_path / "out")
+        JOBS.get("eval").factory(compose(["job=eval", f"checkpoint={bad}"]), tmp_path / "out")
 
 
 def run_tiny(out, *overrides):

@@ -15,6 +15,7 @@ from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
+from ccnet.config import config_groups
 from ccnet.validate import BOOLEAN, RULES, ConfigValueError, problems, validate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,7 +110,7 @@ CASES = [
     ("dataset.ignore_index", [-1, 256], [0, 255]),
     ("dataset.train_split", ["a/b", "''"], ["train", "training", "train_extra"]),
     ("dataset.val_split", ["../x"], ["val", "validation"]),
-    ("job", ["test"], ["train", "sweep"]),
+    ("job", ["test"], ["train", "summarize", "sweep"]),
 ]
 
 
@@ -135,7 +136,7 @@ PUBLIC = ["explore.host=0.0.0.0", "explore.public=true"]  # served beyond this m
 
 def needs(key, value):
     """Overrides a job needs besides the value under test."""
-    return ["sweep_dir=/s"] if (key, value) == ("job", "sweep") else []
+    return ["sweep_dir=/s"] if (key, value) in (("job", "summarize"), ("job", "sweep")) else []
 
 
 @pytest.mark.parametrize("key,bad,good", CASES, ids=[c[0] for c in CASES])
@@ -290,7 +291,8 @@ def test_jobs_name_the_path_they_need(compose):
         "checkpoint=None: expected a path (job=eval|visualize|predict|explore needs one)"
     ]
     assert problems(compose(["job=predict", "checkpoint=c"])) == ["input=None: expected a path (job=predict needs one)"]
-    assert problems(compose(["job=sweep"])) == ["sweep_dir=None: expected a path (job=sweep needs one)"]
+    for job in ("summarize", "sweep"):  # sweep: summarize's old name
+        assert problems(compose([f"job={job}"])) == ["sweep_dir=None: expected a path (job=summarize|sweep needs one)"]
 
 
 def test_zoo_files_need_a_preset_and_model_init_is_for_training(compose):
@@ -405,12 +407,14 @@ def test_the_smallest_crop_is_the_measured_one(compose, name, side):
 
 # --- presets and the README's commands ------------------------------------------------------------------------
 
-GROUPS = ["paths", "backbone", "dataset", "normalization", "schedule", "recurrence", "kernels", "eval", "experiment"]
-
 
 @pytest.mark.parametrize(
     "preset",
-    [f"{g}={p.relative_to(CONF / g).with_suffix('')}" for g in GROUPS for p in sorted((CONF / g).rglob("*.yaml"))],
+    [
+        f"{g}={p.relative_to(CONF / g).with_suffix('')}"
+        for g in config_groups()
+        for p in sorted((CONF / g).rglob("*.yaml"))
+    ],
 )
 def test_every_preset_passes_validation(compose, preset):
     assert problems(compose([preset])) == []
@@ -511,11 +515,51 @@ def test_cfg_job_still_prints_a_config_with_bad_values(tmp_path):
 
 def test_batch_larger_than_the_split_is_refused_once_the_data_are_read(compose, tmp_path):
     from ccnet.data.datasets import build_dataset
-    from ccnet.jobs import get_job
+    from ccnet.registry import JOBS
 
     cfg = compose(["schedule.crop_size=[32,32]"])
     n = len(build_dataset(cfg.dataset, cfg.dataset.train_split))
     with pytest.raises(ConfigValueError) as err:
-        get_job("train")(compose([f"schedule.batch_size={n + 1}"]), tmp_path / "run")
+        JOBS.get("train").factory(compose([f"schedule.batch_size={n + 1}"]), tmp_path / "run")
     assert str(err.value) == f"schedule.batch_size={n + 1}: expected at most the {n} images of the train split"
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+CHECKS_COUNTED = """
+import runpy, sys
+import ccnet.validate
+
+log, check = sys.argv[1], ccnet.validate.check
+
+
+def counted(cfg):
+    with open(log, "a") as f:
+        f.write(cfg.job + "\\n")
+    return check(cfg)
+
+
+ccnet.validate.check = counted  # before the preflight callback and run.py's job import it
+sys.argv = ["run.py", *sys.argv[2:]]
+runpy.run_path("run.py", run_name="__main__")
+"""
+
+
+def test_a_run_checks_its_values_once_and_each_job_of_a_sweep_once(tmp_path):
+    """A single run: the preflight callback checks every value before the run folder is made, and run.py's job
+    does not check them again. A sweep: each job is checked once, by the job (a bad one fails alone)."""
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    log = tmp_path / "checks.txt"
+    single = ["job=summarize", f"sweep_dir={sweep}", f"hydra.run.dir={tmp_path / 'run'}"]
+    proc = subprocess.run(
+        [sys.executable, "-c", CHECKS_COUNTED, str(log), *single], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert log.read_text().split() == ["summarize"]
+    log.unlink()
+    multi = ["-m", "job=summarize,sweep", f"sweep_dir={sweep}", f"hydra.sweep.dir={tmp_path / 'multi'}"]
+    proc = subprocess.run(
+        [sys.executable, "-c", CHECKS_COUNTED, str(log), *multi], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert log.read_text().split() == ["summarize", "sweep"]

@@ -15,10 +15,10 @@ TINY = [
 
 @pytest.fixture(scope="module")
 def trained(compose, tmp_path_factory):
-    from ccnet.jobs import get_job
+    from ccnet.registry import JOBS
 
     run_dir = tmp_path_factory.mktemp("context-run")
-    get_job("train")(compose(TINY), run_dir)
+    JOBS.get("train").factory(compose(TINY), run_dir)
     return run_dir
 
 
@@ -81,19 +81,19 @@ def test_model_attention_of_a_point(trained, compose):
 
 
 def test_visualize_writes_the_figure(trained, compose, tmp_path):
-    from ccnet.jobs import get_job
+    from ccnet.registry import JOBS
 
-    get_job("visualize")(compose(["job=visualize", f"checkpoint={trained}", "point=[16,230]"]), tmp_path)
+    JOBS.get("visualize").factory(compose(["job=visualize", f"checkpoint={trained}", "point=[16,230]"]), tmp_path)
     (png,) = tmp_path.glob("attention_0000_y16_x230.png")
     figure = cv2.imread(str(png))
     assert figure.shape == (3 * (20 + 128), 1024, 3)  # input, loop 1, loop 2: stacked, 32 x 256 enlarged 4x
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
-    get_job("visualize")(compose(["job=visualize", f"checkpoint={trained}"]), tmp_path / "default")
+    JOBS.get("visualize").factory(compose(["job=visualize", f"checkpoint={trained}"]), tmp_path / "default")
     assert len(list((tmp_path / "default").glob("attention_0000_y*_x*.png"))) == 1  # a point on an object
 
 
 def test_predict_on_a_folder(trained, compose, tmp_path, data_home):
-    from ccnet.jobs import get_job
+    from ccnet.registry import JOBS
 
     images = tmp_path / "in"
     images.mkdir()
@@ -101,7 +101,7 @@ def test_predict_on_a_folder(trained, compose, tmp_path, data_home):
     cv2.imwrite(str(images / "a.png"), cv2.imread(str(val / "0000.png")))
     cv2.imwrite(str(images / "b.jpg"), cv2.imread(str(val / "0001.png")))
     out = tmp_path / "out"
-    get_job("predict")(compose(["job=predict", f"checkpoint={trained}", f"input={images}"]), out)
+    JOBS.get("predict").factory(compose(["job=predict", f"checkpoint={trained}", f"input={images}"]), out)
     for name in ("a", "b"):
         ids = cv2.imread(str(out / "ids" / f"{name}.png"), cv2.IMREAD_UNCHANGED)
         assert ids.shape == (32, 256) and ids.max() < 4

@@ -239,7 +239,7 @@ def test_model_init_zoo_fine_tunes_from_the_fetched_file(compose, served, tmp_pa
     classifiers replaced for the 7 classes of the embedded data set; two iterations train."""
     import logging
 
-    from ccnet.jobs import get_job
+    from ccnet.registry import JOBS
 
     monkeypatch.setenv("CCNET_CACHE", str(tmp_path / "cache"))
     overrides = [
@@ -257,7 +257,7 @@ def test_model_init_zoo_fine_tunes_from_the_fetched_file(compose, served, tmp_pa
         "eval.resize=null",  # the embedded images as they are (the preset would upscale them to 2048x1024)
     ]
     with caplog.at_level(logging.INFO):
-        miou = get_job("train")(compose(overrides), tmp_path / "run")
+        miou = JOBS.get("train").factory(compose(overrides), tmp_path / "run")
     assert 0 <= miou <= 1 and (tmp_path / "cache" / "checkpoints" / served["file"].name).is_file()
     assert "an mmsegmentation CCNet: resnet50_v1c backbone, 19 classes" in caplog.text
     assert "new classifier for 7 classes (the file's has 19)" in caplog.text

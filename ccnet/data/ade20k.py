@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from ccnet.registry import DATASETS
 
-from .datasets import DataError, SegmentationDataset, default_palette
-from .folders import dataset_root, label_lut, pair_by_name, require_folder, require_split_folder
+from .datasets import DataError, DatasetFacts, SegmentationDataset, default_palette, label_lut
+from .files import dataset_root, pair_files, require_folder, require_split_folder
 
 ADE20K_CLASSES = (
     "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass", "cabinet",
@@ -48,7 +48,13 @@ def ade20k_lut(reduce_zero_label: bool, ignore_index: int):
     return label_lut({c: c for c in range(len(ADE20K_CLASSES) + 1)})
 
 
-@DATASETS.register("ade20k")
+def ade20k_facts(section) -> DatasetFacts:
+    """150 classes with reduce_zero_label (the default), else 151: "other" (stored 0) first."""
+    names = ADE20K_CLASSES if section.get("reduce_zero_label", True) else ("other",) + ADE20K_CLASSES
+    return DatasetFacts(names, default_palette(len(names)))
+
+
+@DATASETS.register("ade20k", facts=ade20k_facts)
 def build_ade20k(cfg, split: str) -> SegmentationDataset:
     root = dataset_root(cfg.root, ("ADEChallengeData2016",))
     require_folder(root, "ADE20K", LAYOUT, SOURCE, ("images", "annotations"))
@@ -61,20 +67,19 @@ def build_ade20k(cfg, split: str) -> SegmentationDataset:
     image_dir, label_dir = root / "images" / folder, root / "annotations" / folder
     require_split_folder(image_dir, split, "ADE20K")
     require_split_folder(label_dir, split, "ADE20K")
-    pairs = pair_by_name(
-        {p.stem: p for p in image_dir.glob("*.jpg")},
-        {p.stem: p for p in label_dir.glob("*.png")},
-        lambda name: label_dir / f"{name}.png",
+    pairs = pair_files(
+        sorted({p.stem for p in image_dir.glob("*.jpg")} | {p.stem for p in label_dir.glob("*.png")}),
         lambda name: image_dir / f"{name}.jpg",
+        lambda name: label_dir / f"{name}.png",
         f"ADE20K {folder} ({root})",
     )
-    names = ADE20K_CLASSES if cfg.reduce_zero_label else ("other",) + ADE20K_CLASSES
+    facts = ade20k_facts(cfg)
     return SegmentationDataset(
         name="ade20k",
         pairs=pairs,
-        class_names=names,
+        class_names=facts.class_names,
         ignore_index=cfg.ignore_index,
         label_lut=ade20k_lut(cfg.reduce_zero_label, cfg.ignore_index),
-        palette=default_palette(len(names)),
+        palette=facts.palette,
         meta={"reduce_zero_label": bool(cfg.reduce_zero_label)},
     )

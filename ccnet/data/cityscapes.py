@@ -9,8 +9,8 @@ import numpy as np
 
 from ccnet.registry import DATASETS
 
-from .datasets import SegmentationDataset
-from .folders import dataset_root, label_lut, pair_by_name, require_folder, require_split_folder
+from .datasets import DatasetFacts, SegmentationDataset, label_lut
+from .files import dataset_root, pair_files, require_folder, require_split_folder
 
 CITYSCAPES_CLASSES = (
     "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
@@ -25,6 +25,7 @@ CITYSCAPES_PALETTE = np.array(
     ],
     np.uint8,
 )  # fmt: skip
+CITYSCAPES_FACTS = DatasetFacts(CITYSCAPES_CLASSES, CITYSCAPES_PALETTE)
 # The label id (0..33, as stored in *_gtFine_labelIds.png) of each train id; the other 15 ids are ignored.
 LABEL_ID_OF_TRAIN_ID = (7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33)
 NUM_LABEL_IDS = 34
@@ -55,7 +56,7 @@ def files_by_name(folder: Path, suffix: str) -> dict[str, Path]:
     return {f"{p.parent.name}/{p.name[: -len(suffix)]}": p for p in folder.glob(f"*/*{suffix}")}
 
 
-@DATASETS.register("cityscapes")
+@DATASETS.register("cityscapes", facts=lambda section: CITYSCAPES_FACTS)
 def build_cityscapes(cfg, split: str) -> SegmentationDataset:
     """Pairs leftImg8bit/<split> with gtFine/<split>: the labelTrainIds PNGs when every image has one, else
     the labelIds PNGs mapped to train ids."""
@@ -69,21 +70,20 @@ def build_cityscapes(cfg, split: str) -> SegmentationDataset:
     use_train_ids = bool(images) and images.keys() <= train_ids.keys()
     suffix = "_gtFine_labelTrainIds.png" if use_train_ids else "_gtFine_labelIds.png"
     labels = train_ids if use_train_ids else files_by_name(label_dir, suffix)
-    pairs = pair_by_name(
-        images,
-        labels,
-        lambda name: label_dir / f"{name}{suffix}",
+    pairs = pair_files(
+        sorted(images.keys() | labels.keys()),
         lambda name: image_dir / f"{name}_leftImg8bit.png",
+        lambda name: label_dir / f"{name}{suffix}",
         f"Cityscapes {split} ({root})",
     )
     lut = train_id_lut(cfg.ignore_index) if use_train_ids else label_id_lut(cfg.ignore_index)
     return SegmentationDataset(
         name="cityscapes",
         pairs=pairs,
-        class_names=CITYSCAPES_CLASSES,
+        class_names=CITYSCAPES_FACTS.class_names,
         ignore_index=cfg.ignore_index,
         label_lut=lut,
-        palette=CITYSCAPES_PALETTE,
+        palette=CITYSCAPES_FACTS.palette,
         meta={"labels": suffix, "write_submission": write_submission},
     )
 

@@ -22,12 +22,14 @@ import numpy as np
 
 from ccnet.registry import DATASETS
 
-from .datasets import SegmentationDataset, pairs_from_list
+from .datasets import DatasetFacts, SegmentationDataset
+from .files import pairs_from_list
 from .synthetic import write_split_folder
 
 CONTEXT_CLASSES = ("background", "red_row", "green_row", "blue_row")
 CONTEXT_VERSION = "context_v7"  # bump when the generator changes
 MARKER_COLOURS = np.array([[220, 40, 40], [40, 200, 40], [40, 80, 230]], np.float32)
+CONTEXT_FACTS = DatasetFacts(CONTEXT_CLASSES, np.concatenate([[[0, 0, 0]], MARKER_COLOURS]).astype(np.uint8))
 HEIGHT, WIDTH, MARKER_WIDTH, GAP = 32, 256, 32, 176  # blobs start GAP px right of the markers
 
 
@@ -64,14 +66,14 @@ def ensure_context_dataset(root: str | os.PathLike, splits=(("train", 400), ("va
     )
 
 
-@DATASETS.register("context")
+@DATASETS.register("context", facts=lambda section: CONTEXT_FACTS)
 def build_context(cfg, split: str) -> SegmentationDataset:
     """The embedded context data set (a blob's class is set by a marker far away in its row); see context.py."""
     root = ensure_context_dataset(cfg.root)
     return SegmentationDataset(
         name="context",
         pairs=pairs_from_list(root, split, "images", "labels", ".png", ".png"),
-        class_names=CONTEXT_CLASSES,
+        class_names=CONTEXT_FACTS.class_names,
         ignore_index=cfg.ignore_index,
-        palette=np.concatenate([[[0, 0, 0]], MARKER_COLOURS]).astype(np.uint8),
+        palette=CONTEXT_FACTS.palette,
     )

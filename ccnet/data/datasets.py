@@ -1,7 +1,9 @@
 """Data sets as lists of (image file, label file) pairs over one shared reader.
 
-A data set module only has to find its pairs and say how a label file maps to train ids; reading, checking
-and errors are shared. Each registers its builder(cfg, split) with `@DATASETS.register(name)`;
+A data set module declares its facts (class names and colours: `DatasetFacts`, the one place they are written,
+read by the data set, the export and the loading of published models), finds its pairs (ccnet/data/files.py) and
+says how a label file maps to train ids; reading, checking and errors are shared. Each registers its
+builder(cfg, split) with `@DATASETS.register(name, facts=<function of the dataset section>)`;
 `build_dataset(cfg, split)` takes the `dataset` config section.
 """
 
@@ -9,7 +11,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -135,25 +136,43 @@ def default_palette(n: int) -> np.ndarray:
     return palette
 
 
-def pairs_from_list(
-    root: Path, split: str, image_dir: str, label_dir: str, image_ext: str, label_ext: str
-) -> list[tuple[str, str]]:
-    """Pairs named in root/<split>.txt (one stem a line), with clear errors for missing files."""
-    list_file = root / f"{split}.txt"
-    if not list_file.is_file():
-        raise DataError(f"{list_file}: split list not found (expected one image name per line)")
-    names = [line.strip() for line in list_file.read_text().splitlines() if line.strip()]
-    if not names:
-        raise DataError(f"{list_file}: the split '{split}' is empty")
-    pairs = []
-    for name in names:
-        image = root / image_dir / split / f"{name}{image_ext}"
-        label = root / label_dir / split / f"{name}{label_ext}"
-        for path, what in ((image, "image"), (label, "label")):
-            if not path.is_file():
-                raise DataError(f"{path}: {what} of '{name}' listed in {list_file} is missing")
-        pairs.append((str(image), str(label)))
-    return pairs
+def label_lut(mapping: dict[int, int]) -> np.ndarray:
+    """256-entry map stored label value -> train id; values not in `mapping` -> -1 (an error when read)."""
+    lut = np.full(256, -1, np.int64)
+    for stored, train_id in mapping.items():
+        lut[stored] = train_id
+    return lut
+
+
+@dataclass(frozen=True)
+class DatasetFacts:
+    """What is known of a data set without its files: its class names and their RGB colours (one row per class)."""
+
+    class_names: tuple[str, ...]
+    palette: np.ndarray
+
+
+def dataset_facts(section) -> DatasetFacts:
+    """The facts of a `dataset` config section (or the dataset section of a saved config: a plain dict), as its
+    data set declares them (`@DATASETS.register(name, facts=...)`, a function of the section); "0", "1", ... and
+    the default palette where the data set declares none or its class count differs from num_classes."""
+    n, name = int(section["num_classes"]), section.get("name")
+    facts_of = DATASETS.get(name).info.get("facts") if name in DATASETS.names() else None  # unknown: an old file
+    facts = facts_of(section) if facts_of is not None else None
+    if facts is None or len(facts.class_names) != n:
+        return DatasetFacts(tuple(str(i) for i in range(n)), default_palette(n))
+    return facts
+
+
+def dataset_with_classes(num_classes: int) -> str | None:
+    """The one registered data set with `num_classes` classes in its default settings (a published model's data
+    set, known by its classifier's size); None where none or several have that many."""
+    found = [
+        entry.name
+        for entry in DATASETS.entries()
+        if "facts" in entry.info and len(entry.info["facts"]({}).class_names) == num_classes
+    ]
+    return found[0] if len(found) == 1 else None
 
 
 def build_dataset(cfg, split: str) -> SegmentationDataset:

@@ -19,9 +19,11 @@ import numpy as np
 
 from ccnet.registry import DATASETS
 
-from .datasets import SegmentationDataset, pairs_from_list
+from .datasets import DatasetFacts, SegmentationDataset, default_palette
+from .files import pairs_from_list
 
 SHAPES_CLASSES = ("background", "disc", "square", "triangle", "ring", "cross", "bar")
+SHAPES_FACTS = DatasetFacts(SHAPES_CLASSES, default_palette(len(SHAPES_CLASSES)))
 SHAPES_VERSION = "shapes_v1"  # bump when the generator changes, so old caches are not reused
 
 
@@ -156,13 +158,14 @@ def write_split_folder(final: Path, splits, make) -> Path:
     return final
 
 
-@DATASETS.register("embedded")
+@DATASETS.register("embedded", facts=lambda section: SHAPES_FACTS)
 def build_embedded(cfg, split: str) -> SegmentationDataset:
     """The embedded shapes data set; generated on first use under dataset.root (a cache folder)."""
     root = ensure_shapes_dataset(cfg.root)
     return SegmentationDataset(
         name="embedded",
         pairs=pairs_from_list(root, split, "images", "labels", ".png", ".png"),
-        class_names=SHAPES_CLASSES,
+        class_names=SHAPES_FACTS.class_names,
         ignore_index=cfg.ignore_index,
+        palette=SHAPES_FACTS.palette,
     )

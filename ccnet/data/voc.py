@@ -9,12 +9,11 @@ labels) when train_aug.txt and SegmentationClassAug are both present.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 from ccnet.registry import DATASETS
 
-from .datasets import DataError, SegmentationDataset, default_palette
-from .folders import dataset_root, label_lut, problems_error, require_folder
+from .datasets import DataError, DatasetFacts, SegmentationDataset, default_palette, label_lut
+from .files import dataset_root, pair_files, read_split_list, require_folder
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +25,7 @@ VOC_CLASSES = (
 LAYOUT = """  JPEGImages/<name>.jpg
   SegmentationClass/<name>.png (palette PNG) and/or SegmentationClassAug/<name>.png (SBD, grey levels)
   ImageSets/Segmentation/{train,val,train_aug}.txt (one <name> a line)"""
+VOC_FACTS = DatasetFacts(VOC_CLASSES, default_palette(len(VOC_CLASSES)))
 SOURCE = (
     "`python run.py job=download dataset=voc` (fetched, checked and unpacked there), or by hand: "
     "http://host.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar (unpacked: VOCdevkit/VOC2012, "
@@ -34,7 +34,7 @@ SOURCE = (
 )
 
 
-@DATASETS.register("voc")
+@DATASETS.register("voc", facts=lambda section: VOC_FACTS)
 def build_voc(cfg, split: str) -> SegmentationDataset:
     root = dataset_root(cfg.root, ("VOCdevkit/VOC2012", "VOC2012"))
     require_folder(root, "Pascal VOC 2012", LAYOUT, SOURCE, ("JPEGImages", "ImageSets/Segmentation"))
@@ -46,28 +46,22 @@ def build_voc(cfg, split: str) -> SegmentationDataset:
     if not list_file.is_file():
         found = sorted(p.stem for p in lists.glob("*.txt")) if lists.is_dir() else []
         raise DataError(f"Pascal VOC: {list_file} not found for split '{split}' (lists found there: {found})")
-    # a line is '<name>' or, in some lists, '/JPEGImages/<name>.jpg /SegmentationClassAug/<name>.png'
-    names = [Path(line.split()[0]).stem for line in list_file.read_text().splitlines() if line.strip()]
-    if not names:
-        raise DataError(f"Pascal VOC: {list_file}: the split '{split}' is empty")
     label_dir = root / "SegmentationClass"
     if split == "train_aug" or not label_dir.is_dir():
         label_dir = aug
-    pairs, problems = [], []
-    for name in names:
-        image, label = root / "JPEGImages" / f"{name}.jpg", label_dir / f"{name}.png"
-        for path, what in ((image, "image"), (label, "label")):
-            if not path.is_file():
-                problems.append(f"{path}: {what} of '{name}' (listed in {list_file}) is missing")
-        pairs.append((str(image), str(label)))
-    if problems:
-        raise problems_error(f"Pascal VOC {split} ({root})", problems)
+    pairs = pair_files(
+        read_split_list(list_file, split),
+        lambda name: root / "JPEGImages" / f"{name}.jpg",
+        lambda name: label_dir / f"{name}.png",
+        f"Pascal VOC {split} ({root})",
+        listed_in=list_file,
+    )
     return SegmentationDataset(
         name="voc",
         pairs=pairs,
-        class_names=VOC_CLASSES,
+        class_names=VOC_FACTS.class_names,
         ignore_index=cfg.ignore_index,
         label_lut=label_lut({**{c: c for c in range(len(VOC_CLASSES))}, 255: cfg.ignore_index}),
-        palette=default_palette(len(VOC_CLASSES)),
+        palette=VOC_FACTS.palette,
         meta={"split": split, "labels": label_dir.name},
     )

@@ -11,7 +11,7 @@ import time
 import traceback
 from pathlib import Path
 
-from ccnet import ops, runtime
+from ccnet import launch, ops, runtime
 from ccnet.hparams import sweep_definition_keys, write_sweep_hparams
 from ccnet.registry import JOBS
 from ccnet.summary import record_status, run_row
@@ -19,10 +19,6 @@ from ccnet.summary import record_status, run_row
 runtime.ensure_setup()  # the jobs import Jittor: set it up first (a no-op after run.py's own set-up)
 
 log = logging.getLogger(__name__)
-
-
-def get_job(name: str):
-    return JOBS.get(name).factory
 
 
 def run_job(cfg, run_dir: Path, multirun: bool, reraise=()):
@@ -38,7 +34,7 @@ def run_job(cfg, run_dir: Path, multirun: bool, reraise=()):
 
     try:
         ops.select(**cfg.kernels)
-        result = get_job(cfg.job)(cfg, run_dir)
+        result = JOBS.get(cfg.job).factory(cfg, run_dir)
     except Exception as err:
         if isinstance(err, reraise):
             raise
@@ -56,7 +52,7 @@ def run_job(cfg, run_dir: Path, multirun: bool, reraise=()):
 def log_hparams(cfg, run_dir: Path, multirun: bool) -> None:
     """A training run's session in TensorBoard's HParams tab (ccnet/hparams.py), after status.json; rank 0 only.
     A failure to write it is logged, not raised: the run's results are written already, and a sweep goes on."""
-    if cfg.job != "train" or runtime.mpi_rank() != 0:
+    if cfg.job != "train" or launch.mpi_rank() != 0:
         return
     try:
         log_run_hparams(run_dir, multirun)

@@ -8,10 +8,11 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from ccnet import download, runtime
+from ccnet import download
 from ccnet.engine.checkpoint import atomic_write_bytes
+from ccnet.tensorboard import import_tensorboardx
 
-tensorboardX = runtime.import_tensorboardx()  # with torch hidden: torch and Jittor must not share this process
+tensorboardX = import_tensorboardx()  # with torch hidden: torch and Jittor must not share this process
 
 log = logging.getLogger("ccnet")
 

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from ccnet.config import config_dir
+from ccnet.data.datasets import dataset_with_classes
 from ccnet.engine.checkpoint import CheckpointError, resolve_checkpoint
 from ccnet.engine.model_files import ModelFile, configure, load_model_file, read_model_file, report
 from ccnet.models import build_model
@@ -23,8 +25,6 @@ from ccnet.models import build_model
 from .common import prepare_run_dir
 
 log = logging.getLogger(__name__)
-CONF = Path(__file__).resolve().parents[2] / "conf"
-DATASET_OF_CLASSES = {19: "cityscapes", 150: "ade20k", 21: "voc"}  # the published models' data sets
 
 
 def model_source(value, cfg, key: str = "checkpoint") -> Path:
@@ -48,10 +48,12 @@ def model_source(value, cfg, key: str = "checkpoint") -> Path:
 def dataset_of_file(cfg, mf: ModelFile) -> list[str]:
     """predict / visualize of a published file: the data set of its class count (its class names and colours)."""
     classes = mf.variant["num_classes"]
-    if classes == cfg.dataset.num_classes or classes not in DATASET_OF_CLASSES:
+    name = dataset_with_classes(classes) if classes != cfg.dataset.num_classes else None
+    if name is None:
         return []
-    name = DATASET_OF_CLASSES[classes]
-    cfg.dataset = OmegaConf.merge(cfg.dataset, OmegaConf.load(CONF / "dataset" / f"{name}.yaml"))
+    section = OmegaConf.load(config_dir() / "dataset" / f"{name}.yaml")
+    section.pop("defaults", None)  # a data set's own schedule (context's) is no part of its classes
+    cfg.dataset = OmegaConf.merge(cfg.dataset, section)
     return [f"{classes} classes: dataset={name} for the class names and colours"]
 
 

@@ -1,4 +1,5 @@
-"""job=sweep sweep_dir=PATH: (re)build a sweep folder's summary (table and plot), also of a half-finished sweep."""
+"""job=summarize sweep_dir=PATH: (re)build a sweep folder's summary (table and plot), also of a half-finished
+sweep. `job=sweep`, its name before, does the same."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from ccnet.summary import summarize
 from ccnet.validate import ConfigValueError
 
 
-@JOBS.register("sweep")
+@JOBS.register("summarize", "sweep")  # sweep: the old name, which read as if it ran a sweep (that is `-m`)
 def run(cfg, run_dir: Path) -> None:
     if not cfg.sweep_dir or not Path(cfg.sweep_dir).expanduser().is_dir():
         raise ConfigValueError(
