@@ -90,7 +90,7 @@ class ModelConfig:
     ohem_min_kept: int = 100000
     aux_channels: Optional[int] = None  # DSN head width; null: backbone.head_channels (mmseg's FCNHead: 256)
     aux_bias: bool = True  # the DSN head's 3x3 conv has a bias (the authors'); mmseg's FCNHead has none
-    align_corners: Optional[bool] = None  # of the logits' resizing; null: the model's family (ours, the authors':
+    align_corners: Optional[bool] = None  # of the logits' resizing; null: the model file's family (ours, the authors':
     # true; mmsegmentation's: false)
     cca_softmax: str = "pixel"  # the criss-cross attention's softmax: pixel (over each pixel's H + W scores: the
     # paper, the authors, mmseg) | whole (one over the whole (B, H, W, H + W) tensor: the seed's Jittor nn.Softmax())

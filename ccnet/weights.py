@@ -3,16 +3,18 @@
 Reads PyTorch files (the zip format of torch >= 1.6 and the older pickle format of the MIT CSAIL ResNets)
 through the allow-list reader of ccnet/fileio.py, which turns tensors into NumPy arrays and refuses anything
 that is not plain data; also our own checkpoints (`ccnet-checkpoint-v1`, backbone keys prefixed `backbone.`)
-and the pickles written by `python -m ccnet.weights convert IN.pth OUT.pkl [--family resnet|van]`
+and the pickles written by `python -m ccnet.weights convert IN.pth OUT.pkl [--arch resnet|van]`
 (`ccnet-backbone-v1`). Whole models are written by `python -m ccnet.export` (ccnet/export.py).
 
-Each backbone family declares its weights where it registers (`PretrainedWeights`: its signature keys, the key
-conversion beside the model, the module they fit, and its published files), e.g. `RESNET_WEIGHTS` in
-ccnet/models/resnet.py and `VAN_WEIGHTS` in ccnet/models/van.py; this module only looks them up. Like timm's
-pretrained configs, each published file is a `WeightFile`: where it comes from (url, sha256), the input it was
-trained on (`Normalization`: channel order, mean, std in 0-255 pixel units; input size), its classifier keys and
-the backbones it fits. Loading says which family and which published file matched and why, and refuses a run
-whose normalisation differs from the file's (backbone.allow_normalization_mismatch=true keeps the run's).
+A file's `arch` is the backbone architecture whose key names it holds ("resnet", "van"). Each arch declares its
+weights where its backbones register (`PretrainedWeights`: its signature keys, the key conversion beside the
+model, the module they fit, and its published files), e.g. `RESNET_WEIGHTS` in ccnet/models/resnet.py and
+`VAN_WEIGHTS` in ccnet/models/van.py; this module only looks them up. Like timm's pretrained configs, each
+published file is a `WeightFile`: where it comes from (url, sha256), the input it was trained on (`Normalization`:
+channel order, mean, std in 0-255 pixel units; input size), its classifier keys and the backbones it fits. Loading
+says which arch and which published file matched and why, and refuses a run whose normalisation differs from the
+file's (backbone.allow_normalization_mismatch=true keeps the run's). ("family" is what convert called the arch
+before: `--family` and the key in files it wrote are still read.)
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from .fileio import FileError, arrays, atomic_file, brief, check_arrays, read_fi
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "ccnet-checkpoint-v1"  # the trainer's checkpoints (ccnet.engine.checkpoint)
-BACKBONE_FORMAT = "ccnet-backbone-v1"  # what `convert` writes: one family's converted state dict
+BACKBONE_FORMAT = "ccnet-backbone-v1"  # what `convert` writes: one architecture's converted state dict
 EXPORT_FORMAT = "ccnet-export-v1"  # meta["format"] of what `python -m ccnet.export` writes (ccnet/export.py)
 
 
@@ -48,9 +50,9 @@ class StateDict:
 
     tensors: dict
     kind: str  # "torch" or "converted" (into the inner module), "ccnet" (our checkpoint: the whole backbone)
-    family: str | None = None
+    arch: str | None = None
     dropped: list = field(default_factory=list)
-    detection: str = ""  # which family matched and why (or that none did)
+    detection: str = ""  # which architecture matched and why (or that none did)
 
 
 @dataclass(frozen=True)
@@ -84,7 +86,7 @@ NORMALIZATION_PRESETS = {"authors_bgr": AUTHORS_BGR, "imagenet_rgb": IMAGENET_RG
 @dataclass(frozen=True)
 class WeightFile:
     """One published ImageNet weights file (timm's pretrained config): what a fetcher needs (url, sha256), the
-    input it expects, and how to recognise it. Declared beside the model, in its family's PretrainedWeights."""
+    input it expects, and how to recognise it. Declared beside the model, in its architecture's PretrainedWeights."""
 
     name: str  # the file name as published
     publisher: str  # who publishes it, for messages
@@ -94,7 +96,7 @@ class WeightFile:
     backbones: tuple[str, ...]  # registered backbones it fits strictly (backbone.name)
     settings: dict = field(default_factory=dict)  # backbone.* settings it needs beside the name (depth=18, ...)
     fingerprint: dict = field(default_factory=dict)  # our key -> shape (None: present) that its converted tensors
-    # have; together with `absent` it tells this file from the family's others
+    # have; together with `absent` it tells this file from its architecture's others
     absent: tuple[str, ...] = ()  # our keys its tensors do not have
     classifier: tuple[str, ...] = ("fc.weight", "fc.bias")  # the ImageNet classifier's keys in the file (dropped)
     num_classes: int = 1000
@@ -113,11 +115,11 @@ class WeightFile:
 
 @dataclass(frozen=True)
 class PretrainedWeights:
-    """What a backbone family's published weights look like, declared by its backbones at registration."""
+    """What the published weights of a backbone architecture look like, declared by its backbones at registration."""
 
-    family: str  # the family's name ("resnet", "van"), for messages and `convert --family`
-    signature: str | tuple  # the key(s) every file of the family holds, e.g. "patch_embed1.proj.weight"; where two
-    # families' signatures match one file, the one whose signature holds the other's (the more specific) wins
+    arch: str  # the architecture's name ("resnet", "van"), for messages and `convert --arch`
+    signature: str | tuple  # the key(s) every file of the architecture holds, e.g. "patch_embed1.proj.weight"; where
+    # two architectures' signatures match one file, the one whose signature holds the other's (the more specific) wins
     convert: Callable  # file state dict -> (our names, keys dropped on purpose), beside the model
     module_type: type | tuple  # the backbone class(es) these weights fit
     inner: str = ""  # the backbone's attribute that takes them ("van"), where it has one; else the backbone itself
@@ -128,7 +130,7 @@ class PretrainedWeights:
         return (self.signature,) if isinstance(self.signature, str) else tuple(self.signature)
 
     def matches(self, keys) -> list[str]:
-        """The file keys that hold this family's signature (empty when one is missing)."""
+        """The file keys that hold this architecture's signature (empty when one is missing)."""
         found = []
         for sig in self.signature_keys:
             hit = next((k for k in keys if k == sig or k.endswith("." + sig)), None)
@@ -138,8 +140,8 @@ class PretrainedWeights:
         return found
 
 
-def families() -> dict[str, PretrainedWeights]:
-    """family name -> its weights format, from every registered backbone; one format per family name."""
+def weights_by_arch() -> dict[str, PretrainedWeights]:
+    """arch -> its PretrainedWeights, from every registered backbone; one declaration per architecture."""
     from .registry import BACKBONES
 
     found: dict[str, PretrainedWeights] = {}
@@ -147,15 +149,15 @@ def families() -> dict[str, PretrainedWeights]:
         weights = entry.info.get("weights")
         if weights is None:
             continue
-        known = found.setdefault(weights.family, weights)
+        known = found.setdefault(weights.arch, weights)
         if known is not weights:
-            raise ValueError(f"two weights formats are named {weights.family!r} (one of them by {entry.name})")
+            raise ValueError(f"two PretrainedWeights declare the arch {weights.arch!r} (one of them by {entry.name})")
     return found
 
 
 def weight_files() -> list[tuple[str, WeightFile]]:
-    """(family, file) for every published file any registered backbone declares."""
-    return [(fam, f) for fam, fmt in families().items() for f in fmt.files]
+    """(arch, file) for every published file any registered backbone declares."""
+    return [(arch, f) for arch, weights in weights_by_arch().items() for f in weights.files]
 
 
 def weight_file_for(backbone: str, settings: dict | None = None) -> WeightFile | None:
@@ -176,56 +178,56 @@ def _plain(value):
 
 @dataclass
 class Detection:
-    """Which family a file's keys belong to, and why; `candidates`: every family whose signature matched."""
+    """Which architecture a file's keys belong to, and why; `candidates`: every one whose signature matched."""
 
-    family: str | None
+    arch: str | None
     reason: str
-    candidates: dict = field(default_factory=dict)  # family -> the file keys that matched its signature
+    candidates: dict = field(default_factory=dict)  # arch -> the file keys that matched its signature
 
 
 def detect(path, keys) -> Detection:
-    """The family of a file's keys: every family whose signature keys are all present is a candidate; one that
-    holds another's signature and more (the more specific) wins; candidates that cannot be told apart are an
-    error naming each and the keys that matched."""
-    fmts = families()
-    candidates = {fam: hits for fam, fmt in fmts.items() if (hits := fmt.matches(keys))}
+    """The architecture of a file's keys: every architecture whose signature keys are all present is a candidate;
+    one that holds another's signature and more (the more specific) wins; candidates that cannot be told apart are
+    an error naming each and the keys that matched."""
+    declared = weights_by_arch()
+    candidates = {arch: hits for arch, weights in declared.items() if (hits := weights.matches(keys))}
     if not candidates:
-        return Detection(None, "no family's signature keys: " + "; ".join(
-            f"{fam} needs {', '.join(fmt.signature_keys)}" for fam, fmt in sorted(fmts.items())), {})  # fmt: skip
-    sigs = {fam: set(fmts[fam].signature_keys) for fam in candidates}
-    best = [fam for fam in candidates if all(sigs[other] < sigs[fam] for other in candidates if other != fam)]
+        return Detection(None, "no architecture's signature keys: " + "; ".join(
+            f"{arch} needs {', '.join(w.signature_keys)}" for arch, w in sorted(declared.items())), {})  # fmt: skip
+    sigs = {arch: set(declared[arch].signature_keys) for arch in candidates}
+    best = [arch for arch in candidates if all(sigs[other] < sigs[arch] for other in candidates if other != arch)]
     if len(candidates) == 1 or len(best) == 1:
-        fam = best[0] if len(candidates) > 1 else next(iter(candidates))
-        reason = f"{fam}: holds {', '.join(candidates[fam])}"
-        others = [o for o in candidates if o != fam]
+        arch = best[0] if len(candidates) > 1 else next(iter(candidates))
+        reason = f"{arch}: holds {', '.join(candidates[arch])}"
+        others = [o for o in candidates if o != arch]
         if others:
             reason += f" (more specific than {', '.join(others)}, whose signature it includes)"
-        return Detection(fam, reason, candidates)
-    listed = "; ".join(f"{fam} (holds {', '.join(hits)})" for fam, hits in sorted(candidates.items()))
-    raise WeightsError(path, f"matches several backbone families and none is more specific: {listed}; "
-                       "give the family (convert --family)")  # fmt: skip
+        return Detection(arch, reason, candidates)
+    listed = "; ".join(f"{arch} (holds {', '.join(hits)})" for arch, hits in sorted(candidates.items()))
+    raise WeightsError(path, f"matches several backbone architectures and none is more specific: {listed}; "
+                       "give the architecture (convert --arch)")  # fmt: skip
 
 
-def detect_family(path, keys) -> str | None:
-    """The family of a file's keys (see detect), or None."""
-    return detect(path, keys).family
+def detect_arch(path, keys) -> str | None:
+    """The architecture of a file's keys (see detect), or None."""
+    return detect(path, keys).arch
 
 
-def identify_file(family: str, tensors: dict) -> tuple[WeightFile | None, str]:
-    """Which of the family's published files converted `tensors` (our names) look like, and why; (None, why not)
-    when none or several fit (then no normalisation is declared)."""
-    fmt = families().get(family)
-    fits = [(f, why) for f in (fmt.files if fmt else ()) if (why := f.why(tensors)) is not None]
+def identify_file(arch: str, tensors: dict) -> tuple[WeightFile | None, str]:
+    """Which of the architecture's published files converted `tensors` (our names) look like, and why; (None, why
+    not) when none or several fit (then no normalisation is declared)."""
+    weights = weights_by_arch().get(arch)
+    fits = [(f, why) for f in (weights.files if weights else ()) if (why := f.why(tensors)) is not None]
     if len(fits) == 1:
         f, why = fits[0]
         return f, f"{f.publisher}'s {f.name} ({why})"
     if fits:
         return None, f"fits several published files ({', '.join(f.name for f, _ in fits)}): none assumed"
-    return None, f"none of the {len(fmt.files) if fmt else 0} published {family} files"
+    return None, f"none of the {len(weights.files) if weights else 0} published {arch} files"
 
 
-def read_state_dict(path, family: str | None = None) -> StateDict:
-    """Read `path` and pick out the backbone tensors; torch files are converted with `family`'s function."""
+def read_state_dict(path, arch: str | None = None) -> StateDict:
+    """Read `path` and pick out the backbone tensors; torch files are converted with `arch`'s function."""
     obj = read_file(path)
     if not isinstance(obj, dict):
         raise WeightsError(path, f"not a checkpoint: holds a {type(obj).__name__}, not a dict of tensors")
@@ -239,11 +241,11 @@ def read_state_dict(path, family: str | None = None) -> StateDict:
         if not tensors:
             raise WeightsError(path, "a ccnet checkpoint without backbone.* tensors")
         detection = detect(path, tensors)
-        return StateDict(tensors, "ccnet", detection.family, detection=detection.reason)
+        return StateDict(tensors, "ccnet", detection.arch, detection=detection.reason)
     if fmt == BACKBONE_FORMAT and isinstance(obj.get("state_dict"), dict):
-        family = obj.get("family")
+        found = obj.get("arch", obj.get("family"))  # "family": what convert wrote before it said "arch"
         tensors = check_arrays(path, arrays(obj["state_dict"]))
-        return StateDict(tensors, "converted", family, detection=f"{family}: converted file")
+        return StateDict(tensors, "converted", found, detection=f"{found}: converted file")
     for key in ("state_dict", "model"):  # {'state_dict': ...} (VAN .pth.tar, timm), {'model': ...}
         if isinstance(obj.get(key), dict) and arrays(obj[key]):
             obj = obj[key]
@@ -254,22 +256,22 @@ def read_state_dict(path, family: str | None = None) -> StateDict:
     if all(k.startswith("module.") for k in tensors):  # saved from DataParallel
         tensors = {k[len("module.") :]: v for k, v in tensors.items()}
     detection = detect(path, tensors)
-    found = detection.family
-    family = family or found
-    if family is None:
-        raise WeightsError(path, f"{detection.reason} (first keys: {list(tensors)[:4]}); give the family")
-    if family not in families():
-        raise WeightsError(path, f"family {family!r} is unknown; choose one of {sorted(families())}")
-    converted, dropped = families()[family].convert(tensors)
-    return StateDict(converted, "torch", found or family, dropped, detection.reason)
+    found = detection.arch
+    arch = arch or found
+    if arch is None:
+        raise WeightsError(path, f"{detection.reason} (first keys: {list(tensors)[:4]}); give the architecture")
+    if arch not in weights_by_arch():
+        raise WeightsError(path, f"architecture {arch!r} is unknown; choose one of {sorted(weights_by_arch())}")
+    converted, dropped = weights_by_arch()[arch].convert(tensors)
+    return StateDict(converted, "torch", found or arch, dropped, detection.reason)
 
 
-def convert_file(src, dst, family: str | None = None) -> StateDict:
+def convert_file(src, dst, arch: str | None = None) -> StateDict:
     """Convert a PyTorch backbone file once into a NumPy pickle; written atomically (temp file + rename)."""
-    state = read_state_dict(src, family)
-    if family and state.family != family:
-        raise WeightsError(src, f"holds {state.family} weights, not {family}")
-    payload = dict(format=BACKBONE_FORMAT, family=state.family, source=Path(src).name, state_dict=state.tensors)
+    state = read_state_dict(src, arch)
+    if arch and state.arch != arch:
+        raise WeightsError(src, f"holds {state.arch} weights, not {arch}")
+    payload = dict(format=BACKBONE_FORMAT, arch=state.arch, source=Path(src).name, state_dict=state.tensors)
     try:
         with atomic_file(dst) as f:
             pickle.dump(payload, f, protocol=pickle.HIGHEST_PROTOCOL)
@@ -288,18 +290,18 @@ def _group(key: str) -> str:
 @dataclass
 class LoadReport:
     path: str
-    family: str
+    arch: str
     target: str
     loaded: int = 0
     missing: list = field(default_factory=list)
     unexpected: list = field(default_factory=list)
     mismatched: list = field(default_factory=list)  # "key: file (a, b) vs model (c, d)"
     dropped: list = field(default_factory=list)  # expected extras: classifier, num_batches_tracked
-    detection: str = ""  # which family matched and why
+    detection: str = ""  # which architecture matched and why
     origin: str = ""  # which published file it looks like and the input it was trained on
 
     def summary(self, verb: str = "loaded") -> str:
-        lines = [f"{verb} {self.loaded} tensors from {self.path} ({self.family}) into {self.target}"]
+        lines = [f"{verb} {self.loaded} tensors from {self.path} ({self.arch}) into {self.target}"]
         lines += [f"  {text}" for text in (self.detection, self.origin) if text]
         if self.dropped:  # grouped: "fc.* (2), num_batches_tracked (104)"
             groups = Counter(map(_group, self.dropped))
@@ -321,20 +323,20 @@ class LoadReport:
         )
 
 
-def _target(module, family: str | None) -> tuple[PretrainedWeights, object]:
-    """(the weights format, the module that takes the weights): e.g. the inner VAN of the segmentation wrapper.
-    The format declaring the module's own class wins over one declaring a base class; two declaring it alike are
-    an error naming both."""
-    fits = [f for f in families().values() if isinstance(module, f.module_type) and family in (None, f.family)]
-    exact = [f for f in fits if type(module) in _types(f.module_type)]
+def _target(module, arch: str | None) -> tuple[PretrainedWeights, object]:
+    """(the architecture's PretrainedWeights, the module that takes the weights): e.g. the inner VAN of the
+    segmentation wrapper. The declaration naming the module's own class wins over one naming a base class; two
+    naming it alike are an error naming both."""
+    fits = [w for w in weights_by_arch().values() if isinstance(module, w.module_type) and arch in (None, w.arch)]
+    exact = [w for w in fits if type(module) in _types(w.module_type)]
     chosen = exact if exact else fits
     if not chosen:
-        raise TypeError(f"{type(module).__name__} does not take {family} weights (family={family!r})")
+        raise TypeError(f"{type(module).__name__} does not take {arch} weights (arch={arch!r})")
     if len(chosen) > 1:
-        names = ", ".join(sorted(f.family for f in chosen))
-        raise TypeError(f"{type(module).__name__} is declared by several weights formats ({names}); give the family")
-    fmt = chosen[0]
-    return fmt, getattr(module, fmt.inner, module) if fmt.inner else module
+        names = ", ".join(sorted(w.arch for w in chosen))
+        raise TypeError(f"{type(module).__name__} takes the weights of several architectures ({names}); give the arch")
+    weights = chosen[0]
+    return weights, getattr(module, weights.inner, module) if weights.inner else module
 
 
 def _types(module_type) -> tuple:
@@ -344,7 +346,7 @@ def _types(module_type) -> tuple:
 def check_normalization(path, state: StateDict, normalization: Normalization | None, allow: bool) -> str:
     """The file's declared input against the run's: a one-line WeightsError naming both where they differ (unless
     allowed). Returns what was found, for the log."""
-    declared, why = identify_file(state.family, state.tensors) if state.kind != "ccnet" else (None, "our checkpoint")
+    declared, why = identify_file(state.arch, state.tensors) if state.kind != "ccnet" else (None, "our checkpoint")
     if declared is None or normalization is None:
         return f"published file: {why}"
     if not declared.normalization.matches(normalization):
@@ -363,7 +365,7 @@ def check_normalization(path, state: StateDict, normalization: Normalization | N
 def load_backbone_weights(
     backbone,
     path,
-    family: str | None = None,
+    arch: str | None = None,
     strict: bool = True,
     normalization: Normalization | None = None,
     allow_normalization_mismatch: bool = False,
@@ -377,11 +379,11 @@ def load_backbone_weights(
     """
     import jittor as jt
 
-    fmt, inner = _target(backbone, family)
-    family = fmt.family
-    state = read_state_dict(path, family)
-    if state.family not in (None, family):
-        found = f"holds {state.family} weights, but the backbone is {family} ({type(backbone).__name__})"
+    weights, inner = _target(backbone, arch)
+    arch = weights.arch
+    state = read_state_dict(path, arch)
+    if state.arch not in (None, arch):
+        found = f"holds {state.arch} weights, but the backbone is {arch} ({type(backbone).__name__})"
         raise WeightsError(path, found)
     origin = check_normalization(path, state, normalization, allow_normalization_mismatch)
     module = backbone if state.kind == "ccnet" else inner
@@ -390,7 +392,7 @@ def load_backbone_weights(
         # the target's own classifier (VAN(num_classes>0)) is no backbone tensor. Strict checking compares with
         # the model's real keys: passing them through the file's converter would drop a key on both sides.
         own = {k: v for k, v in own.items() if not k.startswith("head.")}
-    report = LoadReport(str(path), family, type(module).__name__, dropped=state.dropped)
+    report = LoadReport(str(path), arch, type(module).__name__, dropped=state.dropped)
     report.detection, report.origin = state.detection, origin
     report.missing = [k for k in own if k not in state.tensors]
     report.unexpected = [k for k in state.tensors if k not in own]
@@ -425,17 +427,24 @@ def main(argv=None) -> int:
     conv = sub.add_parser("convert", help="PyTorch backbone file -> NumPy pickle (no torch needed)")
     conv.add_argument("src")
     conv.add_argument("dst")
-    conv.add_argument("--family", help="the backbone family (default: read from the file's keys)")
+    conv.add_argument("--arch", help="the backbone architecture: resnet, van (default: read from the file's keys)")
+    conv.add_argument("--family", help=argparse.SUPPRESS)  # the name of --arch before 2026-12: still taken
     args = parser.parse_args(argv)
+    if args.family is not None:
+        if args.arch not in (None, args.family):
+            print(f"error: --family {args.family} (the old name of --arch) disagrees with --arch {args.arch}",
+                  file=sys.stderr)  # fmt: skip
+            return 1
+        print("note: --family is deprecated: use --arch", file=sys.stderr)
     try:
         from ccnet import runtime
 
         runtime.setup()  # the converters live beside the Jittor models
-        state = convert_file(args.src, args.dst, args.family)
+        state = convert_file(args.src, args.dst, args.arch or args.family)
     except FileError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    print(f"wrote {args.dst}: {len(state.tensors)} {state.family} tensors, dropped {len(state.dropped)}")
+    print(f"wrote {args.dst}: {len(state.tensors)} {state.arch} tensors, dropped {len(state.dropped)}")
     return 0
 
 

@@ -49,7 +49,7 @@ def good(compose, tmp_path_factory, data_home):
     config = OmegaConf.to_container(cfg, resolve=True)
     save_checkpoint(folder / "good.pkl", model, 2, config, nn.SGD(model.parameters(), 0.01, momentum=0.9))
     assert export([str(folder / "good.pkl"), str(folder / "good.pth")]) == 0
-    van = {"format": "ccnet-backbone-v1", "family": "van", "state_dict": {"patch_embed1.proj.weight": np.ones(1)}}
+    van = {"format": "ccnet-backbone-v1", "arch": "van", "state_dict": {"patch_embed1.proj.weight": np.ones(1)}}
     (folder / "van.pkl").write_bytes(pickle.dumps(van))
     image = sorted((ensure_shapes_dataset(data_home) / "images" / "val").glob("*.png"))[0]
     return {"dir": folder, "config": config, "image": image, "state": pickle.loads((folder / "good.pkl").read_bytes())}
@@ -131,11 +131,11 @@ CATALOGUE = {
         lambda d, g: saved(d / "noweights.pkl", {k: v for k, v in g["state"].items() if k != "model"}),
         {**dict.fromkeys(PATHS, "without model weights"), "pretrained": "without backbone", "convert": "without backb"},
     ),
-    "wrong_family": (
+    "wrong_arch": (
         lambda d, g: saved(d / "van_ckpt.pkl", van_like(g)),
         {p: "does not match the model" for p in (*MODEL_PATHS, "resume")},
     ),
-    "wrong_family_backbone": (
+    "wrong_arch_backbone": (
         lambda d, g: g["dir"] / "van.pkl",
         {
             **{p: NOT_CHECKPOINT for p in (*MODEL_PATHS, "resume", "export")},
@@ -187,7 +187,7 @@ def run_path(path_name: str, file: Path, compose, good, out: Path, capsys):
 
     if path_name in ("convert", "export"):
         if path_name == "convert":
-            rc = weights(["convert", str(file), str(out / "x.pkl"), "--family", "resnet"])
+            rc = weights(["convert", str(file), str(out / "x.pkl"), "--arch", "resnet"])
         else:
             rc = export([str(file), str(out / "x.pth")])
         captured = capsys.readouterr()
@@ -243,7 +243,7 @@ def test_the_good_files_pass_every_path(compose, good, tmp_path, capsys):
     ):
         cfg = compose(overrides)
         JOBS.get(cfg.job).factory(cfg, tmp_path / f"run{i}")
-    assert main(["convert", str(ckpt), str(tmp_path / "b.pkl"), "--family", "resnet"]) == 0
+    assert main(["convert", str(ckpt), str(tmp_path / "b.pkl"), "--arch", "resnet"]) == 0
     assert export([str(ckpt), str(tmp_path / "e.pth")]) == 0
 
 

@@ -33,7 +33,7 @@ OBJECT_BYTES = 12  # the reader's Python objects (zip directory, tensors' views)
 MORE_THAN_IT_HOLDS = "declares more data than it holds"
 TOO_MANY_OBJECTS = "Python objects, the most the reader allows for a file of"
 NOT_OURS = "not a ccnet checkpoint"
-NO_FAMILY = "no family's signature keys"
+NO_ARCH = "no architecture's signature keys"
 NO_FIT = "no tensor fits ResNet"
 
 
@@ -71,15 +71,15 @@ CASES = {
     "many_ints": refused_by_reader(TOO_MANY_OBJECTS),
     # read (shared, linear), then refused for what they are
     "shared_tensor": {**dict.fromkeys(("eval", "init", "resume", "export"), NOT_OURS), "pretrained": NO_FIT,
-                      "convert": NO_FAMILY},
+                      "convert": NO_ARCH},
     # 50,000 one-element tensors: 18 objects each in data.pkl, one per 16 bytes of the file (61 s before, with a
-    # scan per storage); the same reader on every path, so the two families of readers suffice
+    # scan per storage); the same reader on every path, so one path of each kind (a model file, weights) suffices
     "many_records": {**dict.fromkeys(PATHS), "eval": TOO_MANY_OBJECTS, "convert": TOO_MANY_OBJECTS},
     # arrays of the wrong dtype or shape, before any arithmetic on them (export reads published files as eval does)
     "mmseg_gamma_2": {
         **dict.fromkeys(("eval", "init", "export"), "decode_head.cca.gamma.scale holds a float32 array of shape (2,); "
                                           "expected a real number array of 1 element"),
-        **dict.fromkeys(("resume",), NOT_OURS), "pretrained": NO_FIT, "convert": NO_FAMILY,
+        **dict.fromkeys(("resume",), NOT_OURS), "pretrained": NO_FIT, "convert": NO_ARCH,
     },
     "mmseg_gamma_text": {
         **dict.fromkeys(("eval", "init", "export", "pretrained", "convert"),
@@ -88,7 +88,7 @@ CASES = {
     },
     "authors_0d_stem": {
         **dict.fromkeys(("eval", "init", "export"), STEM_0D),
-        **dict.fromkeys(("resume",), NOT_OURS), "pretrained": NO_FIT, "convert": NO_FAMILY,
+        **dict.fromkeys(("resume",), NOT_OURS), "pretrained": NO_FIT, "convert": NO_ARCH,
     },
     "complex_checkpoint": refused_by_reader("holds a complex complex64 array of shape"),
     "text_backbone": {

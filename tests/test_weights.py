@@ -99,7 +99,7 @@ def test_van_file_goes_into_the_inner_van(tmp_path, torch_save):
     head = {"head.weight": np.zeros((1000, 32), np.float32), "head.bias": np.zeros(1000, np.float32)}
     path = torch_save({"state_dict": {**state, **head}, "epoch": 1}, tmp_path / "van_b0.pth.tar")
     report = load_backbone_weights(model, path)
-    assert report.loaded == len(state) and report.target == "VAN" and report.family == "van"
+    assert report.loaded == len(state) and report.target == "VAN" and report.arch == "van"
     assert_holds(model.van, state)
     assert_holds(model, neck_before)  # the neck keeps its initialisation
 
@@ -125,19 +125,48 @@ def test_convert_once_then_load(tmp_path, capsys, torch_save):
     state = numpy_state(model, seed=3)
     src = torch_save({**state, "fc.bias": np.zeros(10, np.float32)}, tmp_path / "r.pth", legacy=True)
     dst = tmp_path / "out" / "r.pkl"
-    assert main(["convert", src, str(dst), "--family", "resnet"]) == 0
+    assert main(["convert", src, str(dst), "--arch", "resnet"]) == 0
     assert "wrote" in capsys.readouterr().out
     assert [p.name for p in dst.parent.iterdir()] == ["r.pkl"]  # no temp file left behind
     with open(dst, "rb") as f:
         payload = pickle.load(f)  # plain NumPy pickle: jt.load / pickle read it without torch
-    assert payload["format"] == "ccnet-backbone-v1" and payload["family"] == "resnet"
+    assert payload["format"] == "ccnet-backbone-v1" and payload["arch"] == "resnet" and "family" not in payload
     assert "fc.bias" not in payload["state_dict"]
     fresh = BACKBONES.build("resnet_tiny")
     assert load_backbone_weights(fresh, str(dst)).loaded == len(state)
     assert_holds(fresh, state)
 
-    assert main(["convert", src, str(tmp_path / "x.pkl"), "--family", "van"]) == 1
+    assert main(["convert", src, str(tmp_path / "x.pkl"), "--arch", "van"]) == 1
     assert "holds resnet weights" in capsys.readouterr().err
+
+
+def test_convert_family_is_a_deprecated_name_of_arch(tmp_path, capsys, torch_save):
+    """`convert --family` (the flag's old name) still converts, with a note; it and --arch must agree. A file that
+    convert wrote before (its arch under the key "family") still loads, and is still checked against the
+    backbone."""
+    state = numpy_state(BACKBONES.build("resnet_tiny"), seed=4)
+    src = torch_save(state, tmp_path / "r.pth")
+    old = tmp_path / "old.pkl"
+    assert main(["convert", src, str(old), "--family", "resnet"]) == 0
+    assert "note: --family is deprecated: use --arch" in capsys.readouterr().err
+    with open(old, "rb") as f:
+        payload = pickle.load(f)
+    assert payload["arch"] == "resnet"
+    assert main(["convert", src, str(tmp_path / "x.pkl"), "--family", "van"]) == 1
+    assert "holds resnet weights, not van" in capsys.readouterr().err
+    assert main(["convert", src, str(tmp_path / "y.pkl"), "--family", "van", "--arch", "resnet"]) == 1
+    assert capsys.readouterr().err == "error: --family van (the old name of --arch) disagrees with --arch resnet\n"
+    assert not (tmp_path / "x.pkl").exists() and not (tmp_path / "y.pkl").exists()
+
+    payload["family"] = payload.pop("arch")  # as convert wrote it before
+    old.write_bytes(pickle.dumps(payload))
+    fresh = BACKBONES.build("resnet_tiny")
+    report = load_backbone_weights(fresh, str(old))
+    assert report.arch == "resnet" and report.detection == "resnet: converted file"
+    assert_holds(fresh, state)
+    old.write_bytes(pickle.dumps({**payload, "family": "van"}))
+    with pytest.raises(WeightsError, match="holds van weights, but the backbone is resnet"):
+        load_backbone_weights(BACKBONES.build("resnet_tiny"), str(old))
 
 
 # ---------------------------------------------------------------------------- mismatches and bad files
@@ -181,7 +210,7 @@ def test_strict_compares_with_the_models_own_keys(tmp_path, torch_save, monkeypa
         return {k: v for k, v in converted.items() if k not in lost}, dropped + lost
 
     lossy_weights = dataclasses.replace(resnet.RESNET_WEIGHTS, convert=lossy)
-    for entry in BACKBONES.entries():  # the ResNets declare their weights format at registration
+    for entry in BACKBONES.entries():  # the ResNets declare their arch's weights at registration
         if entry.info.get("weights") is resnet.RESNET_WEIGHTS:
             monkeypatch.setitem(entry.info, "weights", lossy_weights)
     n_var = sum(k.endswith("running_var") for k in model.state_dict())
@@ -199,7 +228,7 @@ def test_classifier_of_a_plain_van_is_not_required(tmp_path, torch_save):
     assert_holds(model, state)
 
 
-def test_wrong_family(tmp_path, torch_save):
+def test_wrong_arch(tmp_path, torch_save):
     van_file = torch_save({"state_dict": numpy_state(VANBackbone(TINY_VAN).van)}, tmp_path / "v.pth.tar")
     with pytest.raises(WeightsError, match="holds van weights, but the backbone is resnet") as err:
         load_backbone_weights(BACKBONES.build("resnet_tiny"), van_file)
@@ -256,18 +285,18 @@ def test_missing_file_and_unknown_module(tmp_path):
 def test_every_published_file_declares_its_source_hash_input_and_classifier():
     """Each WeightFile (timm's pretrained config): an http(s) URL ending in its name; sha256 = the prefix its
     published name carries (mmcv, torchvision), None where the publisher gives none (MIT CSAIL, VAN); a known input
-    convention; classifier keys that its family's converter drops; the backbones it names exist."""
+    convention; classifier keys that its architecture's converter drops; the backbones it names exist."""
     import re
     import urllib.parse
 
-    from ccnet.weights import NORMALIZATION_PRESETS, families, weight_files
+    from ccnet.weights import NORMALIZATION_PRESETS, weight_files, weights_by_arch
 
     files = weight_files()
     assert {f.name for _, f in files} >= {
         "resnet50-imagenet.pth", "resnet101-imagenet.pth", "resnet50_v1c-2cccc1ad.pth",
         "resnet101_v1c-e67eebb6.pth", "resnet18-f37072fd.pth", "van_tiny_754.pth.tar", "van_large_839.pth.tar",
     }  # fmt: skip
-    for family, f in files:
+    for arch, f in files:
         url = urllib.parse.urlparse(f.url)
         assert url.scheme in ("http", "https") and url.path.endswith("/" + f.name), f.url
         in_name = re.search(r"-([0-9a-f]{8})\.pth", f.name)
@@ -275,7 +304,7 @@ def test_every_published_file_declares_its_source_hash_input_and_classifier():
         assert f.normalization in NORMALIZATION_PRESETS.values(), f.name
         assert set(f.backbones) <= set(BACKBONES.names()), f.backbones
         sample = {key: np.zeros(2, np.float32) for key in (*f.classifier, "layer1.0.conv1.weight")}
-        converted, dropped = families()[family].convert(sample)
+        converted, dropped = weights_by_arch()[arch].convert(sample)
         assert set(f.classifier) <= set(dropped) and not set(f.classifier) & set(converted), f.name
     by_name = {f.name: f for _, f in files}
     assert (
@@ -292,15 +321,15 @@ def test_normalisation_presets_are_the_declared_ones(compose):
         assert Normalization.of(compose([f"normalization={name}"]).dataset) == declared
 
 
-def test_each_published_file_is_told_apart_from_its_familys_others():
+def test_each_published_file_is_told_apart_from_its_architectures_others():
     """A backbone built as a published file's backbones[0] (with its settings) has that file's fingerprint and no
     other's: ResNet-50 vs 101 (layer3 depth), MIT's vs mmcv's stem, torchvision's plain stem, VAN b0-b3."""
     from ccnet.weights import identify_file, weight_file_for, weight_files
 
-    for family, f in weight_files():
+    for arch, f in weight_files():
         backbone = BACKBONES.build(f.backbones[0], **f.settings)
         tensors = getattr(backbone, "van", backbone).state_dict()
-        found, why = identify_file(family, tensors)
+        found, why = identify_file(arch, tensors)
         assert found is f, (f.name, why)
         assert why.startswith(f"{f.publisher}'s {f.name} (") and all(k in why for k in f.fingerprint)
         assert all(weight_file_for(name, f.settings) is f for name in f.backbones)
@@ -342,7 +371,7 @@ def test_a_normalisation_differing_from_the_files_is_refused_in_one_line(compose
     assert any("allow_normalization_mismatch=true" in r.message for r in caplog.records if r.levelno == logging.WARNING)
 
 
-def test_the_load_report_says_which_family_and_file_matched_and_why(mit_like_file):
+def test_the_load_report_says_which_arch_and_file_matched_and_why(mit_like_file):
     from ccnet.weights import AUTHORS_BGR
 
     path, _ = mit_like_file
@@ -353,31 +382,32 @@ def test_the_load_report_says_which_family_and_file_matched_and_why(mit_like_fil
     assert report.detection in report.summary() and report.origin in report.summary()
 
 
-class GroupNormResNet(ResNet):  # a subclass that a second weights format declares (its keys overlap ResNet's)
+class GroupNormResNet(ResNet):  # a subclass that a second arch's weights declare (its keys overlap ResNet's)
     pass
 
 
-def test_formats_with_overlapping_keys_are_told_apart_or_the_ambiguity_is_named(tmp_path):
-    """Every family whose signature keys a file holds is a candidate; the one whose signature holds another's and
+def test_archs_with_overlapping_keys_are_told_apart_or_the_ambiguity_is_named(tmp_path):
+    """Every arch whose signature keys a file holds is a candidate; the one whose signature holds another's and
     more wins (named with the reason); two that cannot be ordered are an error naming both and their keys. The
-    module a format declares: its own class wins over a base class; two formats declaring one class are named."""
+    module an arch's weights declare: its own class wins over a base class; two archs declaring one class are
+    named."""
     from ccnet.weights import BACKBONE_FORMAT, PretrainedWeights, detect
 
     def register(name, signature, module_type):
-        fmt = PretrainedWeights(name, signature, lambda sd: (dict(sd), []), module_type)
-        BACKBONES.register(f"toy_{name}", weights=fmt)(lambda: None)
+        weights = PretrainedWeights(name, signature, lambda sd: (dict(sd), []), module_type)
+        BACKBONES.register(f"toy_{name}", weights=weights)(lambda: None)
 
     try:
         register("resnet_gn", ("layer1.0.conv1.weight", "layer1.0.gn1.weight"), GroupNormResNet)
         plain = {"layer1.0.conv1.weight": 0, "conv1.weight": 0}
-        assert detect("f.pth", plain).family == "resnet"
+        assert detect("f.pth", plain).arch == "resnet"
         found = detect("f.pth", {**plain, "layer1.0.gn1.weight": 0})
-        assert found.family == "resnet_gn" and set(found.candidates) == {"resnet", "resnet_gn"}
+        assert found.arch == "resnet_gn" and set(found.candidates) == {"resnet", "resnet_gn"}
         assert found.reason == ("resnet_gn: holds layer1.0.conv1.weight, layer1.0.gn1.weight (more specific than "
                                 "resnet, whose signature it includes)")  # fmt: skip
         # a GroupNormResNet takes resnet_gn weights (its own class), not resnet's (a base class): named as such
         converted = tmp_path / "resnet.pkl"
-        converted.write_bytes(pickle.dumps(dict(format=BACKBONE_FORMAT, family="resnet", state_dict={})))
+        converted.write_bytes(pickle.dumps(dict(format=BACKBONE_FORMAT, arch="resnet", state_dict={})))
         gn = GroupNormResNet(BasicBlock, [1, 1, 1, 1], stem=(4, 4, 4), widths=(4, 4, 4, 4))
         with pytest.raises(WeightsError, match=r"holds resnet weights, but the backbone is resnet_gn \(GroupNorm"):
             load_backbone_weights(gn, str(converted))
@@ -385,13 +415,15 @@ def test_formats_with_overlapping_keys_are_told_apart_or_the_ambiguity_is_named(
         with pytest.raises(WeightsError) as err:
             detect("f.pth", {**plain, "layer1.0.gn1.weight": 0, "layer1.0.ws1.weight": 0})
         assert str(err.value) == (
-            "f.pth: matches several backbone families and none is more specific: resnet (holds "
+            "f.pth: matches several backbone architectures and none is more specific: resnet (holds "
             "layer1.0.conv1.weight); resnet_gn (holds layer1.0.conv1.weight, layer1.0.gn1.weight); resnet_ws (holds "
-            "layer1.0.conv1.weight, layer1.0.ws1.weight); give the family (convert --family)"
+            "layer1.0.conv1.weight, layer1.0.ws1.weight); give the architecture (convert --arch)"
         )
-        with pytest.raises(TypeError, match=r"^ResNet is declared by several weights formats \(resnet, resnet_ws\)"):
+        with pytest.raises(
+            TypeError, match=r"^ResNet takes the weights of several architectures \(resnet, resnet_ws\); give the arch$"
+        ):
             load_backbone_weights(BACKBONES.build("resnet_tiny"), str(tmp_path / "any.pth"))
     finally:
         for name in ("toy_resnet_gn", "toy_resnet_ws"):
             BACKBONES._entries.pop(name, None)
-    assert detect("f.pth", {**plain, "layer1.0.gn1.weight": 0}).family == "resnet"  # back to one family
+    assert detect("f.pth", {**plain, "layer1.0.gn1.weight": 0}).arch == "resnet"  # back to one arch

@@ -227,7 +227,7 @@ RESNET_FILES = (
                IMAGENET_RGB, ("resnet",), PLAIN_STEM, 6, settings=dict(depth=34, stem="plain"),
                absent=("layer1.0.conv3.weight",)),
 )  # fmt: skip
-# one format for every ResNet here: which stem a file holds shows in its shapes (strict loading names a misfit)
+# one arch for every ResNet here: which stem a file holds shows in its shapes (strict loading names a misfit)
 RESNET_WEIGHTS = PretrainedWeights(
     "resnet", "layer1.0.conv1.weight", convert_resnet_state_dict, ResNet, files=RESNET_FILES
 )

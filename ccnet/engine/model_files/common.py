@@ -16,7 +16,7 @@ _LEGACY_TORCH_MAGIC = (0x1950A86A20F9469CFC6C).to_bytes(10, "little")  # first p
 @dataclass
 class ModelFile:
     path: str
-    family: str  # the NAME of the family module that read it (ccnet, mmseg, authors, authors-jittor)
+    family: str  # the NAME of the family module that read it (ccnet, mmseg, authors, authors-jittor, seed)
     tensors: dict  # our names -> arrays
     dropped: list = field(default_factory=list)  # expected extras (num_batches_tracked)
     unmapped: list = field(default_factory=list)  # the file's keys that have no place in our model
