@@ -31,9 +31,9 @@ import tarfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from types import SimpleNamespace
 
 import numpy as np
+from omegaconf import OmegaConf
 
 from ccnet import download
 from ccnet.download import DownloadError, require_space
@@ -493,11 +493,11 @@ def prepare_cityscapes(cfg, archive_dir: Path, progress: bool, limits: dict, why
 RECIPES = {"ade20k": prepare_ade20k, "voc": prepare_voc, "cityscapes": prepare_cityscapes}
 
 
-def dataset_section(name: str, root, **overrides) -> SimpleNamespace:
+def dataset_section(name: str, root, **overrides):
     """A data set section as the loaders read it (the conf/dataset defaults), for use without Hydra."""
     base = {"ade20k": {"train_split": "training", "val_split": "validation", "reduce_zero_label": True}}
     classes = {"ade20k": 150, "voc": 21, "cityscapes": 19}
     values = {"name": name, "root": str(root), "ignore_index": 255, "train_split": "train", "val_split": "val"}
     values["num_classes"] = classes.get(name, 0)
     values.update({"reduce_zero_label": False, **base.get(name, {}), **overrides})
-    return SimpleNamespace(**values)
+    return OmegaConf.create(values)  # attributes and .get(), as a composed config's section
