@@ -79,7 +79,7 @@ def peak_memory_mib(baseline_kib: int, method: str) -> float:
 def torch_step(impl: str, batch: int, size: int):
     import torch
 
-    from ccnet.testing.torch_twins import einsum_cca as cca  # mmcv's einsum formulation
+    from torch_twins import einsum_cca as cca  # mmcv's einsum formulation
 
     def non_local(q, k, v):  # every pixel attends to every pixel: (HW x HW) maps
         attn = torch.softmax(torch.bmm(q.flatten(2).transpose(1, 2), k.flatten(2)), dim=-1)

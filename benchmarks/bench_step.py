@@ -56,7 +56,7 @@ def make_inputs(batch: int, size: int, seed: int = 0):
 
 
 def build_torch(backbone: str):
-    from ccnet.testing.torch_twins import torch_ccnet
+    from torch_twins import torch_ccnet
 
     return torch_ccnet("bottleneck", LAYERS[backbone], num_classes=NUM_CLASSES, head_channels=HEAD_CHANNELS)
 

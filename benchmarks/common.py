@@ -6,6 +6,10 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tests/torch_twins.py, the PyTorch twins
 
 
 def machine() -> dict:

@@ -43,7 +43,8 @@ import threading
 import time
 from pathlib import Path
 
-from ccnet.testing.torch_twins import einsum_cca  # NumPy only at import; torch inside
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tests/torch_twins.py
+from torch_twins import einsum_cca  # noqa: E402  (NumPy only at import; torch inside)
 
 ROOT = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
@@ -474,7 +475,7 @@ def start_memory(gpu_ready):
 def work_step(w: Worker):
     """One case: --framework jittor|torch, --batch, --size, --amp."""
     from bench_step import HEAD_CHANNELS, IGNORE, NUM_CLASSES, RECURRENCE, make_inputs
-    from bench_step import build_torch as torch_ccnet  # the PyTorch twin (ccnet/testing/torch_twins.py)
+    from bench_step import build_torch as torch_ccnet  # the PyTorch twin (tests/torch_twins.py)
 
     a = w.args
     images_np, labels_np = make_inputs(a.batch, a.size)

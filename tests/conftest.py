@@ -39,7 +39,7 @@ def compose():
 
 @pytest.fixture(scope="session")
 def torch_worker():
-    """call(fn, *args) runs a ccnet/testing/torch_twins.py function in one spawned process that has torch and not
+    """call(fn, *args) runs a tests/torch_twins.py function in one spawned process that has torch and not
     Jittor (the two crash together in one process); the test is skipped where torch is not installed."""
     import importlib.util
     import multiprocessing

@@ -18,7 +18,7 @@ import struct
 import numpy as np
 
 from ccnet.fileio import write_torch_zip
-from ccnet.testing.torch_twins import planted  # noqa: F401  (re-exported: the tests plant with it)
+from torch_twins import planted  # noqa: F401  (re-exported: the tests plant with it)
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 

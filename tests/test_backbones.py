@@ -1,6 +1,6 @@
 """Backbones against PyTorch twins written with the official module and key names.
 
-Each twin is built in PyTorch (ccnet/testing/torch_twins.py, run in a worker process without Jittor), its randomised
+Each twin is built in PyTorch (tests/torch_twins.py, run in a worker process without Jittor), its randomised
 state dict saved as the released files are (.pth for the MIT ResNets, {'state_dict': ...} .pth.tar for VAN),
 loaded with ccnet.weights, and every stage compared in eval mode. Reduced depths keep it fast; the full
 configurations are only built to count parameters.
@@ -13,8 +13,8 @@ import sys
 import numpy as np
 import pytest
 
+import torch_twins as twins
 from ccnet import runtime
-from ccnet.testing import torch_twins as twins
 
 jt = runtime.setup()
 

@@ -10,8 +10,8 @@ import cv2
 import numpy as np
 import pytest
 
+import torch_twins as twins
 from ccnet import runtime
-from ccnet.testing import torch_twins as twins
 
 jt = runtime.setup()
 

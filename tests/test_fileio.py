@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 import planted_files as pf
+import torch_twins as twins
 from ccnet.fileio import BYTES_PER_OBJECT, FileError, UnsafeFileError, read_file, save_torch_file
-from ccnet.testing import torch_twins as twins
 
 
 def assert_never_ran(marker, kind):

@@ -1,6 +1,6 @@
 """Published CCNets (mmsegmentation's, the authors') loaded through our loader vs PyTorch twins of each family.
 
-Each twin (ccnet/testing/torch_twins.py, written from the published descriptions with the published key names)
+Each twin (tests/torch_twins.py, written from the published descriptions with the published key names)
 gets random weights, random BN statistics, gamma != 0 (and, for the authors' InPlaceABN, BN scales of both signs),
 is saved as that family's files are, loaded with `checkpoint=FILE` (format and variant read from the file), and
 the whole model's logits are compared on a non-square input in eval mode.
@@ -13,8 +13,8 @@ import logging
 import numpy as np
 import pytest
 
+import torch_twins as twins
 from ccnet import runtime
-from ccnet.testing import torch_twins as twins
 
 jt = runtime.setup()
 

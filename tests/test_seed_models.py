@@ -1,5 +1,5 @@
 """The seed's released models (Trugen/ANN-Lab) load as their code ran them: PyTorch twins written from its source
-(ccnet/testing/seed_twins.py: random weights, BN statistics moved at random, gamma 0.5..1.5) saved in Jittor
+(tests/seed_twins.py: random weights, BN statistics moved at random, gamma 0.5..1.5) saved in Jittor
 1.3.6.10's layout and in today's (jt.save of Vars), read through checkpoint= with and without a preset; our logits
 match the twin's within 1e-4 relative on a non-square input in eval mode. A file with a wrong piece is one line."""
 
@@ -15,11 +15,11 @@ from ccnet import runtime
 
 jt = runtime.setup()
 
+import seed_twins  # noqa: E402
 from ccnet.engine.checkpoint import CheckpointError  # noqa: E402
 from ccnet.fileio import read_file  # noqa: E402
 from ccnet.jobs.restore import restore_model  # noqa: E402
-from ccnet.testing import seed_twins  # noqa: E402
-from ccnet.testing.seed_twins import jittor_1_3_6_bytes  # noqa: E402
+from seed_twins import jittor_1_3_6_bytes  # noqa: E402
 
 X = np.random.default_rng(7).standard_normal((1, 3, 72, 104)).astype(np.float32)  # non-square; VAN: 3 x 4 at stage 4
 

@@ -9,8 +9,8 @@ import pickle
 import numpy as np
 import pytest
 
+import torch_twins as twins
 from ccnet import runtime
-from ccnet.testing import torch_twins as twins
 
 jt = runtime.setup()
 

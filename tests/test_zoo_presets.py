@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import torch_twins as twins
 from ccnet.download import DownloadError, sha256_prefix_from_name
 from ccnet.engine.checkpoint import CheckpointError
-from ccnet.testing import torch_twins as twins
 from ccnet.validate import problems
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -24,7 +24,7 @@ import pickle
 
 import numpy as np
 
-from .torch_twins import randomise_ccnet, torch_van
+from torch_twins import randomise_ccnet, torch_van
 
 VAN_SIZES = {  # van_jittor.py: embed dims, depths (mlp ratios 8, 8, 4, 4 for all)
     "van_small": ((64, 128, 320, 512), (2, 2, 4, 2)),
