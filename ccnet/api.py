@@ -59,7 +59,7 @@ def init_model(checkpoint, overrides=()):
     cfg = compose_config(["job=eval", *overrides])  # the job whose checks fit: a checkpoint, no training
     cfg.checkpoint = str(checkpoint)  # set here, not as an override: a path may hold '=' or ','
     validate(cfg)
-    model, _, _ = restore_model(cfg, None, adopt_dataset=True)
+    model, _, _ = restore_model(cfg, None, adopt_dataset=True, given=list(overrides))  # not an outer app's
     model.cfg = cfg
     return model
 

@@ -120,6 +120,9 @@ class DatasetConfig:  # conf/dataset/ and conf/normalization/ (mean, std, bgr)
     reduce_zero_label: bool = False  # ADE20K: 0 -> ignore, c -> c - 1
     num_workers: int = 2  # background threads decoding and augmenting
     verify: bool = False  # scan the whole split up front and list every problem
+    classes: Optional[List[str]] = None  # class names replacing the data set's (null: its own; set from a published
+    # file's meta without a zoo preset, ccnet/engine/model_files/mmseg.py)
+    palette: Optional[List[List[int]]] = None  # their RGB colours (null: the data set's, else the VOC colour map)
 
 
 @dataclass

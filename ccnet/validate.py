@@ -388,6 +388,20 @@ RULES: dict[str, Rule] = {
     },  # fmt: skip
     "dataset.reduce_zero_label": BOOLEAN,
     "dataset.verify": BOOLEAN,
+    "dataset.classes": Rule(
+        lambda v, cfg: v is None or (is_list(v, cfg.dataset.num_classes) and all(isinstance(n, str) for n in v)),
+        lambda cfg: f"null or a list of {cfg.dataset.num_classes} names (dataset.num_classes)",
+    ),
+    "dataset.palette": Rule(
+        lambda v, cfg: (
+            v is None
+            or (
+                is_list(v, cfg.dataset.num_classes)
+                and all(is_list(c, 3) and all(is_int(x) and 0 <= x <= 255 for x in c) for c in v)
+            )
+        ),
+        lambda cfg: f"null or a list of {cfg.dataset.num_classes} [r, g, b] colours of 0..255 (dataset.num_classes)",
+    ),
     "dataset.mean": Rule(lambda v, cfg: is_list(v, 3) and all(is_number(x) for x in v), "3 finite numbers"),
     "dataset.std": Rule(lambda v, cfg: is_list(v, 3) and all(is_number(x) and x > 0 for x in v), "3 numbers > 0"),
     "dataset.num_workers": integer(0, LIMITS["workers"]),

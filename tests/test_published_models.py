@@ -113,11 +113,12 @@ def test_without_a_preset_an_mmseg_file_s_own_record_decides(compose, torch_work
     e = cfg.eval
     assert (e.mode, list(e.crop_size), list(e.stride), e.pad_windows) == ("slide", [769, 769], [513, 513], False)
     assert f"model.align_corners=True (meta['{meta_key}'] decode_head)" in caplog.text
+    where = f"(meta['{meta_key}'] test_cfg)"
     assert (
-        f"eval.mode=slide eval.crop_size=[769, 769] eval.stride=[513, 513] (unpadded) (meta['{meta_key}'] test_cfg)"
-        in caplog.text
+        f"eval.mode=slide {where} eval.crop_size=[769, 769] {where} eval.stride=[513, 513] {where} "
+        "eval.pad_windows=False (mmseg's slide_inference)" in caplog.text
     )
-    assert "19 class names (meta['CLASSES']): 0, 1, 2, 3, ..." in caplog.text
+    assert "class names: meta['CLASSES'] only numbers them; the data set's names" in caplog.text
     with jt.no_grad():
         assert rel_err(model(jt.array(x)).numpy(), ref) < 1e-4
     from ccnet.jobs.restore import model_init
@@ -129,6 +130,118 @@ def test_without_a_preset_an_mmseg_file_s_own_record_decides(compose, torch_work
     assert plain_cfg.model.align_corners is False and plain_cfg.eval.mode == "whole"
     with jt.no_grad():
         assert rel_err(plain(jt.array(x)).numpy(), ref) > 1e-2
+
+
+def mmseg_file_with_meta(torch_worker, tmp_path, **meta):
+    """The mmseg twin's file (ResNet-50, 19 classes) with these meta entries."""
+    from ccnet.fileio import save_torch_file
+
+    bare = tmp_path / "bare.pth"
+    torch_worker(twins.ccnet_reference, "mmseg", str(bare), 50, 19, np.zeros((1, 3, 9, 9), np.float32), True)
+    obj = read_file(bare)
+    obj["meta"].update(meta)
+    path = tmp_path / "recorded.pth"
+    save_torch_file(path, obj)
+    return path
+
+
+def cityscapes_val(root, h=48, w=64):
+    """One val pair of Cityscapes' layout (random picture, label ids of a few classes)."""
+    import cv2
+
+    rng = np.random.default_rng(0)
+    for sub in ("leftImg8bit/val/aachen", "gtFine/val/aachen"):
+        (root / sub).mkdir(parents=True)
+    image = root / "leftImg8bit/val/aachen/a_000000_000019_leftImg8bit.png"
+    cv2.imwrite(str(image), rng.integers(0, 256, (h, w, 3), np.uint8))
+    ids = rng.choice([7, 8, 11, 21, 26], (h, w)).astype(np.uint8)
+    cv2.imwrite(str(root / "gtFine/val/aachen/a_000000_000019_gtFine_labelIds.png"), ids)
+    return image
+
+
+NAMES = [f"kind{i}" for i in range(19)]
+COLOURS = [[(37 * i) % 256, (91 * i + 5) % 256, (53 * i + 200) % 256] for i in range(19)]
+
+
+def test_an_mmseg_file_s_class_names_and_colours_reach_metrics_predict_and_explore(
+    compose, torch_worker, tmp_path, caplog
+):
+    """Without a preset, an mmseg file's meta['CLASSES'] / meta['PALETTE'] name metrics.json's classes, colour
+    predict's pictures and explore's legend; named in the log."""
+    import json
+
+    import cv2
+
+    from ccnet.jobs.explore import Explorer
+    from ccnet.registry import JOBS
+
+    path = mmseg_file_with_meta(torch_worker, tmp_path, CLASSES=NAMES, PALETTE=COLOURS)
+    image = cityscapes_val(tmp_path / "cityscapes")
+    common = [f"checkpoint={path}", "dataset=cityscapes", f"dataset.root={tmp_path / 'cityscapes'}"]
+    with caplog.at_level(logging.INFO):
+        JOBS.get("eval").factory(compose(["job=eval", *common, "eval.num_vis=0"]), tmp_path / "eval")
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert list(metrics["per_class_iou"]) == NAMES
+    assert (
+        "class names: from the file's meta (meta['CLASSES']: kind0, kind1, kind2, kind3, ..., their colours too)"
+        in (caplog.text)
+    )
+    JOBS.get("predict").factory(compose(["job=predict", *common, f"input={image}"]), tmp_path / "predict")
+    ids = cv2.imread(str(tmp_path / "predict" / "ids" / f"{image.stem}.png"), cv2.IMREAD_UNCHANGED)
+    colour = cv2.imread(str(tmp_path / "predict" / "color" / f"{image.stem}.png"))[:, :, ::-1]
+    assert len(np.unique(ids)) > 1 and np.array_equal(colour, np.asarray(COLOURS, np.uint8)[ids])
+    cfg = compose(["job=explore", *common, f"input={image}"])
+    model, _, _ = restore_model(cfg, None, adopt_dataset=True)
+    legend = Explorer(model, cfg, tmp_path / "explore").legend_html()
+    r, g, b = COLOURS[5]
+    assert f'rgb({r},{g},{b});border:1px solid #888;vertical-align:middle"></span> kind5<' in legend
+
+
+def test_class_names_of_another_count_than_the_classifier_are_not_used(compose, torch_worker, tmp_path, caplog):
+    path = mmseg_file_with_meta(torch_worker, tmp_path, CLASSES=NAMES[:18], PALETTE=COLOURS[:18])
+    with caplog.at_level(logging.INFO):
+        _, _, cfg = load(compose, path, 19)
+    assert cfg.dataset.classes is None and cfg.dataset.palette is None
+    assert "not the 18 class names of meta['CLASSES']: the classifier has 19 outputs; the data set's names" in (
+        caplog.text
+    )
+    from ccnet.data.datasets import dataset_facts
+
+    assert dataset_facts(cfg.dataset).class_names[:2] == ("road", "sidewalk")
+
+
+def test_an_eval_choice_on_the_command_line_wins_over_the_file_s_window(compose, torch_worker, tmp_path, caplog):
+    """The 769x769 file's recorded slide window applies by default; `eval=whole` typed by the user (Hydra's
+    overrides, or init_model's) stays, `eval.stride=...` keeps the user's stride beside the file's mode and crop."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    from ccnet.api import init_model
+    from ccnet.config import config_dir
+
+    path = mmseg_file_with_meta(torch_worker, tmp_path, config=MMSEG_769_CONFIG)
+    _, _, cfg = load(compose, path, 19)
+    assert (cfg.eval.mode, list(cfg.eval.crop_size), list(cfg.eval.stride)) == ("slide", [769, 769], [513, 513])
+    with caplog.at_level(logging.INFO):
+        model = init_model(path, ["eval=whole"])
+    assert model.cfg.eval.mode == "whole" and model.cfg.eval.pad_windows is True
+    assert "not the recorded eval.mode=slide (meta['config'] test_cfg): eval.mode=whole" in caplog.text
+    assert "(the command line)" in caplog.text
+    model = init_model(path, ["eval.stride=[400,400]"])
+    e = model.cfg.eval
+    assert (e.mode, list(e.crop_size), list(e.stride)) == ("slide", [769, 769], [400, 400])
+    assert init_model(path).cfg.eval.mode == "slide"
+    overrides = ["job=eval", f"checkpoint={path}", "dataset=cityscapes", "eval=whole"]
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        typed = hydra_compose(config_name="config", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(typed)  # as run.py's Hydra app sets it
+    try:
+        cfg = compose(overrides)
+        restore_model(cfg, None)
+    finally:
+        HydraConfig.instance().cfg = None
+    assert cfg.eval.mode == "whole"
 
 
 def test_inplace_abn_scale_is_what_makes_the_authors_files_match(compose, torch_worker, tmp_path):

@@ -56,6 +56,12 @@ CASES = [
     ("dataset.mean", [[1.0, 2.0], [1, 2, "nan"]], [[0, 0, 0]]),
     ("dataset.std", [[1, 0, 1], [1.0, 1.0], [1, -1, 1]], [[1e-6, 1e-6, 1e-6]]),
     ("dataset.num_workers", [-1, 65], [0, 64]),
+    ("dataset.classes", [["a"], ["a", "b", "c"]], [None, ["road", "sky"]]),
+    (
+        "dataset.palette",
+        [[[1, 2, 3]], [[0, 0, 0], [0, 0, 256]], [[0, 0], [1, 1]]],
+        [None, [[0, 0, 0], [255, 255, 255]]],
+    ),
     ("schedule.checkpoint_every", [-1], [0]),
     ("schedule.eval_every", [-1], [0]),
     ("schedule.log_every", [-1], [0]),
@@ -122,6 +128,8 @@ def override(key, value):
 
 # so that only the value under test is wrong (VAN takes drop_path and neck; slide mode needs a window)
 EXTRA = {
+    "dataset.classes": ["dataset.num_classes=2"],
+    "dataset.palette": ["dataset.num_classes=2"],
     "eval.crop_size": ["eval=slide_769", "eval.stride=[1,1]"],
     "eval.stride": ["eval=slide_769"],
     "backbone.drop_path": ["backbone=van_b0"],

@@ -10,7 +10,7 @@ builder(cfg, split) with `@DATASETS.register(name, facts=<function of the datase
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import cv2
 import numpy as np
@@ -157,6 +157,10 @@ def dataset_facts(section) -> DatasetFacts:
     data set declares them (`@DATASETS.register(name, facts=...)`, a function of the section); "0", "1", ... and
     the default palette where the data set declares none or its class count differs from num_classes."""
     n, name = int(section["num_classes"]), section.get("name")
+    if section.get("classes") is not None:  # the run's own names (a published file's meta)
+        colours = section.get("palette")
+        palette = np.asarray(colours, np.uint8).reshape(-1, 3) if colours is not None else default_palette(n)
+        return DatasetFacts(tuple(str(c) for c in section["classes"]), palette)
     facts_of = DATASETS.get(name).info.get("facts") if name in DATASETS.names() else None  # unknown: an old file
     facts = facts_of(section) if facts_of is not None else None
     if facts is None or len(facts.class_names) != n:
@@ -182,7 +186,22 @@ def build_dataset(cfg, split: str) -> SegmentationDataset:
         raise DataError(
             f"dataset.num_classes={cfg.num_classes}, but the {cfg.name} data set has {dataset.num_classes} classes"
         )
+    return named(dataset, cfg)
+
+
+def named(dataset: SegmentationDataset, cfg) -> SegmentationDataset:
+    """`dataset` with the class names and colours of cfg (dataset.classes / dataset.palette) where it sets them."""
+    if cfg.get("classes") is not None:
+        dataset = replace(dataset, class_names=tuple(str(n) for n in cfg.classes))
+    if cfg.get("palette") is not None:
+        dataset = replace(dataset, palette=np.asarray(cfg.palette, np.uint8).reshape(-1, 3))
     return dataset
+
+
+def unlabelled(cfg, name: str) -> SegmentationDataset:
+    """No files of the data set here (predict, explore of other images): its classes only, numbered where cfg
+    names none, with the VOC colour map where it gives no colours."""
+    return named(SegmentationDataset(name, [], tuple(map(str, range(cfg.num_classes)))), cfg)
 
 
 def verify_dataset(dataset: SegmentationDataset) -> list[str]:

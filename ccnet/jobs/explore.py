@@ -33,7 +33,7 @@ from typing import Callable
 import cv2
 import numpy as np
 
-from ccnet.data.datasets import DataError, SegmentationDataset, build_dataset, read_image
+from ccnet.data.datasets import DataError, build_dataset, read_image, unlabelled
 from ccnet.data.transforms import eval_transform
 from ccnet.engine.attention import attention_weights, maps_at
 from ccnet.engine.checkpoint import atomic_write_bytes
@@ -89,7 +89,7 @@ class Explorer:
                 raise DataError(
                     f"{err} (job=explore shows the val split; input=IMAGE_OR_DIR shows other images)"
                 ) from None
-            self.dataset = SegmentationDataset("explore", [], tuple(map(str, range(cfg.dataset.num_classes))))
+            self.dataset = unlabelled(cfg.dataset, "explore")
         self.sources: dict[str, Callable[[], tuple]] = {}
         if cfg.input:
             for file in image_files(cfg.input):

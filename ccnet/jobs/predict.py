@@ -13,7 +13,7 @@ from pathlib import Path
 import cv2
 from tqdm import tqdm
 
-from ccnet.data.datasets import DataError, SegmentationDataset, build_dataset, read_image
+from ccnet.data.datasets import DataError, build_dataset, read_image, unlabelled
 from ccnet.engine.inference import predict_image
 from ccnet.registry import JOBS
 
@@ -46,7 +46,7 @@ def run(cfg, run_dir: Path) -> None:
     try:  # the data set's own colours where its files are here; the VOC colour map otherwise
         colorize = build_dataset(cfg.dataset, cfg.dataset.val_split).color
     except DataError:
-        colorize = SegmentationDataset("predict", [], tuple(map(str, range(cfg.dataset.num_classes)))).color
+        colorize = unlabelled(cfg.dataset, "predict").color
     for sub in ("ids", "color", "overlay"):
         (run_dir / sub).mkdir(parents=True, exist_ok=True)
     for file in tqdm(files, desc="predict", dynamic_ncols=True):

@@ -64,9 +64,17 @@ def build(cfg, path):
         raise CheckpointError(f"{path}: its config cannot build a model here: {err}") from err
 
 
-def restore_model(cfg, run_dir: Path | None, adopt_dataset: bool = False):
+def given_overrides() -> list[str]:
+    """The run's overrides as typed on the command line (Hydra's); none outside a Hydra app."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def restore_model(cfg, run_dir: Path | None, adopt_dataset: bool = False, given=None):
     """Fill cfg from cfg.checkpoint (a file, a run directory or `zoo`), prepare run_dir (None: no run folder),
-    build the model, load weights.
+    build the model, load weights. given: the overrides the user typed (None: the command line's), whose values
+    what a published file records does not replace.
 
     Returns (model in eval mode, the checkpoint's state ({"iteration", "family"} for a published file), its path).
     """
@@ -75,7 +83,7 @@ def restore_model(cfg, run_dir: Path | None, adopt_dataset: bool = False):
     path = model_source(cfg.checkpoint, cfg)
     mf = read_model_file(path)
     notes = dataset_of_file(cfg, mf) if adopt_dataset and mf.variant else []
-    notes += configure(cfg, mf, adopt_dataset=adopt_dataset)
+    notes += configure(cfg, mf, adopt_dataset=adopt_dataset, given=given_overrides() if given is None else given)
     if run_dir is not None:
         prepare_run_dir(cfg, run_dir)
     model = build(cfg, path)

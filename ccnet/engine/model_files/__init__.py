@@ -72,9 +72,10 @@ def what_it_is(obj) -> str:
     return f"it holds {len(tensors)} tensors of another layout (first keys: {list(tensors)[:4]})"
 
 
-def configure(cfg, mf: ModelFile, training: bool = False, adopt_dataset: bool = False) -> list[str]:
-    """Set cfg's architecture (and protocol) to the file's, as its family says; returns notes for the log."""
-    notes = BY_NAME[mf.family].configure(cfg, mf, training=training, adopt_dataset=adopt_dataset)
+def configure(cfg, mf: ModelFile, training: bool = False, adopt_dataset: bool = False, given=()) -> list[str]:
+    """Set cfg's architecture (and protocol) to the file's, as its family says; returns notes for the log. given:
+    the run's overrides as the user typed them (`eval=whole`, ...): what a file records never replaces those."""
+    notes = BY_NAME[mf.family].configure(cfg, mf, training=training, adopt_dataset=adopt_dataset, given=given)
     if mf.family != ours.NAME:
         notes.append(f"recurrence R={cfg.model.recurrence} from the config (no file stores it)")
     return notes

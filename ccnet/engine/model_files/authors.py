@@ -76,7 +76,7 @@ def their_key(key: str) -> str:
     return rename(key, tuple((ours, theirs) for theirs, ours in PREFIXES)) or key
 
 
-def configure(cfg, mf: ModelFile, training: bool = False, adopt_dataset: bool = False) -> list[str]:
+def configure(cfg, mf: ModelFile, training: bool = False, adopt_dataset: bool = False, given=()) -> list[str]:
     """cfg's architecture from the file's variant, its protocol from the family unless a zoo preset set one
     (adopt_dataset: the data set of its class count is jobs/restore.py's, which knows the data sets)."""
     published.set_variant(cfg, mf, TITLE, ZOO_FAMILY, training)

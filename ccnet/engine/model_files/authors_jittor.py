@@ -26,7 +26,7 @@ def read(path, obj) -> ModelFile:
     return mf
 
 
-def configure(cfg, mf: ModelFile, training: bool = False, adopt_dataset: bool = False) -> list[str]:
+def configure(cfg, mf: ModelFile, training: bool = False, adopt_dataset: bool = False, given=()) -> list[str]:
     """cfg's architecture from the file's variant, its protocol from the family unless a zoo preset set one
     (adopt_dataset: the data set of its class count is jobs/restore.py's, which knows the data sets)."""
     published.set_variant(cfg, mf, TITLE, ZOO_FAMILY, training)

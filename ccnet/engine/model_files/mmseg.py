@@ -86,14 +86,46 @@ def recorded_protocol(meta: dict) -> dict:
             if pair := re.search(name + r"\s*=\s*\((\d+),\s*(\d+)\)", body):
                 found[name], source[name] = [int(pair.group(1)), int(pair.group(2))], f"meta['{key}'] test_cfg"
     dataset_meta = meta.get("dataset_meta") if isinstance(meta.get("dataset_meta"), dict) else {}
-    for where, names in (
-        ("meta['CLASSES']", meta.get("CLASSES")),
-        ("meta['dataset_meta']", dataset_meta.get("classes")),
+    for where, names, colours in (
+        ("meta['CLASSES']", meta.get("CLASSES"), meta.get("PALETTE")),
+        ("meta['dataset_meta']", dataset_meta.get("classes"), dataset_meta.get("palette")),
     ):
         if isinstance(names, (list, tuple)) and names and all(isinstance(n, str) for n in names):
             found["classes"], source["classes"] = list(names), where
+            if is_palette(colours, len(names)):
+                found["palette"] = [[int(x) for x in c] for c in colours]
             break
     return {**found, "source": source} if found else {}
+
+
+def is_palette(colours, n: int) -> bool:
+    """n [r, g, b] colours of 0..255 (mmseg keeps lists or tuples of ints)."""
+    return (
+        isinstance(colours, (list, tuple))
+        and len(colours) == n
+        and all(
+            isinstance(c, (list, tuple))
+            and len(c) == 3
+            and all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= 255 for x in c)
+            for c in colours
+        )
+    )
+
+
+def eval_keys_given(given) -> set[str]:
+    """The eval keys the user chose among mode, crop_size, stride, pad_windows: all four with a group choice
+    (`eval=whole`), one with `eval.mode=...` (+/++ prefixes too)."""
+    keys = set()
+    for override in given:
+        key = str(override).lstrip("+~").split("=", 1)[0].strip()
+        if key == "eval":
+            keys |= set(WINDOW_KEYS)
+        elif key.startswith("eval.") and key[5:] in WINDOW_KEYS:
+            keys.add(key[5:])
+    return keys
+
+
+WINDOW_KEYS = ("mode", "crop_size", "stride", "pad_windows")
 
 
 def from_mmseg(state: dict) -> tuple[dict, list, list]:
@@ -118,40 +150,71 @@ def their_key(key: str) -> str:
     return rename(key, tuple((ours, theirs) for theirs, ours in PREFIXES)) or key
 
 
-def configure(cfg, mf: ModelFile, training: bool = False, adopt_dataset: bool = False) -> list[str]:
+def configure(cfg, mf: ModelFile, training: bool = False, adopt_dataset: bool = False, given=()) -> list[str]:
     """cfg's architecture from the file's variant; its protocol from the zoo preset, else from what the file's meta
-    records (align_corners, the test window), else the family's (adopt_dataset: the data set of its class count is
-    jobs/restore.py's, which knows the data sets)."""
+    records (align_corners, the test window, the class names) where the user gave no value of their own (given:
+    the run's overrides), else the family's (adopt_dataset: the data set of its class count is jobs/restore.py's,
+    which knows the data sets)."""
     published.set_variant(cfg, mf, TITLE, ZOO_FAMILY, training)
     preset = bool((cfg.get("zoo") or {}).get("name"))
-    notes = [] if preset else from_the_file(cfg, mf, training)
+    notes = [] if preset else from_the_file(cfg, mf, training, given)
     return notes + set_protocol(cfg, PROTOCOL, "mmsegmentation's", preset)
 
 
-def from_the_file(cfg, mf: ModelFile, training: bool = False) -> list[str]:
+def from_the_file(cfg, mf: ModelFile, training: bool = False, given=()) -> list[str]:
     """Without a preset: the protocol values the file's meta records, each named with where it came from. The test
-    window is its data set's: not for training (model.init), whose data and evaluation are the run's."""
+    window and the class names are its data set's: not for training (model.init), whose data and evaluation are
+    the run's. An eval key the user gave (given) stays theirs."""
     recorded = recorded_protocol(mf.meta)
     source, said = recorded.get("source", {}), []
     if "align_corners" in recorded and cfg.model.align_corners is None:
         cfg.model.align_corners = recorded["align_corners"]
         said.append(f"model.align_corners={recorded['align_corners']} ({source['align_corners']})")
     if recorded.get("mode") in ("whole", "slide") and not training:
-        window = recorded["mode"] == "whole" or ("crop_size" in recorded and "stride" in recorded)
-        if window:
-            cfg.eval.mode = recorded["mode"]
-            text = f"eval.mode={recorded['mode']}"
-            if recorded["mode"] == "slide":
-                cfg.eval.crop_size, cfg.eval.stride = recorded["crop_size"], recorded["stride"]
-                cfg.eval.pad_windows = False  # mmseg's slide_inference never pads
-                text += f" eval.crop_size={recorded['crop_size']} eval.stride={recorded['stride']} (unpadded)"
-            said.append(f"{text} ({source['mode']})")
-    if "classes" in recorded:
-        names = recorded["classes"]
-        said.append(f"{len(names)} class names ({source['classes']}): {', '.join(names[:4])}, ...")
+        said += window_from_the_file(cfg, recorded, eval_keys_given(given))
+    if "classes" in recorded and not training:
+        said.append(class_names_from_the_file(cfg, mf, recorded))
     if not said:
         return ["the file's meta records no test protocol: the family's defaults"]
     return ["from the file: " + "; ".join(said) + "; the rest from the family's defaults"]
+
+
+def window_from_the_file(cfg, recorded: dict, chosen: set) -> list[str]:
+    """The recorded test window (mode, crop_size, stride) for the keys the user left to their defaults."""
+    where = recorded["source"]["mode"]
+    if recorded["mode"] == "slide" and not ("crop_size" in recorded and "stride" in recorded):
+        return []  # a slide mode without its window: nothing usable
+    if "mode" in chosen:
+        mine = " ".join(f"eval.{k}={cfg.eval[k]}" for k in WINDOW_KEYS if k in chosen and cfg.eval[k] is not None)
+        return [f"not the recorded eval.mode={recorded['mode']} ({where}): {mine} (the command line)"]
+    cfg.eval.mode, text = recorded["mode"], [f"eval.mode={recorded['mode']} ({where})"]
+    if recorded["mode"] == "slide":
+        for key in ("crop_size", "stride"):
+            if key in chosen:
+                text.append(f"eval.{key}={cfg.eval[key]} (the command line)")
+            else:
+                cfg.eval[key] = recorded[key]
+                text.append(f"eval.{key}={recorded[key]} ({where})")
+        if "pad_windows" not in chosen:
+            cfg.eval.pad_windows = False  # mmseg's slide_inference never pads
+            text.append("eval.pad_windows=False (mmseg's slide_inference)")
+    return [" ".join(text)]
+
+
+def class_names_from_the_file(cfg, mf: ModelFile, recorded: dict) -> str:
+    """The recorded class names (and colours) as the run's, where as many as the file's classifier has outputs."""
+    names, where, classes = recorded["classes"], recorded["source"]["classes"], mf.variant["num_classes"]
+    if len(names) != classes:
+        return (
+            f"not the {len(names)} class names of {where}: the classifier has {classes} outputs; the data set's names"
+        )
+    if names == [str(i) for i in range(len(names))]:  # numbers name nothing: the data set's names are better
+        return f"class names: {where} only numbers them; the data set's names"
+    if cfg.dataset.get("classes") is not None:
+        return "class names: dataset.classes (the config), not the file's meta"
+    cfg.dataset.classes, cfg.dataset.palette = names, recorded.get("palette")
+    colours = ", their colours too" if "palette" in recorded else ""
+    return f"class names: from the file's meta ({where}: {', '.join(names[:4])}, ...{colours})"
 
 
 def describe(mf: ModelFile) -> str:

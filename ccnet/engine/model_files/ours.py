@@ -43,7 +43,7 @@ def saved_backbone(saved) -> dict:
     return {key: value for key, value in saved.items() if key in BACKBONE_COMMON_KEYS or key in takes}
 
 
-def configure(cfg, mf: ModelFile, training: bool = False, adopt_dataset: bool = False) -> list[str]:
+def configure(cfg, mf: ModelFile, training: bool = False, adopt_dataset: bool = False, given=()) -> list[str]:
     """cfg's architecture (and with adopt_dataset its data set section) from the file's saved config; training
     (model.init): the architecture only, loss, dropout and the rest are this run's."""
     try:  # a config from another version or a hand-made file: unknown backbone, wrong types

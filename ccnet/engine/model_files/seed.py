@@ -132,7 +132,7 @@ def variant_of(mf: ModelFile, tensors: dict, van: bool) -> dict:
     return settings
 
 
-def configure(cfg, mf: ModelFile, training: bool = False, adopt_dataset: bool = False) -> list[str]:
+def configure(cfg, mf: ModelFile, training: bool = False, adopt_dataset: bool = False, given=()) -> list[str]:
     """cfg's architecture := the file's (every setting named in the log), the seed's protocol unless a preset set
     one. For evaluation the file's classes must be the data set's; for training the classifiers are new."""
     v, zoo = mf.variant, cfg.get("zoo") or {}
