@@ -37,6 +37,26 @@ def compose():
     return _compose
 
 
+# a small CCNet trained 2 iterations on the context data set: visualize's and explore's tests share one run
+CONTEXT_TINY = [
+    "experiment=tiny",
+    "dataset=context",
+    "schedule.iters=2",
+    "schedule.crop_size=[32,256]",
+    "backbone.head_channels=16",
+]
+
+
+@pytest.fixture(scope="session")
+def trained(compose, tmp_path_factory):
+    """The run folder of CONTEXT_TINY, trained once per test session."""
+    from ccnet.registry import JOBS
+
+    run_dir = tmp_path_factory.mktemp("context-run")
+    JOBS.get("train").factory(compose(CONTEXT_TINY), run_dir)
+    return run_dir
+
+
 @pytest.fixture(scope="session")
 def torch_worker():
     """call(fn, *args) runs a tests/torch_twins.py function in one spawned process that has torch and not

@@ -17,24 +17,9 @@ from types import SimpleNamespace
 import cv2
 import numpy as np
 import pytest
+from conftest import CONTEXT_TINY
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = [
-    "experiment=tiny",
-    "dataset=context",
-    "schedule.iters=2",
-    "schedule.crop_size=[32,256]",
-    "backbone.head_channels=16",
-]
-
-
-@pytest.fixture(scope="module")
-def trained(compose, tmp_path_factory):
-    from ccnet.registry import JOBS
-
-    run_dir = tmp_path_factory.mktemp("context-run")
-    JOBS.get("train").factory(compose(TINY), run_dir)
-    return run_dir
 
 
 def restored(compose, trained, run_dir):
@@ -114,7 +99,7 @@ def test_three_loops_compose_like_the_dense_product(compose, tmp_path):
     from ccnet.jobs.explore import Explorer
     from ccnet.models import build_model
 
-    cfg = compose([*TINY, "recurrence=r3", "job=explore"])
+    cfg = compose([*CONTEXT_TINY, "recurrence=r3", "job=explore"])
     model = build_model(cfg)
     model.head.cca.gamma.assign(jt.array([0.7]))  # a new module is the identity: loops would all see one input
     model.eval()

@@ -26,13 +26,10 @@ def read_events(tb_dir: Path):
             pos += 16 + length
 
 
-@pytest.fixture(scope="module")
-def sweep(tmp_path_factory, data_home):
-    """model.act=bogus fails when the model is built: the sweep must go on and record it."""
-    sweep_dir = tmp_path_factory.mktemp("sweep") / "multirun"
+def run_sweep(sweep_dir, data_home, overrides):
+    """`python run.py -m OVERRIDES` into sweep_dir; (sweep_dir, the finished process)."""
     proc = subprocess.run(
-        [sys.executable, "run.py", "-m", *TINY, "model.act=relu,bogus", f"dataset.root={data_home}"]
-        + [f"hydra.sweep.dir={sweep_dir}"],
+        [sys.executable, "run.py", "-m", *overrides, f"dataset.root={data_home}", f"hydra.sweep.dir={sweep_dir}"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -40,6 +37,12 @@ def sweep(tmp_path_factory, data_home):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return sweep_dir, proc
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory, data_home):
+    """model.act=bogus fails when the model is built: the sweep must go on and record it."""
+    return run_sweep(tmp_path_factory.mktemp("sweep") / "multirun", data_home, [*TINY, "model.act=relu,bogus"])
 
 
 def test_job_folders_and_status(sweep):
@@ -139,17 +142,9 @@ def check_order_and_metrics(experiment, varied: list[str]):
 def recurrence_sweep(tmp_path_factory, data_home):
     """python run.py -m experiment=tiny recurrence=r0,r2, as the issue tried it (its 6 iterations: after 2 the
     model predicts no pixel right, and results of 0 would not tell % from fractions)."""
-    sweep_dir = tmp_path_factory.mktemp("recurrence") / "multirun"
-    proc = subprocess.run(
-        [sys.executable, "run.py", "-m", "experiment=tiny", "recurrence=r0,r2", f"dataset.root={data_home}"]
-        + [f"hydra.sweep.dir={sweep_dir}"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return sweep_dir
+    return run_sweep(
+        tmp_path_factory.mktemp("recurrence") / "multirun", data_home, ["experiment=tiny", "recurrence=r0,r2"]
+    )[0]
 
 
 def test_hparams_tab_of_a_sweep_shows_the_swept_key_then_the_summarys_results(recurrence_sweep):

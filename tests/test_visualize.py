@@ -3,23 +3,7 @@
 import cv2
 import numpy as np
 import pytest
-
-TINY = [
-    "experiment=tiny",
-    "dataset=context",
-    "schedule.iters=2",
-    "schedule.crop_size=[32,256]",
-    "backbone.head_channels=16",
-]
-
-
-@pytest.fixture(scope="module")
-def trained(compose, tmp_path_factory):
-    from ccnet.registry import JOBS
-
-    run_dir = tmp_path_factory.mktemp("context-run")
-    JOBS.get("train").factory(compose(TINY), run_dir)
-    return run_dir
+from conftest import CONTEXT_TINY
 
 
 def criss_cross(h, w, y, x):
@@ -63,7 +47,7 @@ def test_model_attention_of_a_point(trained, compose):
     from ccnet.engine.attention import attention_maps_at, point_maps
     from ccnet.models import build_model
 
-    cfg = compose(TINY)
+    cfg = compose(CONTEXT_TINY)
     model = build_model(cfg)
     model.eval()
     image, _ = build_dataset(cfg.dataset, "val").read(0)

@@ -76,10 +76,13 @@ def their_key(key: str) -> str:
     return rename(key, tuple((ours, theirs) for theirs, ours in PREFIXES)) or key
 
 
-def configure(cfg, mf: ModelFile, training: bool = False, adopt_dataset: bool = False, given=()) -> list[str]:
+def configure(
+    cfg, mf: ModelFile, training: bool = False, adopt_dataset: bool = False, given=(), title: str = TITLE
+) -> list[str]:
     """cfg's architecture from the file's variant, its protocol from the family unless a zoo preset set one
-    (adopt_dataset: the data set of its class count is jobs/restore.py's, which knows the data sets)."""
-    published.set_variant(cfg, mf, TITLE, ZOO_FAMILY, training)
+    (adopt_dataset: the data set of its class count is jobs/restore.py's, which knows the data sets). `title`:
+    the family's words for messages (authors_jittor shares this with its own)."""
+    published.set_variant(cfg, mf, title, ZOO_FAMILY, training)
     return set_protocol(cfg, PROTOCOL, "the authors'", bool((cfg.get("zoo") or {}).get("name")))
 
 

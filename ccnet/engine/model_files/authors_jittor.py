@@ -4,13 +4,12 @@ the names and protocol of ccnet/engine/model_files/authors.py, but plain BatchNo
 from __future__ import annotations
 
 from . import authors, published
-from .common import ModelFile, is_torch_file, published_state, set_protocol
+from .common import ModelFile, is_torch_file, published_state
 
 NAME = "authors-jittor"
 TITLE = "a Jittor CCNet with the authors' names"
 ZOO_FAMILY = authors.ZOO_FAMILY
 ACT = authors.ACT
-PROTOCOL = authors.PROTOCOL
 their_key = authors.their_key
 
 
@@ -27,10 +26,8 @@ def read(path, obj) -> ModelFile:
 
 
 def configure(cfg, mf: ModelFile, training: bool = False, adopt_dataset: bool = False, given=()) -> list[str]:
-    """cfg's architecture from the file's variant, its protocol from the family unless a zoo preset set one
-    (adopt_dataset: the data set of its class count is jobs/restore.py's, which knows the data sets)."""
-    published.set_variant(cfg, mf, TITLE, ZOO_FAMILY, training)
-    return set_protocol(cfg, PROTOCOL, "the authors'", bool((cfg.get("zoo") or {}).get("name")))
+    """As the authors' PyTorch files (the same variant and protocol), named as this family."""
+    return authors.configure(cfg, mf, training, adopt_dataset, given, title=TITLE)
 
 
 def describe(mf: ModelFile) -> str:
