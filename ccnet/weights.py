@@ -208,11 +208,6 @@ def detect(path, keys) -> Detection:
                        "give the architecture (convert --arch)")  # fmt: skip
 
 
-def detect_arch(path, keys) -> str | None:
-    """The architecture of a file's keys (see detect), or None."""
-    return detect(path, keys).arch
-
-
 def identify_file(arch: str, tensors: dict) -> tuple[WeightFile | None, str]:
     """Which of the architecture's published files converted `tensors` (our names) look like, and why; (None, why
     not) when none or several fit (then no normalisation is declared)."""
